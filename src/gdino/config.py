@@ -1,0 +1,234 @@
+"""Model configuration: frozen dataclasses, read from the published ``config.json``.
+
+``GroundingDinoConfig.tiny()`` is the published *grounding-dino-tiny* architecture (Swin-T,
+BERT-base); ``GroundingDinoConfig.small_test()`` is a narrow, shallow variant that builds in
+milliseconds, for tests of the apps. ``GroundingDinoConfig.from_hf_dict`` reads the Hugging Face
+``config.json`` layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Token ids that split a prompt into phrases: [CLS], [SEP], "." and "?" (BERT-uncased vocabulary).
+SPECIAL_TOKEN_IDS: tuple[int, ...] = (101, 102, 1012, 1029)
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """Swin Transformer image backbone."""
+
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+    in_channels: int = 3
+    out_indices: tuple[int, ...] = (1, 2, 3)  # 0-based stages whose outputs feed the detector
+    layer_norm_eps: float = 1e-5
+
+    def stage_dim(self, stage: int) -> int:
+        return self.embed_dim * 2**stage
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        return tuple(self.stage_dim(i) for i in self.out_indices)
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """BERT text encoder."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+
+@dataclass(frozen=True)
+class GroundingDinoConfig:
+    """The whole detector. Defaults are grounding-dino-tiny."""
+
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    text: BertConfig = field(default_factory=BertConfig)
+    d_model: int = 256
+    num_feature_levels: int = 4
+    num_queries: int = 900
+    max_text_len: int = 256
+    encoder_layers: int = 6
+    encoder_ffn_dim: int = 2048
+    encoder_heads: int = 8
+    encoder_points: int = 4
+    decoder_layers: int = 6
+    decoder_ffn_dim: int = 2048
+    decoder_heads: int = 8
+    decoder_points: int = 4
+    layer_norm_eps: float = 1e-5
+    position_temperature: float = 20.0  # sine embedding of image positions
+    special_token_ids: tuple[int, ...] = SPECIAL_TOKEN_IDS
+
+    # Derived widths, named as in the paper's feature enhancer.
+    @property
+    def text_enhancer_ffn_dim(self) -> int:
+        return self.encoder_ffn_dim // 2
+
+    @property
+    def text_enhancer_heads(self) -> int:
+        return self.encoder_heads // 2
+
+    @property
+    def fusion_dim(self) -> int:
+        return self.encoder_ffn_dim // 2
+
+    @property
+    def fusion_heads(self) -> int:
+        return self.encoder_heads // 2
+
+    @classmethod
+    def tiny(cls) -> GroundingDinoConfig:
+        """The published grounding-dino-tiny (Swin-T + BERT-base)."""
+        return cls()
+
+    @classmethod
+    def small_test(cls) -> GroundingDinoConfig:
+        """A narrow, shallow configuration for fast tests of everything around the model."""
+        return cls(
+            swin=SwinConfig(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+            text=BertConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128),
+            d_model=64,
+            num_queries=50,
+            encoder_layers=1,
+            encoder_ffn_dim=128,
+            encoder_heads=4,
+            decoder_layers=2,
+            decoder_ffn_dim=128,
+            decoder_heads=4,
+        )
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> GroundingDinoConfig:
+        """Reads a Hugging Face ``config.json`` (model_type ``grounding-dino``)."""
+        _require(d, "two_stage", True)
+        _require(d, "embedding_init_target", True)
+        _require(d, "decoder_bbox_embed_share", True)
+        _require(d, "two_stage_bbox_embed_share", False)
+        _require(d, "position_embedding_type", "sine")
+        _require(d, "activation_function", "relu")
+        _require(d, "query_dim", 4)
+        b = d.get("backbone_config") or {}
+        if b.get("model_type", "swin") != "swin":
+            raise ValueError(f"only a Swin backbone is supported, config has {b.get('model_type')!r}")
+        # HF counts the stem as stage 0, so its out_indices [2, 3, 4] are our stages 1, 2, 3.
+        out_indices = tuple(i - 1 for i in b.get("out_indices", (2, 3, 4)))
+        swin = SwinConfig(
+            embed_dim=b.get("embed_dim", 96),
+            depths=tuple(b.get("depths", (2, 2, 6, 2))),
+            num_heads=tuple(b.get("num_heads", (3, 6, 12, 24))),
+            window_size=b.get("window_size", 7),
+            mlp_ratio=float(b.get("mlp_ratio", 4.0)),
+            patch_size=b.get("patch_size", 4),
+            in_channels=b.get("num_channels", 3),
+            out_indices=out_indices,
+            layer_norm_eps=b.get("layer_norm_eps", 1e-5),
+        )
+        t = d.get("text_config") or {}
+        text = BertConfig(
+            vocab_size=t.get("vocab_size", 30522),
+            hidden_size=t.get("hidden_size", 768),
+            num_layers=t.get("num_hidden_layers", 12),
+            num_heads=t.get("num_attention_heads", 12),
+            intermediate_size=t.get("intermediate_size", 3072),
+            max_position_embeddings=t.get("max_position_embeddings", 512),
+            type_vocab_size=t.get("type_vocab_size", 2),
+            layer_norm_eps=t.get("layer_norm_eps", 1e-12),
+            pad_token_id=t.get("pad_token_id", 0) or 0,
+        )
+        return cls(
+            swin=swin,
+            text=text,
+            d_model=d.get("d_model", 256),
+            num_feature_levels=d.get("num_feature_levels", 4),
+            num_queries=d.get("num_queries", 900),
+            max_text_len=d.get("max_text_len", 256),
+            encoder_layers=d.get("encoder_layers", 6),
+            encoder_ffn_dim=d.get("encoder_ffn_dim", 2048),
+            encoder_heads=d.get("encoder_attention_heads", 8),
+            encoder_points=d.get("encoder_n_points", 4),
+            decoder_layers=d.get("decoder_layers", 6),
+            decoder_ffn_dim=d.get("decoder_ffn_dim", 2048),
+            decoder_heads=d.get("decoder_attention_heads", 8),
+            decoder_points=d.get("decoder_n_points", 4),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            position_temperature=float(d.get("positional_embedding_temperature", 20)),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` for this configuration (inverse of ``from_hf_dict``)."""
+        s, t = self.swin, self.text
+        return {
+            "model_type": "grounding-dino",
+            "architectures": ["GroundingDinoForObjectDetection"],
+            "d_model": self.d_model,
+            "num_feature_levels": self.num_feature_levels,
+            "num_queries": self.num_queries,
+            "max_text_len": self.max_text_len,
+            "encoder_layers": self.encoder_layers,
+            "encoder_ffn_dim": self.encoder_ffn_dim,
+            "encoder_attention_heads": self.encoder_heads,
+            "encoder_n_points": self.encoder_points,
+            "decoder_layers": self.decoder_layers,
+            "decoder_ffn_dim": self.decoder_ffn_dim,
+            "decoder_attention_heads": self.decoder_heads,
+            "decoder_n_points": self.decoder_points,
+            "layer_norm_eps": self.layer_norm_eps,
+            "positional_embedding_temperature": self.position_temperature,
+            "two_stage": True,
+            "embedding_init_target": True,
+            "decoder_bbox_embed_share": True,
+            "two_stage_bbox_embed_share": False,
+            "position_embedding_type": "sine",
+            "activation_function": "relu",
+            "query_dim": 4,
+            "backbone_config": {
+                "model_type": "swin",
+                "embed_dim": s.embed_dim,
+                "depths": list(s.depths),
+                "num_heads": list(s.num_heads),
+                "window_size": s.window_size,
+                "mlp_ratio": s.mlp_ratio,
+                "patch_size": s.patch_size,
+                "num_channels": s.in_channels,
+                "out_indices": [i + 1 for i in s.out_indices],
+                "out_features": [f"stage{i + 1}" for i in s.out_indices],
+                "layer_norm_eps": s.layer_norm_eps,
+            },
+            "text_config": {
+                "model_type": "bert",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads,
+                "intermediate_size": t.intermediate_size,
+                "max_position_embeddings": t.max_position_embeddings,
+                "type_vocab_size": t.type_vocab_size,
+                "layer_norm_eps": t.layer_norm_eps,
+                "pad_token_id": t.pad_token_id,
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require(d: dict[str, Any], key: str, value: Any) -> None:
+    if key in d and d[key] != value:
+        raise ValueError(
+            f"config.json has {key}={d[key]!r}; gdino implements the published architecture, which has {value!r}"
+        )
