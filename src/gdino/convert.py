@@ -101,14 +101,30 @@ _RULES: list[tuple[str, str]] = [
     ("model.decoder.reference_points_head.", "transformer.decoder.ref_point_head."),
 ]
 
-# Attention blocks stored as separate query/key/value in HF and packed [q; k; v] in ours:
-# (HF prefix, our prefix, our packed weight name, our packed bias name).
-_PACKED: list[tuple[str, str, str, str]] = [
-    (_BLOCK + "attention.self.", "backbone.layers.{0}.blocks.{1}.attn.", "qkv.weight", "qkv.bias"),
-    (_ENC + "text_enhancer_layer.self_attn.", "transformer.encoder.text_layers.{0}.self_attn.", "in_proj_weight", "in_proj_bias"),
-    (_DEC + "self_attn.", "transformer.decoder.layers.{0}.self_attn.", "in_proj_weight", "in_proj_bias"),
-    (_DEC + "encoder_attn_text.", "transformer.decoder.layers.{0}.ca_text.", "in_proj_weight", "in_proj_bias"),
+# transformers 5 keeps Swin under other names in memory (files are still saved with the names
+# above); these read-only aliases let a live transformers model's state_dict load too.
+_BLOCK5 = _SWIN + "swin.encoder.layers.{0}.blocks.{1}."
+_ALIASES: list[tuple[str, str]] = [
+    (_SWIN + "swin.embeddings.patch_embeddings.projection.", "backbone.patch_embed.proj."),
+    (_SWIN + "swin.embeddings.norm.", "backbone.patch_embed.norm."),
+    (_BLOCK5 + "layernorm_before.", "backbone.layers.{0}.blocks.{1}.norm1."),
+    (_BLOCK5 + "layernorm_after.", "backbone.layers.{0}.blocks.{1}.norm2."),
+    (_BLOCK5 + "attention.relative_position_bias.relative_position_bias_table$", "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$"),
+    (_BLOCK5 + "attention.o_proj.", "backbone.layers.{0}.blocks.{1}.attn.proj."),
+    (_BLOCK5 + "mlp.", "backbone.layers.{0}.blocks.{1}.mlp."),
+    (_SWIN + "swin.encoder.layers.{0}.downsample.", "backbone.layers.{0}.downsample."),
 ]
+
+# Attention blocks stored as separate query/key/value in HF and packed [q; k; v] in ours:
+# (HF prefix, HF names of q, k, v, our prefix, our packed weight name, our packed bias name).
+_QKV = ("query", "key", "value")
+_PACKED: list[tuple[str, tuple[str, str, str], str, str, str]] = [
+    (_BLOCK + "attention.self.", _QKV, "backbone.layers.{0}.blocks.{1}.attn.", "qkv.weight", "qkv.bias"),
+    (_ENC + "text_enhancer_layer.self_attn.", _QKV, "transformer.encoder.text_layers.{0}.self_attn.", "in_proj_weight", "in_proj_bias"),
+    (_DEC + "self_attn.", _QKV, "transformer.decoder.layers.{0}.self_attn.", "in_proj_weight", "in_proj_bias"),
+    (_DEC + "encoder_attn_text.", _QKV, "transformer.decoder.layers.{0}.ca_text.", "in_proj_weight", "in_proj_bias"),
+]
+_PACKED_ALIASES = [(_BLOCK5 + "attention.", ("q_proj", "k_proj", "v_proj"), "backbone.layers.{0}.blocks.{1}.attn.", "qkv.weight", "qkv.bias")]
 
 
 _HF_BOX_HEAD = re.compile(r"^(?:model\.decoder\.)?bbox_embed\.(\d+)\.(layers\..*)$")
@@ -132,12 +148,15 @@ def _fill(template: str, m: re.Match[str]) -> str:
     return re.sub(r"\{(\d)\}", lambda g: numbers["n" + g.group(1)], template.rstrip("$"))
 
 
-_FORWARD = [(_compile(hf), ours) for hf, ours in _RULES]
+_FORWARD = [(_compile(hf), ours) for hf, ours in _RULES + _ALIASES]
 _BACKWARD = [(_compile(ours), hf) for hf, ours in _RULES]
 _PACKED_FORWARD = [
-    (_compile(hf, r"(?P<part>query|key|value)\.(?P<kind>weight|bias)$"), ours, w, b) for hf, ours, w, b in _PACKED
+    (_compile(hf, f"(?P<part>{'|'.join(parts)})\\.(?P<kind>weight|bias)$"), parts, ours, w, b)
+    for hf, parts, ours, w, b in _PACKED + _PACKED_ALIASES
 ]
-_PACKED_BACKWARD = [(_compile(ours, f"(?P<kind>{re.escape(w)}|{re.escape(b)})$"), hf, w) for hf, ours, w, b in _PACKED]
+_PACKED_BACKWARD = [
+    (_compile(ours, f"(?P<kind>{re.escape(w)}|{re.escape(b)})$"), hf, parts, w) for hf, parts, ours, w, b in _PACKED
+]
 
 
 def _ignored(name: str, patterns: tuple[re.Pattern[str], ...]) -> bool:
@@ -183,10 +202,10 @@ def hf_to_ours(sd: StateDict) -> tuple[StateDict, list[str]]:
         if m := _HF_BOX_HEAD.match(name):
             boxes.setdefault(m.group(2), []).append((name, t))
             continue
-        for pattern, ours, w_name, b_name in _PACKED_FORWARD:
+        for pattern, parts, ours, w_name, b_name in _PACKED_FORWARD:
             if m := pattern.match(name):
                 target = _fill(ours, m) + (w_name if m["kind"] == "weight" else b_name)
-                packed.setdefault(target, {})[m["part"]] = t
+                packed.setdefault(target, {})[_QKV[parts.index(m["part"])]] = t
                 break
         else:
             new = _rename(name, _FORWARD)
@@ -210,10 +229,10 @@ def ours_to_hf(sd: StateDict) -> StateDict:
         if name.startswith("bbox_embed."):
             out["bbox_embed.0." + name.removeprefix("bbox_embed.")] = t
             continue
-        for pattern, hf, w_name in _PACKED_BACKWARD:
+        for pattern, hf, parts, w_name in _PACKED_BACKWARD:
             if m := pattern.match(name):
                 kind = "weight" if m["kind"] == w_name else "bias"
-                for part, chunk in zip(("query", "key", "value"), t.chunk(3, 0)):
+                for part, chunk in zip(parts, t.chunk(3, 0)):
                     out[f"{_fill(hf, m)}{part}.{kind}"] = chunk.contiguous()
                 break
         else:
