@@ -1,0 +1,237 @@
+"""Grounding DINO: image and text in, per-query class logits over text tokens and boxes out.
+
+The forward is split in three so that callers can reuse work: ``encode_text`` (BERT, depends
+on the prompt only), ``encode_image`` (Swin and the input projections, depends on the image
+only) and ``detect_features`` (feature enhancer, query selection, decoder and heads).
+
+Images of a padded batch are encoded one by one at their own size: Swin and the GroupNorm of the
+input projections do not know about padding, so running them on a zero-padded batch (as the
+reference does) makes an image's detections depend on the other images in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import GroundingDinoConfig
+from .bert import BertEncoder, phrase_masks
+from .decoder import Decoder
+from .encoder import FeatureEnhancer
+from .heads import MLP, contrastive_logits
+from .position import sine_position_embedding
+from .query_selection import select_queries
+from .swin import SwinBackbone
+
+
+@dataclass
+class TextFeatures:
+    """The encoded prompt.
+
+    Attributes:
+        features: (B, T, D) BERT output projected to the detector's width.
+        padding_mask: (B, T) True on padding tokens.
+        self_attention: (B, T, T) True where a token may attend another (within its phrase).
+        position_ids: (B, T) positions restarting in each phrase.
+    """
+
+    features: Tensor
+    padding_mask: Tensor
+    self_attention: Tensor
+    position_ids: Tensor
+
+
+@dataclass
+class ImageFeatures:
+    """The multi-scale image features, before the feature enhancer.
+
+    Attributes:
+        maps: per level, (B, D, H_l, W_l) projected feature maps, zero past each image's extent.
+        masks: per level, (B, H_l, W_l) True on the image, False on padding.
+    """
+
+    maps: list[Tensor]
+    masks: list[Tensor]
+
+
+@dataclass
+class GroundingDinoOutput:
+    """Model outputs, named and shaped as transformers' ``GroundingDinoObjectDetectionOutput``.
+
+    Attributes:
+        logits: (B, num_queries, max_text_len) similarity of each query to each text token;
+            -inf on padding tokens and past the text.
+        pred_boxes: (B, num_queries, 4) boxes as (cx, cy, w, h), normalised to each image's size.
+        input_ids: (B, T) the token ids the logits refer to.
+    """
+
+    logits: Tensor
+    pred_boxes: Tensor
+    input_ids: Tensor | None = None
+
+    def __getitem__(self, key: str) -> Tensor | None:
+        return getattr(self, key)
+
+
+class Transformer(nn.Module):
+    """Feature enhancer, language-guided query selection and decoder (the original ``transformer``)."""
+
+    def __init__(self, config: GroundingDinoConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.config = config
+        self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, d))
+        self.tgt_embed = nn.Embedding(config.num_queries, d)
+        self.enc_output = nn.Linear(d, d)
+        self.enc_output_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.enc_out_bbox_embed = MLP(d, d, 4, 3)
+        self.encoder = FeatureEnhancer(config)
+        self.decoder = Decoder(config)
+        nn.init.normal_(self.level_embed)
+
+
+class GroundingDino(nn.Module):
+    """The detector. Parameter names follow the original checkpoint (see ``gdino.convert``)."""
+
+    def __init__(self, config: GroundingDinoConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.backbone = SwinBackbone(config.swin)
+        self.bert = BertEncoder(config.text)
+        self.feat_map = nn.Linear(config.text.hidden_size, d)
+        channels = list(config.swin.out_channels)
+        projections = [nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)) for c in channels]
+        in_channels = channels[-1]
+        for _ in range(config.num_feature_levels - len(channels)):
+            projections.append(
+                nn.Sequential(nn.Conv2d(in_channels, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d))
+            )
+            in_channels = d
+        self.input_proj = nn.ModuleList(projections)
+        self.transformer = Transformer(config)
+        self.bbox_embed = MLP(d, d, 4, 3)  # shared by every decoder layer
+
+    # ------------------------------------------------------------------ text
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> TextFeatures:
+        """Runs BERT with the phrase-blocked mask. ``input_ids`` (B, T) with T <= max_text_len."""
+        if input_ids.shape[1] > self.config.max_text_len:
+            raise ValueError(
+                f"the prompt has {input_ids.shape[1]} tokens; the model takes at most {self.config.max_text_len}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        self_attention, position_ids = phrase_masks(input_ids, self.config.special_token_ids)
+        hidden = self.bert(input_ids, self_attention, token_type_ids, position_ids)
+        return TextFeatures(
+            features=self.feat_map(hidden),
+            padding_mask=~attention_mask.bool(),
+            self_attention=self_attention,
+            position_ids=position_ids,
+        )
+
+    # ----------------------------------------------------------------- image
+    def encode_image(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> ImageFeatures:
+        """Swin and the input projections. ``pixel_values`` (B, 3, H, W); ``pixel_mask`` (B, H, W), 1 on the image."""
+        if pixel_mask is None or bool(pixel_mask.all()):
+            maps = self._project(self.backbone(pixel_values))
+            masks = [torch.ones(m.shape[0], *m.shape[2:], dtype=torch.bool, device=m.device) for m in maps]
+            return ImageFeatures(maps, masks)
+        heights = pixel_mask[:, :, 0].sum(1).tolist()
+        widths = pixel_mask[:, 0, :].sum(1).tolist()
+        per_image = [
+            self._project(self.backbone(pixel_values[i : i + 1, :, :h, :w]))
+            for i, (h, w) in enumerate(zip(heights, widths))
+        ]
+        return _pad_levels(per_image)
+
+    def _project(self, stages: list[Tensor]) -> list[Tensor]:
+        maps = [proj(x) for proj, x in zip(self.input_proj, stages)]
+        last = stages[-1]
+        for proj in self.input_proj[len(stages) :]:
+            last = proj(last)
+            maps.append(last)
+        return maps
+
+    # ------------------------------------------------------------- detection
+    def detect_features(self, image: ImageFeatures, text: TextFeatures) -> tuple[Tensor, Tensor]:
+        """Feature enhancer, query selection, decoder and heads.
+
+        Returns:
+            logits (B, num_queries, max_text_len) and boxes (B, num_queries, 4) as cx, cy, w, h.
+        """
+        t = self.transformer
+        shapes = [tuple(m.shape[-2:]) for m in image.maps]
+        source = torch.cat([m.flatten(2).transpose(1, 2) for m in image.maps], 1)  # (B, S, D)
+        valid = torch.cat([m.flatten(1) for m in image.masks], 1)  # (B, S)
+        pos = torch.cat(
+            [
+                sine_position_embedding(m, self.config.d_model // 2, self.config.position_temperature)
+                .to(source.dtype)
+                .flatten(2)
+                .transpose(1, 2)
+                + t.level_embed[lvl]
+                for lvl, m in enumerate(image.masks)
+            ],
+            1,
+        )  # (B, S, D)
+        ratios = _valid_ratios(image.masks, source.dtype)
+        memory, memory_text = t.encoder(
+            source, pos, shapes, ratios, ~valid,
+            text.features, text.padding_mask, text.self_attention, text.position_ids,
+        )  # fmt: skip
+        queries, references = select_queries(t, memory, ~valid, shapes, memory_text, text.padding_mask)
+        hidden, refs = t.decoder(
+            queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
+        )
+        logits = contrastive_logits(hidden[-1], memory_text, text.padding_mask, self.config.max_text_len)
+        reference = torch.special.logit(refs[-1], eps=1e-5)
+        boxes = (self.bbox_embed(hidden[-1]) + reference).sigmoid()
+        return logits, boxes
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        **unused: object,
+    ) -> GroundingDinoOutput:
+        """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``)."""
+        text = self.encode_text(input_ids, attention_mask, token_type_ids)
+        image = self.encode_image(pixel_values, pixel_mask)
+        logits, boxes = self.detect_features(image, text)
+        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids)
+
+
+def _pad_levels(per_image: list[list[Tensor]]) -> ImageFeatures:
+    """Stacks per-image level maps (1, D, h, w) into zero-padded (B, D, H, W) maps with masks."""
+    maps, masks = [], []
+    for level in zip(*per_image):
+        height = max(x.shape[-2] for x in level)
+        width = max(x.shape[-1] for x in level)
+        out = level[0].new_zeros(len(level), level[0].shape[1], height, width)
+        mask = torch.zeros(len(level), height, width, dtype=torch.bool, device=out.device)
+        for i, x in enumerate(level):
+            out[i, :, : x.shape[-2], : x.shape[-1]] = x[0]
+            mask[i, : x.shape[-2], : x.shape[-1]] = True
+        maps.append(out)
+        masks.append(mask)
+    return ImageFeatures(maps, masks)
+
+
+def _valid_ratios(masks: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """(B, levels, 2): the fraction of each level's width and height covered by the image."""
+    ratios = []
+    for m in masks:
+        h = m[:, :, 0].sum(1).to(dtype) / m.shape[1]
+        w = m[:, 0, :].sum(1).to(dtype) / m.shape[2]
+        ratios.append(torch.stack([w, h], -1))
+    return torch.stack(ratios, 1)

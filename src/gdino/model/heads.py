@@ -1,0 +1,81 @@
+"""Prediction heads: the MLP box head, the contrastive class head and box refinement.
+
+The class head has no parameters: a query's logit for a token is the dot product of the two
+embeddings. Boxes are ``(cx, cy, w, h)`` in ``[0, 1]``; a box head predicts a delta in logit space
+that refines a reference box.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Clamp of the reference box before taking its logit (HF and the original repository use 1e-5).
+BOX_LOGIT_EPS = 1e-5
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Maps (..., input_dim) to (..., output_dim)."""
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            x = layer(x)
+            if k < last:
+                x = F.relu(x)
+        return x
+
+
+def contrastive_logits(queries: Tensor, text: Tensor, text_padding_mask: Tensor, max_text_len: int) -> Tensor:
+    """Class logits of every query for every text token.
+
+    Args:
+        queries: (B, Q, D) decoder hidden states.
+        text: (B, T, D) encoded text tokens, T <= max_text_len.
+        text_padding_mask: (B, T) bool, True where the token is padding.
+        max_text_len: width of the output; the columns past T are -inf.
+
+    Returns:
+        (B, Q, max_text_len) dot products, -inf on padding tokens and past the text.
+    """
+    length = text.shape[1]
+    if length > max_text_len:
+        raise ValueError(f"text has {length} tokens, more than max_text_len={max_text_len}")
+    logits = queries @ text.transpose(-1, -2)  # (B, Q, T)
+    logits = logits.masked_fill(text_padding_mask[:, None, :], float("-inf"))
+    return F.pad(logits, (0, max_text_len - length), value=float("-inf"))  # (B, Q, max_text_len)
+
+
+def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
+    """``sigmoid(delta + logit(reference))``: a box-head delta applied to a reference box.
+
+    Args:
+        delta: (..., 4) box-head output, in logit space.
+        reference: (..., 4) reference boxes in ``[0, 1]``, clamped to ``[eps, 1 - eps]`` before the logit.
+
+    Returns:
+        (..., 4) refined boxes in ``[0, 1]``.
+    """
+    return torch.sigmoid(delta + torch.special.logit(reference, eps=BOX_LOGIT_EPS))
+
+
+def predict_boxes(hidden: Tensor, references: Tensor, box_head: nn.Module) -> Tensor:
+    """Every decoder layer's boxes, as the detector outputs them.
+
+    Args:
+        hidden: (L, B, Q, D) normalized hidden states of every decoder layer.
+        references: (L, B, Q, 4) the reference box each layer refines (``Decoder`` returns them).
+        box_head: the shared box head, (..., D) -> (..., 4).
+
+    Returns:
+        (L, B, Q, 4) boxes ``(cx, cy, w, h)`` in ``[0, 1]``.
+    """
+    return refine_boxes(box_head(hidden), references)

@@ -1,0 +1,173 @@
+"""Finding and loading checkpoints: a hub id, a local Hugging Face directory, or the original .pth.
+
+Loading is strict: every tensor the model expects must be in the file with the right shape, and
+every tensor in the file must be used or be one that is knowingly ignored (see ``gdino.convert``).
+The original checkpoint is read with ``torch.load(weights_only=True)``, so no code is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import GroundingDinoConfig
+from .convert import StateDict, hf_to_ours, original_to_ours
+from .model.grounding_dino import GroundingDino
+
+DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
+_HUB_FILES = ["config.json", "model.safetensors", "*.json", "vocab.txt"]
+_ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be found or does not fit the model; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a model's files are.
+
+    Attributes:
+        weights: the weights file (model.safetensors, pytorch_model.bin or an original .pth).
+        layout: "hf" or "original".
+        directory: the directory holding config.json and tokenizer files, if any.
+    """
+
+    weights: Path
+    layout: str
+    directory: Path | None
+
+
+def resolve(model: str | os.PathLike[str] = DEFAULT_MODEL_ID, cache_dir: str | os.PathLike[str] | None = None) -> Checkpoint:
+    """Turns a hub id, a directory or a checkpoint file into a ``Checkpoint``.
+
+    Raises:
+        CheckpointError: the path does not exist, or the hub cannot be reached and nothing is cached.
+    """
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return Checkpoint(path, "hf", path.parent)
+        return Checkpoint(path, "original", None)
+    if path.is_dir():
+        return _from_directory(path)
+    text = str(model)
+    if text.endswith(_ORIGINAL_SUFFIXES + (".safetensors",)) or os.sep in text or text.startswith("."):
+        raise CheckpointError(f"no such file or directory: {text}")
+    if text.count("/") != 1:
+        raise CheckpointError(f"{text!r} is neither a local path nor a hub id like {DEFAULT_MODEL_ID!r}")
+    return _from_directory(_download(text, cache_dir))
+
+
+def _from_directory(path: Path) -> Checkpoint:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return Checkpoint(path / name, "hf", path)
+    originals = sorted(p for p in path.iterdir() if p.suffix in _ORIGINAL_SUFFIXES)
+    if len(originals) == 1:
+        return Checkpoint(originals[0], "original", path)
+    raise CheckpointError(
+        f"{path} holds no model.safetensors, pytorch_model.bin or single original .pth checkpoint"
+    )
+
+
+def _download(repo_id: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    from huggingface_hub import snapshot_download  # imported here: only the hub path needs it
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir))
+    except Exception as first:  # no network, hub down, or offline mode: fall back to the cache
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir, local_files_only=True))
+        except Exception:
+            raise CheckpointError(
+                f"could not download {repo_id!r} from the Hugging Face Hub ({type(first).__name__}) and it is not "
+                f"in the local cache; pass a local directory (config.json, model.safetensors) or an original "
+                f"groundingdino_swint_ogc.pth file instead, e.g. --model ./grounding-dino-tiny"
+            ) from None
+
+
+def read_state_dict(checkpoint: Checkpoint) -> StateDict:
+    """Reads the weights file and converts its names to ours (no model needed)."""
+    file = checkpoint.weights
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(file))
+        else:
+            raw = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    if checkpoint.layout == "original" and isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        raw = raw["model"]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{file} does not hold a state dict of tensors")
+    looks_hf = any(k.startswith("model.") for k in raw)
+    converted, unknown = hf_to_ours(raw) if looks_hf else original_to_ours(raw)
+    if unknown:
+        raise CheckpointError(f"{file} has tensors that fit no part of the model: {_names(unknown)}")
+    return converted
+
+
+def read_config(checkpoint: Checkpoint) -> GroundingDinoConfig:
+    """The checkpoint's config.json if it has one, else the grounding-dino-tiny architecture."""
+    if checkpoint.directory is not None and (checkpoint.directory / "config.json").is_file():
+        with open(checkpoint.directory / "config.json") as f:
+            return GroundingDinoConfig.from_hf_dict(json.load(f))
+    return GroundingDinoConfig.tiny()
+
+
+def load_strict(model: torch.nn.Module, state_dict: StateDict, source: str = "checkpoint") -> None:
+    """Copies ``state_dict`` into ``model``; every name and shape must match, else lists the differences."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {_names(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape {len(wrong)}: {_names(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model; " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def load_model(
+    model: str | os.PathLike[str] = DEFAULT_MODEL_ID,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    model_class: type[GroundingDino] = GroundingDino,
+) -> tuple[GroundingDino, Checkpoint]:
+    """Builds the model for a checkpoint and loads its weights strictly, in eval mode."""
+    checkpoint = resolve(model, cache_dir)
+    config = read_config(checkpoint)
+    state_dict = read_state_dict(checkpoint)
+    with torch.device("meta"):  # no time spent on random init; the file's tensors are assigned
+        net = model_class(config)
+    load_strict(net, state_dict, str(checkpoint.weights))
+    for module in net.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    net.eval()
+    if dtype is not None or device is not None:
+        net = net.to(device=device, dtype=dtype)
+    return net, checkpoint
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,65 @@
+"""Shared fixtures. The full-size parity checkpoint (690 MB) is built once per test run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from reference import DATA, build_reference, save_reference  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """transformers' implementation, grounding-dino-tiny architecture, seeded test weights."""
+    with torch.no_grad():
+        return build_reference()
+
+
+@pytest.fixture(scope="session")
+def parity_dir(reference_model, tmp_path_factory) -> Path:
+    """The reference weights saved in the Hugging Face layout, with processor and vocabulary."""
+    return save_reference(reference_model, tmp_path_factory.mktemp("grounding-dino-tiny-test"))
+
+
+@pytest.fixture(scope="session")
+def our_model(parity_dir):
+    from gdino import AutoModelForZeroShotObjectDetection
+
+    return AutoModelForZeroShotObjectDetection.from_pretrained(parity_dir)
+
+
+@pytest.fixture(scope="session")
+def our_processor(parity_dir):
+    from gdino import AutoProcessor
+
+    return AutoProcessor.from_pretrained(parity_dir)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def small_reference():
+    """transformers' implementation in a small configuration with seeded test weights."""
+    from reference import small_reference_config
+
+    with torch.no_grad():
+        return build_reference(small_reference_config(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_dir(small_reference, tmp_path_factory) -> Path:
+    """The small reference saved in the Hugging Face layout (for fast tests of loading and apps)."""
+    return save_reference(small_reference, tmp_path_factory.mktemp("small-hf"))

@@ -1,0 +1,80 @@
+"""Builds the reference side of the parity tests: transformers' implementation with test weights.
+
+Random init is degenerate (the box heads' last layers are zero, sampling offsets are a fixed
+pattern), so every parameter gets seeded noise; the final decoder norm and the encoder-output norm
+are shrunk so that logits fall in a realistic few-unit range instead of hundreds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+VOCAB = Path(__file__).parents[1] / "src" / "gdino" / "data" / "bert-base-uncased-vocab.txt"
+NOISE = 0.02
+NORM_SHRINK = 0.1
+
+
+def reference_processor():
+    from transformers import BertTokenizer, GroundingDinoImageProcessorPil, GroundingDinoProcessor
+
+    return GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(), tokenizer=BertTokenizer(str(VOCAB)))
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Seeded noise on every parameter, then the two output norms shrunk (see module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * NOISE)
+        inner = model.model
+        for norm in (inner.decoder.layer_norm, inner.enc_output_norm):
+            norm.weight.mul_(NORM_SHRINK)
+            norm.bias.mul_(NORM_SHRINK)
+
+
+def build_reference(config=None, seed: int = 0):
+    """transformers' GroundingDinoForObjectDetection with test weights, in eval mode."""
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config or GroundingDinoConfig())
+    perturb_(model, seed)
+    return model.eval()
+
+
+def save_reference(model, directory: Path) -> Path:
+    """Writes the model and its processor in the Hugging Face layout (what the hub serves)."""
+    model.save_pretrained(directory)
+    reference_processor().save_pretrained(directory)
+    return directory
+
+
+def small_reference_config():
+    """A narrow, shallow reference configuration (fast), in transformers' terms."""
+    from transformers import GroundingDinoConfig
+
+    return GroundingDinoConfig(
+        backbone_config=dict(
+            model_type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
+            out_indices=[2, 3, 4], out_features=["stage2", "stage3", "stage4"], window_size=7,
+        ),
+        text_config=dict(model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128),
+        encoder_layers=1, decoder_layers=2, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_attention_heads=4, decoder_attention_heads=4, num_queries=50,
+    )  # fmt: skip
+
+
+def prefill_hub_cache(directory: Path, cache: Path, repo_id: str) -> Path:
+    """Lays ``directory``'s files out as huggingface_hub's cache holds a downloaded snapshot."""
+    revision = "0" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in directory.iterdir():
+        (snapshot / f.name).symlink_to(f.resolve())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

@@ -1,0 +1,196 @@
+"""The decoder and the prediction heads against Hugging Face transformers' Grounding DINO."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gdino.config import GroundingDinoConfig  # noqa: E402
+from gdino.convert import hf_to_ours  # noqa: E402
+from gdino.model.decoder import Decoder  # noqa: E402
+from gdino.model.heads import MLP, contrastive_logits, predict_boxes, refine_boxes  # noqa: E402
+
+SPATIAL_SHAPES = [(8, 10), (4, 5), (2, 3), (1, 2)]  # not square, to catch (h, w) swaps
+VALID_HW = [(6, 7), (3, 4), (2, 2), (1, 1)]  # unpadded part of each level for the second image
+TEXT_LEN, TEXT_PAD = 7, 3  # the second prompt has TEXT_PAD padding tokens
+ATOL = 1e-4
+
+
+def _hf_config() -> transformers.GroundingDinoConfig:
+    return transformers.GroundingDinoConfig(
+        backbone_config=dict(
+            model_type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
+            out_indices=[2, 3, 4], out_features=["stage2", "stage3", "stage4"], window_size=7,
+        ),
+        text_config=dict(
+            model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+        ),
+        encoder_layers=1, decoder_layers=3, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=50,
+    )
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[torch.nn.Module, Decoder, MLP, GroundingDinoConfig]:
+    """HF detector with noise on every parameter; our decoder and box head with its weights."""
+    torch.manual_seed(0)
+    hf_config = _hf_config()
+    hf = transformers.GroundingDinoForObjectDetection(hf_config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():  # HF zeroes the box heads' last layers and the sampling offsets
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    config = GroundingDinoConfig.from_hf_dict(hf_config.to_dict())
+    sd, unknown = hf_to_ours(hf.state_dict())
+    assert not unknown
+    decoder = Decoder(config).eval()
+    decoder.load_state_dict(_strip(sd, "transformer.decoder."), strict=True)
+    box_head = MLP(config.d_model, config.d_model, 4, 3).eval()
+    box_head.load_state_dict(_strip(sd, "bbox_embed."), strict=True)
+    return hf, decoder, box_head, config
+
+
+def _inputs(config: GroundingDinoConfig) -> dict[str, torch.Tensor | list[tuple[int, int]]]:
+    """A batch of two: the second image and prompt are padded."""
+    gen = torch.Generator().manual_seed(2)
+    b, q, d = 2, config.num_queries, config.d_model
+    masks = []  # per level (B, h, w), True on real pixels
+    for (h, w), (vh, vw) in zip(SPATIAL_SHAPES, VALID_HW):
+        m = torch.ones(b, h, w, dtype=torch.bool)
+        m[1, vh:] = False
+        m[1, :, vw:] = False
+        masks.append(m)
+    # As HF's get_valid_ratio: (valid width / width, valid height / height).
+    valid_ratios = torch.stack(
+        [torch.stack([m[:, 0, :].sum(1) / m.shape[2], m[:, :, 0].sum(1) / m.shape[1]], -1) for m in masks], 1
+    )  # (B, nL, 2)
+    text_padding = torch.zeros(b, TEXT_LEN, dtype=torch.bool)
+    text_padding[1, -TEXT_PAD:] = True
+    boxes = torch.cat([torch.rand(b, q, 2, generator=gen), 0.05 + 0.4 * torch.rand(b, q, 2, generator=gen)], -1)
+    return dict(
+        queries=torch.randn(b, q, d, generator=gen),
+        reference_points=boxes,
+        memory=torch.randn(b, sum(h * w for h, w in SPATIAL_SHAPES), d, generator=gen),
+        memory_padding_mask=~torch.cat([m.flatten(1) for m in masks], 1),  # (B, S)
+        spatial_shapes=SPATIAL_SHAPES,
+        valid_ratios=valid_ratios,
+        text=torch.randn(b, TEXT_LEN, d, generator=gen),
+        text_padding_mask=text_padding,
+    )
+
+
+def _hf_outputs(hf: torch.nn.Module, x: dict) -> tuple[torch.Tensor, ...]:
+    """The decoder called as GroundingDinoModel.forward calls it, then the heads as the detector applies them."""
+    shapes = torch.tensor(x["spatial_shapes"], dtype=torch.long)
+    out = hf.model.decoder(
+        inputs_embeds=x["queries"],
+        vision_encoder_hidden_states=x["memory"],
+        vision_encoder_attention_mask=~x["memory_padding_mask"],  # HF: True on real pixels here
+        text_encoder_hidden_states=x["text"],
+        text_encoder_attention_mask=x["text_padding_mask"],  # HF: True on padding tokens here
+        reference_points=x["reference_points"],
+        spatial_shapes=shapes,
+        spatial_shapes_list=x["spatial_shapes"],
+        level_start_index=torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]]),
+        valid_ratios=x["valid_ratios"],
+        self_attn_mask=None,
+        return_dict=True,
+    )
+    hidden = out.intermediate_hidden_states  # (B, L, Q, D)
+    logits, boxes = [], []
+    for level in range(hidden.shape[1]):
+        ref = x["reference_points"] if level == 0 else out.intermediate_reference_points[:, level - 1]
+        logits.append(hf.class_embed[level](hidden[:, level], x["text"], ~x["text_padding_mask"]))
+        delta = hf.bbox_embed[level](hidden[:, level])
+        boxes.append((delta + torch.special.logit(ref, eps=1e-5)).sigmoid())
+    return hidden.transpose(0, 1), torch.stack(logits), torch.stack(boxes), out.intermediate_reference_points
+
+
+def _ours(decoder: Decoder, box_head: MLP, config: GroundingDinoConfig, x: dict) -> tuple[torch.Tensor, ...]:
+    hidden, references = decoder(**x, box_head=box_head)
+    text, padding = x["text"], x["text_padding_mask"]
+    logits = torch.stack([contrastive_logits(h, text, padding, config.max_text_len) for h in hidden])
+    return hidden, references, logits, predict_boxes(hidden, references, box_head)
+
+
+@torch.no_grad()
+def test_decoder_matches_transformers(models) -> None:
+    hf, decoder, box_head, config = models
+    x = _inputs(config)
+    hf_hidden, hf_logits, hf_boxes, hf_refs = _hf_outputs(hf, x)
+    hidden, references, logits, boxes = _ours(decoder, box_head, config, x)
+
+    assert hidden.shape == (config.decoder_layers, 2, config.num_queries, config.d_model)
+    torch.testing.assert_close(hidden, hf_hidden, atol=ATOL, rtol=0)
+    # Layer 0 refines the given boxes, layer l > 0 the boxes HF's decoder refined after layer l - 1.
+    torch.testing.assert_close(references[0], x["reference_points"], atol=0, rtol=0)
+    torch.testing.assert_close(references[1:], hf_refs[:, :-1].transpose(0, 1), atol=ATOL, rtol=0)
+    torch.testing.assert_close(boxes, hf_boxes, atol=ATOL, rtol=0)
+    # -inf exactly where HF has it (padding tokens, columns past the text), close values elsewhere.
+    assert logits.shape == (config.decoder_layers, 2, config.num_queries, config.max_text_len)
+    assert torch.equal(torch.isinf(logits), torch.isinf(hf_logits))
+    assert torch.isinf(logits[:, 1, :, TEXT_LEN - TEXT_PAD :]).all()
+    assert torch.isfinite(logits[:, 0, :, :TEXT_LEN]).all()
+    finite = torch.isfinite(hf_logits)
+    torch.testing.assert_close(logits[finite], hf_logits[finite], atol=ATOL, rtol=1e-5)
+    # The refinement really moved the boxes, and the layers really differ.
+    assert (boxes[-1] - x["reference_points"]).abs().max() > 1e-2
+    assert (hidden[-1] - hidden[0]).abs().max() > 1e-1
+
+
+@torch.no_grad()
+def test_padding_is_ignored(models) -> None:
+    """Changing padded pixels or padded text tokens of the second sample changes nothing."""
+    _, decoder, box_head, config = models
+    x = _inputs(config)
+    hidden, references = decoder(**x, box_head=box_head)
+    y = dict(x)
+    y["memory"] = x["memory"].masked_fill(x["memory_padding_mask"][..., None], 7.0)
+    y["text"] = x["text"].masked_fill(x["text_padding_mask"][..., None], -5.0)
+    hidden2, references2 = decoder(**y, box_head=box_head)
+    torch.testing.assert_close(hidden2, hidden, atol=1e-5, rtol=0)
+    torch.testing.assert_close(references2, references, atol=1e-5, rtol=0)
+    # ... whereas changing real pixels of the second sample does change its queries.
+    y["memory"] = x["memory"].masked_fill(~x["memory_padding_mask"][..., None], 7.0)
+    hidden3, _ = decoder(**y, box_head=box_head)
+    assert (hidden3[:, 1] - hidden[:, 1]).abs().max() > 1e-2
+
+
+def test_contrastive_logits_matches_transformers() -> None:
+    gen = torch.Generator().manual_seed(3)
+    queries, text = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 4, 16, generator=gen)
+    padding = torch.tensor([[False] * 4, [False, False, True, True]])
+    head = transformers.models.grounding_dino.modeling_grounding_dino.GroundingDinoContrastiveEmbedding(
+        _hf_config().__class__(max_text_len=9)
+    )
+    expected = head(queries, text, ~padding)
+    got = contrastive_logits(queries, text, padding, 9)
+    assert got.shape == (2, 5, 9)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[0, :, :4], queries[0] @ text[0].T)
+    with pytest.raises(ValueError):
+        contrastive_logits(queries, text, padding, 3)
+
+
+def test_mlp_names_and_relu() -> None:
+    mlp = MLP(8, 16, 4, 3)
+    assert [k for k in mlp.state_dict()] == [f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    x = torch.randn(3, 8)
+    a, b, c = mlp.layers
+    torch.testing.assert_close(mlp(x), c(torch.relu(b(torch.relu(a(x))))))
+
+
+def test_refine_boxes_clamps_reference_as_transformers() -> None:
+    """sigmoid(delta + logit(reference)), the reference clamped to [1e-5, 1 - 1e-5] first."""
+    logit_eps = math.log(1e-5 / (1 - 1e-5))  # -11.5129...
+    delta = torch.tensor([-logit_eps, logit_eps, 0.3], dtype=torch.float64)  # float64: 1 - 1e-5 is inexact in float32
+    got = refine_boxes(delta, torch.tensor([0.0, 1.0, 0.25], dtype=torch.float64))
+    expected = torch.tensor([0.5, 0.5, 1 / (1 + 3 * math.exp(-0.3))], dtype=torch.float64)  # logit(0.25) = -ln 3
+    torch.testing.assert_close(got, expected, atol=1e-7, rtol=0)
