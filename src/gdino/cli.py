@@ -75,11 +75,12 @@ def detect(args: argparse.Namespace) -> int:
     prompt = _prompt(args.prompt)
     try:
         model = GroundingDinoForObjectDetection.from_pretrained(args.model or DEFAULT_MODEL_ID, device=device, dtype=dtype)
-        model.processor(text=prompt)  # validates the prompt before any image is read
+        model.phrases(prompt)  # validates the prompt (length, at least one phrase) before any image is read
     except (CheckpointError, PromptError) as e:
         _error(str(e))
         return EXIT_BAD_INPUT
     status = 0
+    written: set[Path] = set()  # annotated files of this run: same-named images must not overwrite each other
     if args.annotate:
         args.annotate.mkdir(parents=True, exist_ok=True)
     with _sink(args.output) as out:
@@ -99,15 +100,20 @@ def detect(args: argparse.Namespace) -> int:
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 if args.annotate:
-                    _annotate(image, found, args.annotate / Path(path).name)
+                    _annotate(image, found, args.annotate / Path(path).name, written)
     return status
 
 
-def _annotate(image, found, target: Path) -> None:
+def _annotate(image, found, target: Path, written: set[Path]) -> None:
     from .draw import draw_detections
 
     if target.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp", ".bmp"):
         target = target.with_suffix(".png")
+    stem, n = target.stem, 1
+    while target in written:  # a/img.png and b/img.png -> img.png and img-2.png
+        n += 1
+        target = target.with_name(f"{stem}-{n}{target.suffix}")
+    written.add(target)
     draw_detections(image, found).save(target)
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from .image import ImageLike, images_to_list, load_image
 from .model.grounding_dino import GroundingDino
 from .processing import GroundingDinoProcessor
-from .text import TextInput, phrase_for_tokens, phrase_spans
+from .text import PromptError, TextInput, phrase_for_tokens, phrase_spans, prompts_for_images, prompts_from_text
 from .weights import DEFAULT_MODEL_ID, load_model
 
 
@@ -105,27 +105,54 @@ class GroundingDinoForObjectDetection(GroundingDino):
         """
         single = not isinstance(images, (list, tuple))
         pictures = [load_image(x) for x in images_to_list(images)]
+        texts = prompts_for_images(prompts_from_text(prompt), len(pictures))
+        phrases = [self._phrases(text) for text in texts]  # checks the prompts before the forward pass
         inputs = self.processor(images=pictures, text=prompt).to(self.device)
         out = self(**inputs)
         results = [
-            self._detections(out.logits[i], out.pred_boxes[i], inputs["input_ids"][i], pic, box_threshold, text_threshold)
+            self._detections(out.logits[i], out.pred_boxes[i], *phrases[i], pic, box_threshold, text_threshold)
             for i, pic in enumerate(pictures)
         ]
         return results[0] if single else results
+
+    def phrases(self, prompt: TextInput) -> list[str]:
+        """The phrases ``detect`` labels boxes with: "a cat. A remote control" -> ["a cat", "a remote control"].
+
+        Raises:
+            PromptError: an empty or over-long prompt, one with no phrase (e.g. "."), or several prompts.
+        """
+        texts = prompts_from_text(prompt)
+        if len(texts) != 1:
+            raise PromptError(f"expected one prompt or one list of labels, got {len(texts)} prompts")
+        return self._phrases(texts[0])[1]
+
+    def _phrases(self, text: str) -> tuple[list[tuple[int, int]], list[str]]:
+        """Token spans and texts of a normalised prompt's phrases.
+
+        The texts are cut from the prompt by the tokens' character offsets, so a phrase comes back
+        as written ("t-shirt"), not as re-joined word pieces ("t - shirt").
+        """
+        ids = self.processor.tokenizer.encode([text]).input_ids[0].tolist()  # PromptError if too long
+        spans = phrase_spans(ids, self.config.special_token_ids)
+        if not spans:
+            raise PromptError(f"the prompt {text!r} has no phrase, only separators such as '.'; "
+                              "give e.g. 'a cat. a remote control.'")
+        offsets = self.processor.tokenizer._tok.encode(text).offsets  # the same tokens as ids
+        names = [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]
+        return spans, names
 
     def _detections(
         self,
         logits: torch.Tensor,
         boxes: torch.Tensor,
-        input_ids: torch.Tensor,
+        spans: list[tuple[int, int]],
+        names: list[str],
         picture: Image.Image,
         box_threshold: float,
         text_threshold: float,
     ) -> Detections:
         """One image's queries -> thresholded, labelled, sorted detections in pixels."""
-        ids = input_ids.tolist()
-        spans = phrase_spans(ids, self.config.special_token_ids)
-        probs = logits[:, : len(ids)].float().sigmoid()  # (Q, T)
+        probs = logits.float().sigmoid()  # (Q, T), 0 past the prompt (logits -inf there)
         best = probs.max(-1).values
         phrase, phrase_score = phrase_for_tokens(probs, spans)
         keep = (best > box_threshold) & (phrase_score >= text_threshold)
@@ -134,8 +161,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         width, height = picture.size
         cx, cy, w, h = kept_boxes.unbind(-1)
         xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-        xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
-        names = [self.processor.decode(ids[s:e]) for s, e in spans]
+        xyxy = xyxy * torch.tensor([height, width, height, width], dtype=xyxy.dtype, device=xyxy.device)
         label_ids = phrase[keep][order].cpu().numpy().astype(np.int64)
         return Detections(
             boxes=xyxy.cpu().numpy().astype(np.float32),

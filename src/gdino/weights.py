@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .model.grounding_dino import GroundingDino
 DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
 _HUB_FILES = ["config.json", "model.safetensors", "*.json", "vocab.txt"]
 _ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name"
 
 
 class CheckpointError(ValueError):
@@ -56,10 +58,8 @@ def resolve(model: str | os.PathLike[str] = DEFAULT_MODEL_ID, cache_dir: str | o
     if path.is_dir():
         return _from_directory(path)
     text = str(model)
-    if text.endswith(_ORIGINAL_SUFFIXES + (".safetensors",)) or os.sep in text or text.startswith("."):
-        raise CheckpointError(f"no such file or directory: {text}")
-    if text.count("/") != 1:
-        raise CheckpointError(f"{text!r} is neither a local path nor a hub id like {DEFAULT_MODEL_ID!r}")
+    if not _HUB_ID.match(text) or text.endswith(_ORIGINAL_SUFFIXES + (".safetensors",)):
+        raise CheckpointError(f"no such file or directory: {text} (nor is it a hub id like {DEFAULT_MODEL_ID!r})")
     return _from_directory(_download(text, cache_dir))
 
 

@@ -1,0 +1,226 @@
+"""``GroundingDinoForObjectDetection.detect`` on the small random-weight checkpoint.
+
+Checked: labels are whole prompt phrases (also for words BERT splits into ``##`` pieces), label
+ids index the prompt's phrases / the label list, scores are sorted and above the threshold, boxes
+are the raw outputs converted to pixels, results do not depend on the rest of the batch, and bad
+input raises ``PromptError`` / ``ImageError``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gdino import Detections, GroundingDinoForObjectDetection, ImageError, PromptError
+
+PROMPT = "a cat. a remote control."
+PHRASES = ("a cat", "a remote control")
+THRESHOLD = 0.6  # the random model scores its queries ~0.5-0.9: some boxes kept, some dropped
+BATCH = ("chelsea.png", "coffee.png", "astronaut.png")  # 451x300, 600x400, 512x512: the batch is padded
+
+
+@pytest.fixture(scope="module")
+def model(small_dir) -> GroundingDinoForObjectDetection:
+    return GroundingDinoForObjectDetection.from_pretrained(small_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def images(data_dir) -> dict[str, Image.Image]:
+    return {name: Image.open(data_dir / name).convert("RGB") for name in BATCH}
+
+
+@pytest.fixture(scope="module")
+def singles(model, images, data_dir) -> dict[str, Detections]:
+    """Each image alone, every query kept (chelsea given as a file path, the others as PIL images)."""
+    out = {"chelsea.png": model.detect(str(data_dir / "chelsea.png"), PROMPT, box_threshold=0.0, text_threshold=0.0)}
+    for name in BATCH[1:]:
+        out[name] = model.detect(images[name], PROMPT, box_threshold=0.0, text_threshold=0.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_singles(model, images) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(logits, pred_boxes, input_ids) of the model on each image alone."""
+    out = {}
+    with torch.inference_mode():
+        for name in ("chelsea.png", "astronaut.png"):
+            inputs = model.processor(images=images[name], text=PROMPT)
+            res = model(**inputs)
+            out[name] = (res.logits[0], res.pred_boxes[0], inputs["input_ids"][0])
+    return out
+
+
+def _check_detections(det: Detections, phrases, size, threshold) -> None:
+    n = len(det)
+    assert n > 0
+    assert det.boxes.shape == (n, 4) and det.boxes.dtype == np.float32
+    assert det.scores.shape == (n,) and det.label_ids.shape == (n,)
+    assert det.label_ids.dtype == np.int64
+    assert det.image_size == size
+    assert set(det.labels) <= set(phrases)
+    assert all(phrases[i] == label for i, label in zip(det.label_ids, det.labels))
+    assert np.all(np.diff(det.scores) <= 0), "scores not sorted best first"
+    assert np.all(det.scores > threshold) and np.all(det.scores <= 1)
+    width, height = size
+    x0, y0, x1, y1 = det.boxes.T
+    assert np.all(x0 <= x1) and np.all(y0 <= y1)
+    # cx, cy, w, h are sigmoids in [0, 1]: centres inside the image, corners at most half an image out
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    assert np.all((cx >= 0) & (cx <= width) & (cy >= 0) & (cy <= height))
+    assert np.all((x0 >= -width / 2) & (x1 <= 1.5 * width) & (y0 >= -height / 2) & (y1 <= 1.5 * height))
+
+
+# --------------------------------------------------------------------------- labels, scores, boxes
+
+
+def test_string_prompt(model, singles, images):
+    for name, det in singles.items():
+        assert len(det) == model.config.num_queries  # every query scores above 0
+        _check_detections(det, PHRASES, images[name].size, 0.0)
+
+
+def test_matches_raw_model_outputs(model, singles, raw_singles, images):
+    """Every query's score, box (cxcywh * size -> xyxy) and label, recomputed from the raw outputs."""
+    det = singles["chelsea.png"]
+    logits, pred_boxes, input_ids = raw_singles["chelsea.png"]
+    # [CLS] a cat . a remote control . [SEP]: phrase 0 = tokens 1..2, phrase 1 = tokens 4..6
+    assert input_ids.tolist() == [101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102]
+    probs = logits.sigmoid()
+    best = probs.max(-1).values
+    kept = best.argsort(descending=True)
+    assert len(det) == len(kept)
+    np.testing.assert_allclose(det.scores, best[kept].numpy(), atol=1e-6)
+    width, height = images["chelsea.png"].size
+    cx, cy, w, h = pred_boxes[kept].unbind(-1)
+    expected = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], -1)
+    np.testing.assert_allclose(det.boxes, expected.numpy(), atol=1e-3)
+    phrase_best = torch.stack([probs[kept, 1:3].max(-1).values, probs[kept, 4:7].max(-1).values], -1)
+    assert det.label_ids.tolist() == phrase_best.argmax(-1).tolist()
+    # the top detection, spelled out
+    q = int(best.argmax())
+    box = pred_boxes[q].tolist()
+    top = [(box[0] - box[2] / 2) * width, (box[1] - box[3] / 2) * height,
+           (box[0] + box[2] / 2) * width, (box[1] + box[3] / 2) * height]
+    np.testing.assert_allclose(det.boxes[0], top, atol=1e-3)
+    assert det.scores[0] == pytest.approx(float(best[q]), abs=1e-6)
+
+
+def test_matches_processor_post_processing(model, singles, raw_singles, images):
+    """detect and transformers-style post-processing keep the same boxes with the same scores."""
+    logits, pred_boxes, input_ids = raw_singles["astronaut.png"]
+    width, height = images["astronaut.png"].size
+    post = model.processor.post_process_grounded_object_detection(
+        {"logits": logits[None], "pred_boxes": pred_boxes[None]}, input_ids[None],
+        threshold=THRESHOLD, target_sizes=[(height, width)],
+    )[0]
+    order = post["scores"].argsort(descending=True)
+    det = singles["astronaut.png"]
+    keep = det.scores > THRESHOLD
+    assert 0 < keep.sum() < len(det)
+    np.testing.assert_allclose(det.scores[keep], post["scores"][order].numpy(), atol=1e-6)
+    np.testing.assert_allclose(det.boxes[keep], post["boxes"][order].numpy(), atol=1e-3)
+
+
+def test_box_threshold_filters(model, images, singles):
+    """A threshold keeps exactly the detections scoring above it, in the same order."""
+    det = singles["coffee.png"]
+    high = model.detect(images["coffee.png"], PROMPT, box_threshold=THRESHOLD)
+    _check_detections(high, PHRASES, images["coffee.png"].size, THRESHOLD)
+    keep = det.scores > THRESHOLD
+    assert 0 < len(high) < len(det)
+    np.testing.assert_allclose(high.scores, det.scores[keep], atol=1e-6)
+    np.testing.assert_allclose(high.boxes, det.boxes[keep], atol=1e-3)
+    assert high.labels == tuple(np.array(det.labels, dtype=object)[keep])
+
+
+def test_label_list_ids_index_the_list(model, images):
+    labels = ["cat", "remote control", "kookaburra"]
+    det = model.detect(images["chelsea.png"], labels, box_threshold=0.0, text_threshold=0.0)
+    assert len(det) == model.config.num_queries  # every query scores above 0
+    _check_detections(det, labels, images["chelsea.png"].size, 0.0)
+    assert [labels[i] for i in det.label_ids] == list(det.labels)
+    assert len(set(det.labels)) >= 2
+
+
+def test_word_pieces_come_back_whole(model, images):
+    """BERT splits kookaburra and thermos into ## pieces; labels are still the whole phrases."""
+    prompt = "a kookaburra. a thermos."
+    tokens = model.processor.tokenizer._tok.encode(prompt).tokens
+    assert sum(t.startswith("##") for t in tokens) >= 4, tokens
+    det = model.detect(images["astronaut.png"], prompt, box_threshold=0.0)
+    assert len(det) == model.config.num_queries
+    assert set(det.labels) == {"a kookaburra", "a thermos"}
+    assert all(("##" not in label and label not in (".", "[SEP]", "[CLS]")) for label in det.labels)
+    assert all(("a kookaburra", "a thermos")[i] == label for i, label in zip(det.label_ids, det.labels))
+
+
+def test_phrases_are_the_prompt_as_written(model):
+    """Phrase texts come from the prompt, not from re-joined tokens ("t - shirt")."""
+    assert model.phrases("A Cat. a remote control") == ["a cat", "a remote control"]
+    assert model.phrases(["T-shirt", "rock'n'roll", "kookaburra"]) == ["t-shirt", "rock'n'roll", "kookaburra"]
+    assert model.phrases("a cat.. a dog.") == ["a cat", "a dog"]
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_batch_equals_single_images(model, images, singles):
+    """All 50 queries compared (boxes relative to the image size, as the raw outputs are)."""
+    batch = model.detect([images[name] for name in BATCH], PROMPT, box_threshold=0.0, text_threshold=0.0)
+    assert isinstance(batch, list) and len(batch) == len(BATCH)
+    for name, det in zip(BATCH, batch):
+        alone = singles[name]
+        assert det.image_size == alone.image_size == images[name].size
+        assert det.labels == alone.labels, name
+        np.testing.assert_array_equal(det.label_ids, alone.label_ids)
+        np.testing.assert_allclose(det.scores, alone.scores, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(det.boxes / np.tile(images[name].size, 2), alone.boxes / np.tile(images[name].size, 2),
+                                   atol=1e-4, rtol=0)
+
+
+def test_padded_batch_raw_outputs_equal_single(model, images, raw_singles):
+    names = ("chelsea.png", "astronaut.png")  # 800x1202 and 800x800 after resizing
+    inputs = model.processor(images=[images[n] for n in names], text=PROMPT)
+    assert inputs["pixel_mask"][1].float().mean() < 0.7  # astronaut is heavily padded
+    with torch.inference_mode():
+        out = model(**inputs)
+    for i, name in enumerate(names):
+        logits, pred_boxes, _ = raw_singles[name]
+        finite = torch.isfinite(logits)
+        assert torch.equal(finite, torch.isfinite(out.logits[i]))
+        torch.testing.assert_close(out.logits[i][finite], logits[finite], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.pred_boxes[i], pred_boxes, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t", ".", " . ? ", []])
+def test_empty_prompt(model, images, prompt):
+    with pytest.raises(PromptError, match="empty|no phrase"):
+        model.detect(images["chelsea.png"], prompt)
+
+
+def test_prompt_too_long(model, images):
+    prompt = ". ".join(["a cat"] * 100)  # 302 tokens
+    with pytest.raises(PromptError, match="256") as info:
+        model.detect(images["chelsea.png"], prompt)
+    assert "tokens" in str(info.value)
+    # 254 words + [CLS] + [SEP] is exactly the limit, still fine
+    assert model.phrases(" ".join(["cat"] * 253) + ".") == [" ".join(["cat"] * 253)]
+
+
+def test_unreadable_image(model, data_dir, tmp_path):
+    missing = tmp_path / "missing.png"
+    with pytest.raises(ImageError, match="missing.png"):
+        model.detect(missing, PROMPT)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    with pytest.raises(ImageError, match="notes.png"):
+        model.detect(str(text), PROMPT)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes((data_dir / "rocket.jpg").read_bytes()[:2000])
+    with pytest.raises(ImageError, match="cut.jpg"):
+        model.detect([data_dir / "chelsea.png", truncated], PROMPT)
