@@ -120,29 +120,63 @@ def _ours(decoder: Decoder, box_head: MLP, config: GroundingDinoConfig, x: dict)
     return hidden, references, logits, predict_boxes(hidden, references, box_head)
 
 
+def _alone(x: dict, i: int) -> dict:
+    """Sample ``i`` of the batch on its own: each level cropped to its valid part, text unpadded."""
+    d = x["memory"].shape[-1]
+    levels, start = [], 0
+    for (h, w), (vh, vw) in zip(SPATIAL_SHAPES, VALID_HW if i == 1 else SPATIAL_SHAPES):
+        levels.append(x["memory"][i, start : start + h * w].view(h, w, d)[:vh, :vw].reshape(-1, d))
+        start += h * w
+    shapes = list(VALID_HW if i == 1 else SPATIAL_SHAPES)
+    n_text = TEXT_LEN - (TEXT_PAD if i == 1 else 0)
+    return dict(
+        queries=x["queries"][i : i + 1],
+        reference_points=x["reference_points"][i : i + 1],
+        memory=torch.cat(levels)[None],
+        memory_padding_mask=None,
+        spatial_shapes=shapes,
+        valid_ratios=torch.ones(1, len(shapes), 2),
+        text=x["text"][i : i + 1, :n_text],
+        text_padding_mask=torch.zeros(1, n_text, dtype=torch.bool),
+    )
+
+
 @torch.no_grad()
 def test_decoder_matches_transformers(models) -> None:
+    """The unpadded sample equals transformers'; the padded one equals itself decoded alone.
+
+    transformers embeds the query position of a box scaled by the first level's valid ratio, so
+    its padded sample depends on the padding; ours does not (see Decoder.query_position).
+    """
     hf, decoder, box_head, config = models
     x = _inputs(config)
     hf_hidden, hf_logits, hf_boxes, hf_refs = _hf_outputs(hf, x)
     hidden, references, logits, boxes = _ours(decoder, box_head, config, x)
 
     assert hidden.shape == (config.decoder_layers, 2, config.num_queries, config.d_model)
-    torch.testing.assert_close(hidden, hf_hidden, atol=ATOL, rtol=0)
+    torch.testing.assert_close(hidden[:, 0], hf_hidden[:, 0], atol=ATOL, rtol=0)
     # Layer 0 refines the given boxes, layer l > 0 the boxes HF's decoder refined after layer l - 1.
     torch.testing.assert_close(references[0], x["reference_points"], atol=0, rtol=0)
-    torch.testing.assert_close(references[1:], hf_refs[:, :-1].transpose(0, 1), atol=ATOL, rtol=0)
-    torch.testing.assert_close(boxes, hf_boxes, atol=ATOL, rtol=0)
+    torch.testing.assert_close(references[1:, 0], hf_refs[0, :-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(boxes[:, 0], hf_boxes[:, 0], atol=ATOL, rtol=0)
     # -inf exactly where HF has it (padding tokens, columns past the text), close values elsewhere.
     assert logits.shape == (config.decoder_layers, 2, config.num_queries, config.max_text_len)
     assert torch.equal(torch.isinf(logits), torch.isinf(hf_logits))
     assert torch.isinf(logits[:, 1, :, TEXT_LEN - TEXT_PAD :]).all()
     assert torch.isfinite(logits[:, 0, :, :TEXT_LEN]).all()
-    finite = torch.isfinite(hf_logits)
-    torch.testing.assert_close(logits[finite], hf_logits[finite], atol=ATOL, rtol=1e-5)
+    finite = torch.isfinite(hf_logits[:, 0])
+    torch.testing.assert_close(logits[:, 0][finite], hf_logits[:, 0][finite], atol=ATOL, rtol=1e-5)
     # The refinement really moved the boxes, and the layers really differ.
     assert (boxes[-1] - x["reference_points"]).abs().max() > 1e-2
     assert (hidden[-1] - hidden[0]).abs().max() > 1e-1
+
+    alone = _ours(decoder, box_head, config, _alone(x, 1))
+    torch.testing.assert_close(hidden[:, 1], alone[0][:, 0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(boxes[:, 1], alone[3][:, 0], atol=ATOL, rtol=0)
+    n_text = TEXT_LEN - TEXT_PAD
+    torch.testing.assert_close(logits[:, 1, :, :n_text], alone[2][:, 0, :, :n_text], atol=ATOL, rtol=1e-5)
+    # transformers' padded sample does differ (so the comparison above is not vacuous)
+    assert (hf_hidden[:, 1] - hidden[:, 1]).abs().max() > 1e-3
 
 
 @torch.no_grad()

@@ -94,7 +94,9 @@ def test_matches_raw_model_outputs(model, singles, raw_singles, images):
     np.testing.assert_allclose(det.scores, best[kept].numpy(), atol=1e-6)
     width, height = images["chelsea.png"].size
     cx, cy, w, h = pred_boxes[kept].unbind(-1)
-    expected = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], -1)
+    expected = torch.stack(
+        [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], -1
+    )
     np.testing.assert_allclose(det.boxes, expected.numpy(), atol=1e-3)
     phrase_best = torch.stack([probs[kept, 1:3].max(-1).values, probs[kept, 4:7].max(-1).values], -1)
     assert det.label_ids.tolist() == phrase_best.argmax(-1).tolist()
@@ -176,8 +178,8 @@ def test_batch_equals_single_images(model, images, singles):
         assert det.labels == alone.labels, name
         np.testing.assert_array_equal(det.label_ids, alone.label_ids)
         np.testing.assert_allclose(det.scores, alone.scores, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(det.boxes / np.tile(images[name].size, 2), alone.boxes / np.tile(images[name].size, 2),
-                                   atol=1e-4, rtol=0)
+        scale = np.tile(images[name].size, 2)  # (W, H, W, H)
+        np.testing.assert_allclose(det.boxes / scale, alone.boxes / scale, atol=1e-4, rtol=0)
 
 
 def test_padded_batch_raw_outputs_equal_single(model, images, raw_singles):

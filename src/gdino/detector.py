@@ -161,7 +161,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         width, height = picture.size
         cx, cy, w, h = kept_boxes.unbind(-1)
         xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-        xyxy = xyxy * torch.tensor([height, width, height, width], dtype=xyxy.dtype, device=xyxy.device)
+        xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
         label_ids = phrase[keep][order].cpu().numpy().astype(np.int64)
         return Detections(
             boxes=xyxy.cpu().numpy().astype(np.float32),

@@ -7,8 +7,8 @@ Each layer runs, in this order, with a post-norm residual around each step:
 3. multi-scale deformable cross-attention to the image memory around each query's reference box,
 4. a ReLU feed-forward block.
 
-The query position is a sine embedding of the query's reference box (scaled by the valid ratio of
-the first level) passed through ``ref_point_head``. After every layer the shared box head, which
+The query position is a sine embedding of the query's reference box (the reference scales it by the
+first level's valid ratio, see ``query_position``) passed through ``ref_point_head``. After every layer the shared box head, which
 the detector owns, refines the reference boxes (iterative box refinement); the refined boxes are
 the next layer's references.
 """
@@ -89,9 +89,14 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.ref_point_head = MLP(2 * d, d, d, 2)
 
-    def query_position(self, scaled_reference: Tensor) -> Tensor:
-        """(B, Q, 4) reference boxes scaled by the first level's valid ratio -> (B, Q, D) query position."""
-        return self.ref_point_head(coordinate_sine_embedding(scaled_reference, self.d_model // 2))
+    def query_position(self, reference: Tensor) -> Tensor:
+        """(B, Q, 4) reference boxes -> (B, Q, D) query position.
+
+        The reference embeds the box scaled by the first level's valid ratio, which is 1 for an
+        image alone but not inside a padded batch; embedding the box itself gives the same result
+        alone and keeps a padded image's result independent of its batch.
+        """
+        return self.ref_point_head(coordinate_sine_embedding(reference, self.d_model // 2))
 
     def forward(
         self,
@@ -128,7 +133,7 @@ class Decoder(nn.Module):
         x, hidden, references = queries, [], []
         for i, layer in enumerate(self.layers):
             scaled = reference_points[:, :, None] * ratios  # (B, Q, nL, 4)
-            query_pos = self.query_position(scaled[:, :, 0])
+            query_pos = self.query_position(reference_points)
             x = layer(x, query_pos, scaled, memory, memory_padding_mask, spatial_shapes, text, text_allowed)
             hidden.append(self.norm(x))
             references.append(reference_points)

@@ -1,7 +1,7 @@
 """Grounding DINO: image and text in, per-query class logits over text tokens and boxes out.
 
-The forward is split in three so that callers can reuse work: ``encode_text`` (BERT, depends
-on the prompt only), ``encode_image`` (Swin and the input projections, depends on the image
+The forward is split in three so that callers can reuse work: ``text_features`` (BERT, depends
+on the prompt only), ``image_features`` (Swin and the input projections, depends on the image
 only) and ``detect_features`` (feature enhancer, query selection, decoder and heads).
 
 Images of a padded batch are encoded one by one at their own size: Swin and the GroupNorm of the
@@ -115,7 +115,7 @@ class GroundingDino(nn.Module):
         self.bbox_embed = MLP(d, d, 4, 3)  # shared by every decoder layer
 
     # ------------------------------------------------------------------ text
-    def encode_text(
+    def text_features(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
     ) -> TextFeatures:
         """Runs BERT with the phrase-blocked mask. ``input_ids`` (B, T) with T <= max_text_len."""
@@ -137,7 +137,7 @@ class GroundingDino(nn.Module):
         )
 
     # ----------------------------------------------------------------- image
-    def encode_image(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> ImageFeatures:
+    def image_features(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> ImageFeatures:
         """Swin and the input projections. ``pixel_values`` (B, 3, H, W); ``pixel_mask`` (B, H, W), 1 on the image."""
         if pixel_mask is None or bool(pixel_mask.all()):
             maps = self._project(self.backbone(pixel_values))
@@ -205,8 +205,8 @@ class GroundingDino(nn.Module):
         **unused: object,
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``)."""
-        text = self.encode_text(input_ids, attention_mask, token_type_ids)
-        image = self.encode_image(pixel_values, pixel_mask)
+        text = self.text_features(input_ids, attention_mask, token_type_ids)
+        image = self.image_features(pixel_values, pixel_mask)
         logits, boxes = self.detect_features(image, text)
         return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids)
 
