@@ -7,16 +7,16 @@ loading and a processor, so the model card's snippet runs with only its import l
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .image import ImageLike, images_to_list, load_image
-from .model.grounding_dino import GroundingDino
+from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, stack_images
 from .processing import GroundingDinoProcessor
 from .text import PromptError, TextInput, phrase_for_tokens, phrase_spans, prompts_for_images, prompts_from_text
 from .weights import DEFAULT_MODEL_ID, load_model
@@ -56,10 +56,30 @@ class Detections:
         ]
 
 
+@dataclass(frozen=True)
+class EncodedImages:
+    """Images with their text-independent features computed, for several prompts (``encode_image``).
+
+    Attributes:
+        features: Swin and input-projection features of the batch.
+        sizes: (width, height) of each original image.
+        single: whether one image (not a list) was given.
+    """
+
+    features: ImageFeatures
+    sizes: list[tuple[int, int]]
+    single: bool = field(default=False)
+
+
 class GroundingDinoForObjectDetection(GroundingDino):
-    """Grounding DINO with loading, a processor and ``detect``."""
+    """Grounding DINO with loading, a processor, ``encode_image`` and ``detect``.
+
+    Prompts already seen are not re-encoded: BERT's output for each distinct prompt is kept in a
+    small cache (``text_cache_size`` entries) while gradients are off.
+    """
 
     processor: GroundingDinoProcessor
+    text_cache_size: int = 64
 
     @classmethod
     def from_pretrained(
@@ -103,17 +123,56 @@ class GroundingDinoForObjectDetection(GroundingDino):
         Returns:
             ``Detections`` for one image, a list of them for a list.
         """
-        single = not isinstance(images, (list, tuple))
-        pictures = [load_image(x) for x in images_to_list(images)]
-        texts = prompts_for_images(prompts_from_text(prompt), len(pictures))
+        encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
+        texts = prompts_for_images(prompts_from_text(prompt), len(encoded.sizes))
         phrases = [self._phrases(text) for text in texts]  # checks the prompts before the forward pass
-        inputs = self.processor(images=pictures, text=prompt).to(self.device)
-        out = self(**inputs)
-        results = [
-            self._detections(out.logits[i], out.pred_boxes[i], *phrases[i], pic, box_threshold, text_threshold)
-            for i, pic in enumerate(pictures)
-        ]
-        return results[0] if single else results
+        results = []
+        for i, (text, size) in enumerate(zip(texts, encoded.sizes)):
+            # One image at a time: the query selection orders near-tied proposals by score, and
+            # 1e-7 differences between batched and single matrix products can swap two of them,
+            # so only the single-image computation guarantees batch-independent detections.
+            tokens = self.processor(text=[text]).to(self.device)
+            features = self.text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+            logits, boxes = self.detect_features(encoded.features.crop(i), features)
+            results.append(self._detections(logits[0], boxes[0], *phrases[i], size, box_threshold, text_threshold))
+        return results[0] if encoded.single else results
+
+    @torch.inference_mode()
+    def encode_image(self, images: ImageLike | Sequence[ImageLike]) -> EncodedImages:
+        """Runs the text-independent image side once, for ``detect`` with several prompts.
+
+        ``model.detect(model.encode_image(img), prompt)`` equals ``model.detect(img, prompt)``.
+        """
+        pictures = [load_image(x) for x in images_to_list(images)]
+        per_image = []
+        for picture in pictures:  # one at a time, so each image's features are exactly its own
+            pixels = self.processor(images=[picture])["pixel_values"].to(self.device, self.dtype)
+            per_image.append(self.image_features(pixels))
+        return EncodedImages(stack_images(per_image), [p.size for p in pictures], not isinstance(images, (list, tuple)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
+    ) -> TextFeatures:
+        """BERT for each distinct prompt of the batch, from the cache when it was seen before."""
+        if torch.is_grad_enabled() or self.training or (token_type_ids is not None and bool(token_type_ids.any())):
+            return super().text_features(input_ids, attention_mask, token_type_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        cache = self.__dict__.setdefault("_text_cache", OrderedDict())
+        for row in dict.fromkeys(rows):
+            key = (row, self.dtype, self.device)
+            if key in cache:
+                cache.move_to_end(key)
+                continue
+            cache[key] = super().text_features(torch.tensor([row], device=input_ids.device))
+            while len(cache) > self.text_cache_size:
+                cache.popitem(last=False)
+        return _pad_text([cache[(row, self.dtype, self.device)] for row in rows], input_ids.shape[1])
 
     def phrases(self, prompt: TextInput) -> list[str]:
         """The phrases ``detect`` labels boxes with: "a cat. A remote control" -> ["a cat", "a remote control"].
@@ -137,7 +196,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         if not spans:
             raise PromptError(f"the prompt {text!r} has no phrase, only separators such as '.'; "
                               "give e.g. 'a cat. a remote control.'")
-        offsets = self.processor.tokenizer._tok.encode(text).offsets  # the same tokens as ids
+        offsets = self.processor.tokenizer.offsets(text)  # the same tokens as ids
         names = [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]
         return spans, names
 
@@ -147,7 +206,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         boxes: torch.Tensor,
         spans: list[tuple[int, int]],
         names: list[str],
-        picture: Image.Image,
+        size: tuple[int, int],
         box_threshold: float,
         text_threshold: float,
     ) -> Detections:
@@ -158,7 +217,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         keep = (best > box_threshold) & (phrase_score >= text_threshold)
         order = best[keep].argsort(descending=True)
         kept_boxes = boxes[keep][order].float()
-        width, height = picture.size
+        width, height = size
         cx, cy, w, h = kept_boxes.unbind(-1)
         xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
         xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
@@ -170,3 +229,23 @@ class GroundingDinoForObjectDetection(GroundingDino):
             label_ids=label_ids,
             image_size=(width, height),
         )
+
+
+def _pad_text(rows: list[TextFeatures], length: int) -> TextFeatures:
+    """Stacks single-prompt text features (1, T_i, ...) into a batch padded to ``length`` tokens.
+
+    Padding tokens attend only to themselves and have zero features; no other token sees them.
+    """
+    first = rows[0].features
+    batch = len(rows)
+    features = first.new_zeros(batch, length, first.shape[-1])
+    padding = torch.ones(batch, length, dtype=torch.bool, device=first.device)
+    allowed = torch.eye(length, dtype=torch.bool, device=first.device).repeat(batch, 1, 1)  # (B, T, T)
+    positions = torch.zeros(batch, length, dtype=torch.long, device=first.device)
+    for i, row in enumerate(rows):
+        n = row.features.shape[1]
+        features[i, :n] = row.features[0]
+        padding[i, :n] = row.padding_mask[0]
+        allowed[i, :n, :n] = row.self_attention[0]
+        positions[i, :n] = row.position_ids[0]
+    return TextFeatures(features, padding, allowed, positions)

@@ -181,6 +181,10 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"cannot read tokenizer file {path}: {exc}") from exc
 
+    def offsets(self, prompt: str) -> list[tuple[int, int]]:
+        """Character (start, end) of each token of ``encode([prompt])`` in ``prompt``; (0, 0) for [CLS]/[SEP]."""
+        return [tuple(o) for o in self._tok.encode(prompt).offsets]
+
     def encode(self, prompts: Sequence[str]) -> TokenizedText:
         """Tokenises prompts (already normalised) and pads them to the longest.
 

@@ -55,6 +55,15 @@ class ImageFeatures:
     maps: list[Tensor]
     masks: list[Tensor]
 
+    def crop(self, i: int) -> ImageFeatures:
+        """Image ``i`` alone, cut to its own extent: (1, D, h_l, w_l) maps, as if encoded by itself."""
+        maps, masks = [], []
+        for m, mask in zip(self.maps, self.masks):
+            h, w = int(mask[i, :, 0].sum()), int(mask[i, 0, :].sum())
+            maps.append(m[i : i + 1, :, :h, :w])
+            masks.append(mask[i : i + 1, :h, :w])
+        return ImageFeatures(maps, masks)
+
 
 @dataclass
 class GroundingDinoOutput:
@@ -209,6 +218,11 @@ class GroundingDino(nn.Module):
         image = self.image_features(pixel_values, pixel_mask)
         logits, boxes = self.detect_features(image, text)
         return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids)
+
+
+def stack_images(images: list[ImageFeatures]) -> ImageFeatures:
+    """Single-image features (batch 1 each) -> one zero-padded batch with masks."""
+    return _pad_levels([f.maps for f in images])
 
 
 def _pad_levels(per_image: list[list[Tensor]]) -> ImageFeatures:

@@ -1,0 +1,60 @@
+"""Work reused across calls: the prompt cache and encode_image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gdino import AutoModelForZeroShotObjectDetection
+from gdino.model.grounding_dino import GroundingDino
+
+
+@pytest.fixture(scope="module")
+def model(small_dir):
+    return AutoModelForZeroShotObjectDetection.from_pretrained(small_dir)
+
+
+def _same(a, b) -> None:
+    assert a.labels == b.labels
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+
+
+def test_encoded_image_gives_the_same_detections(model, data_dir):
+    image = data_dir / "chelsea.png"
+    encoded = model.encode_image(image)
+    for prompt in ("a cat. a remote control.", ["sofa", "cat"]):
+        _same(model.detect(encoded, prompt, box_threshold=0.0), model.detect(image, prompt, box_threshold=0.0))
+    many = model.encode_image([image, data_dir / "coffee.png"])
+    found = model.detect(many, "a cup.", box_threshold=0.0)
+    assert isinstance(found, list) and len(found) == 2
+    _same(found[1], model.detect(data_dir / "coffee.png", "a cup.", box_threshold=0.0))
+
+
+def test_repeated_prompt_does_not_rerun_bert(model, data_dir):
+    calls = []
+    handle = model.bert.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        model.detect(data_dir / "chelsea.png", "a zebra. a lamp.")
+        first = len(calls)
+        model.detect(data_dir / "coffee.png", "a zebra. a lamp.")
+        model.detect([data_dir / "coffee.png", data_dir / "chelsea.png"], "a zebra. a lamp.")
+        assert first == 1 and len(calls) == 1
+        model.detect(data_dir / "coffee.png", "a lamp.")
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def test_cached_text_features_equal_the_batch_computation(model):
+    tokens = model.processor(text=[["cat", "remote control"], "a very long prompt about many things. and more."])
+    args = (tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+    cached = model.text_features(*args)
+    direct = GroundingDino.text_features(model, *args)
+    real = ~direct.padding_mask
+    assert torch.equal(cached.padding_mask, direct.padding_mask)
+    assert torch.equal(cached.position_ids, direct.position_ids)
+    assert torch.equal(cached.self_attention, direct.self_attention)
+    torch.testing.assert_close(cached.features[real], direct.features[real], atol=1e-5, rtol=0)
