@@ -148,6 +148,7 @@ class GroundingDino(nn.Module):
     # ----------------------------------------------------------------- image
     def image_features(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> ImageFeatures:
         """Swin and the input projections. ``pixel_values`` (B, 3, H, W); ``pixel_mask`` (B, H, W), 1 on the image."""
+        pixel_values = pixel_values.to(self.feat_map.weight.dtype)  # the processor gives float32
         if pixel_mask is None or bool(pixel_mask.all()):
             maps = self._project(self.backbone(pixel_values))
             masks = [torch.ones(m.shape[0], *m.shape[2:], dtype=torch.bool, device=m.device) for m in maps]
