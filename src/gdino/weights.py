@@ -163,8 +163,10 @@ def load_model(
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
     net.eval()
-    if dtype is not None or device is not None:
-        net = net.to(device=device, dtype=dtype)
+    if device is not None:
+        net = net.to(device=device)
+    if dtype is not None and dtype != torch.float32:
+        net.set_precision(dtype)
     return net, checkpoint
 
 

@@ -16,12 +16,12 @@ the next layer's references.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdino.config import GroundingDinoConfig
 from gdino.model.attention import MultiheadAttention
 from gdino.model.deformable import MultiScaleDeformableAttention
+from gdino.model.ffn import residual_ffn
 from gdino.model.heads import MLP, refine_boxes
 from gdino.model.position import coordinate_sine_embedding
 
@@ -75,7 +75,7 @@ class DecoderLayer(nn.Module):
         x = self.catext_norm(x + self.ca_text(x + query_pos, text, text, allowed=text_allowed))
         attended = self.cross_attn(x + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
         x = self.norm1(x + attended)
-        return self.norm3(x + self.linear2(F.relu(self.linear1(x))))
+        return self.norm3(residual_ffn(x, self.linear1, self.linear2))
 
 
 class Decoder(nn.Module):

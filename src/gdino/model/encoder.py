@@ -14,12 +14,12 @@ All blocks are post-norm: x <- norm(x + block(x)).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdino.config import GroundingDinoConfig
 from gdino.model.attention import MultiheadAttention
 from gdino.model.deformable import MultiScaleDeformableAttention
+from gdino.model.ffn import residual_ffn
 from gdino.model.fusion import FusionLayer
 from gdino.model.position import coordinate_sine_embedding
 
@@ -72,8 +72,8 @@ class DeformableEncoderLayer(nn.Module):
         """Image tokens (B, S, D), their position embedding (B, S, D), reference points
         (B, S, nL, 2) and padding mask (B, S) (True = padding) -> (B, S, D)."""
         attended = self.self_attn(vision + vision_pos, reference_points, vision, spatial_shapes, padding_mask)
-        vision = self.norm1(vision + attended)
-        return self.norm2(vision + self.linear2(F.relu(self.linear1(vision))))
+        vision = self.norm1(attended.add_(vision))
+        return self.norm2(residual_ffn(vision, self.linear1, self.linear2))
 
 
 class TextEnhancerLayer(nn.Module):
@@ -93,7 +93,7 @@ class TextEnhancerLayer(nn.Module):
         (True = may attend) -> (B, T, D). The position embedding goes into queries and keys only."""
         query = text + text_pos
         text = self.norm1(text + self.self_attn(query, query, text, allowed))
-        return self.norm2(text + self.linear2(F.relu(self.linear1(text))))
+        return self.norm2(residual_ffn(text, self.linear1, self.linear2))
 
 
 class FeatureEnhancer(nn.Module):

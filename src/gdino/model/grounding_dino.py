@@ -123,6 +123,17 @@ class GroundingDino(nn.Module):
         self.transformer = Transformer(config)
         self.bbox_embed = MLP(d, d, 4, 3)  # shared by every decoder layer
 
+    def set_precision(self, dtype: torch.dtype) -> GroundingDino:
+        """Runs Swin, BERT and the feature enhancer (nearly all the arithmetic) in ``dtype``.
+
+        Query selection, the decoder and the heads stay in float32: they rank ~20k proposals
+        whose scores nearly tie and refine boxes iteratively, and reduced precision there moves
+        boxes and scores far more than it does anywhere else.
+        """
+        for part in (self.backbone, self.bert, self.feat_map, self.input_proj, self.transformer.encoder):
+            part.to(dtype)
+        return self
+
     # ------------------------------------------------------------------ text
     def text_features(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
@@ -139,7 +150,7 @@ class GroundingDino(nn.Module):
         self_attention, position_ids = phrase_masks(input_ids, self.config.special_token_ids)
         hidden = self.bert(input_ids, self_attention, token_type_ids, position_ids)
         return TextFeatures(
-            features=self.feat_map(hidden),
+            features=self.feat_map(hidden.to(_dtype(self.feat_map))),
             padding_mask=~attention_mask.bool(),
             self_attention=self_attention,
             position_ids=position_ids,
@@ -148,7 +159,7 @@ class GroundingDino(nn.Module):
     # ----------------------------------------------------------------- image
     def image_features(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> ImageFeatures:
         """Swin and the input projections. ``pixel_values`` (B, 3, H, W); ``pixel_mask`` (B, H, W), 1 on the image."""
-        pixel_values = pixel_values.to(self.feat_map.weight.dtype)  # the processor gives float32
+        pixel_values = pixel_values.to(_dtype(self.backbone))  # the processor gives float32
         if pixel_mask is None or bool(pixel_mask.all()):
             maps = self._project(self.backbone(pixel_values))
             masks = [torch.ones(m.shape[0], *m.shape[2:], dtype=torch.bool, device=m.device) for m in maps]
@@ -162,10 +173,10 @@ class GroundingDino(nn.Module):
         return _pad_levels(per_image)
 
     def _project(self, stages: list[Tensor]) -> list[Tensor]:
-        maps = [proj(x) for proj, x in zip(self.input_proj, stages)]
+        maps = [proj(x.to(_dtype(proj))) for proj, x in zip(self.input_proj, stages)]
         last = stages[-1]
         for proj in self.input_proj[len(stages) :]:
-            last = proj(last)
+            last = proj(last.to(_dtype(proj)))
             maps.append(last)
         return maps
 
@@ -192,10 +203,12 @@ class GroundingDino(nn.Module):
             1,
         )  # (B, S, D)
         ratios = _valid_ratios(image.masks, source.dtype)
+        low = _dtype(t.encoder)  # see set_precision
         memory, memory_text = t.encoder(
-            source, pos, shapes, ratios, ~valid,
-            text.features, text.padding_mask, text.self_attention, text.position_ids,
+            source.to(low), pos.to(low), shapes, ratios, ~valid,
+            text.features.to(low), text.padding_mask, text.self_attention, text.position_ids,
         )  # fmt: skip
+        memory, memory_text = memory.to(t.enc_output.weight.dtype), memory_text.to(t.enc_output.weight.dtype)
         queries, references = select_queries(t, memory, ~valid, shapes, memory_text, text.padding_mask)
         hidden, refs = t.decoder(
             queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
@@ -240,6 +253,10 @@ def _pad_levels(per_image: list[list[Tensor]]) -> ImageFeatures:
         maps.append(out)
         masks.append(mask)
     return ImageFeatures(maps, masks)
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _valid_ratios(masks: list[Tensor], dtype: torch.dtype) -> Tensor:
