@@ -327,3 +327,10 @@ def test_png_bytes_roundtrip_is_lossless(proc):
     Image.open(DATA / "astronaut.png").save(buf, format="PNG")
     again = Image.open(io.BytesIO(buf.getvalue()))
     assert torch.equal(_pixels(proc, again), _pixels(proc, DATA / "astronaut.png"))
+
+
+def test_too_elongated_image_is_an_image_error(proc):
+    from gdino.image import ImageError
+
+    with pytest.raises(ImageError, match="too elongated"):
+        proc(images=Image.new("RGB", (5000, 1)), text="a cat.")
