@@ -63,3 +63,21 @@ def small_reference():
 def small_dir(small_reference, tmp_path_factory) -> Path:
     """The small reference saved in the Hugging Face layout (for fast tests of loading and apps)."""
     return save_reference(small_reference, tmp_path_factory.mktemp("small-hf"))
+
+
+@pytest.fixture(scope="session")
+def fast_dir(small_dir, tmp_path_factory) -> Path:
+    """``small_dir`` with images resized to 160 pixels on the short side (256 at most): for apps' tests."""
+    import json
+
+    directory = tmp_path_factory.mktemp("small-fast")
+    for f in small_dir.iterdir():
+        (directory / f.name).symlink_to(f)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (directory / name).exists():
+            config = json.loads((small_dir / name).read_text())
+            settings = config.get("image_processor", config)
+            settings["size"] = {"shortest_edge": 160, "longest_edge": 256}
+            (directory / name).unlink()
+            (directory / name).write_text(json.dumps(config))
+    return directory

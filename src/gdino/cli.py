@@ -15,6 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from .server import add_arguments as add_serve_arguments  # standard library only; FastAPI is imported by serve
+from .commands import add_arguments as add_task_arguments  # label, eval; standard library only
+
 EXIT_BAD_INPUT = 2
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -33,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     detect.add_argument("--output", type=Path, help="write JSON Lines here instead of stdout")
     detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
+    add_serve_arguments(commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])"))
+    add_task_arguments(commands)
     return parser
 
 
@@ -119,6 +124,14 @@ def _annotate(image, found, target: Path, written: set[Path]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from .server import main as serve
+
+        return serve(args)
+    if args.command in ("label", "eval"):
+        from .commands import main as run_task
+
+        return run_task(args)
     for name in ("box_threshold", "text_threshold"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             _error(f"--{name.replace('_', '-')} must be between 0 and 1")

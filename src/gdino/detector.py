@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .chunking import Candidates, best_per_query, class_nms, cxcywh_to_xyxy, score_chunks
+from .classes import ClassQuery, TokenSpans, queries_for_images
 from .image import ImageLike, images_to_list, load_image
 from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, stack_images
 from .processing import GroundingDinoProcessor
-from .text import PromptError, TextInput, phrase_for_tokens, phrase_spans, prompts_for_images, prompts_from_text
+from .text import PromptError, TextInput, phrase_for_tokens, phrase_spans
 from .weights import DEFAULT_MODEL_ID, load_model
 
 
@@ -111,31 +113,54 @@ class GroundingDinoForObjectDetection(GroundingDino):
         prompt: TextInput,
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
+        *,
+        token_spans: TokenSpans | None = None,
+        nms_threshold: float | None = None,
     ) -> Detections | list[Detections]:
-        """Finds the prompt's phrases in one image or a list of images.
+        """Finds the prompt's phrases, or the labels of a label list, in one image or a list of images.
+
+        A string prompt is scored phrase by phrase: a box's score is its best token's. A label
+        list (any length: over 256 tokens it is run in chunks on the same image features) and
+        ``token_spans`` are scored label by label (``gdino.classes``): a box's label is the one
+        whose tokens' mean probability is highest, its score is that mean, and ``label_ids``
+        index the list.
 
         Args:
             images: a PIL image, a uint8 numpy array (H, W, 3) or a file path; or a list of them.
             prompt: "a cat. a remote control." or a list of labels ["cat", "remote control"].
-            box_threshold: keep a box when its best token scores above this.
-            text_threshold: keep a box only when its label's phrase scores at least this.
+            box_threshold: keep a box when its score is above this.
+            text_threshold: phrase prompts only: keep a box only when its phrase scores at least this.
+            token_spans: labels as character spans of a string prompt, e.g. for "the man in a red
+                hat", ``[[(0, 7)], [(11, 20)]]`` gives the labels "the man" and "a red hat".
+            nms_threshold: if given, drop a box overlapping a better box of the same label by an
+                IoU above this.
 
         Returns:
             ``Detections`` for one image, a list of them for a list.
         """
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
-        texts = prompts_for_images(prompts_from_text(prompt), len(encoded.sizes))
-        phrases = [self._phrases(text) for text in texts]  # checks the prompts before the forward pass
+        queries = self._queries(prompt, len(encoded.sizes), token_spans)  # checked before the forward pass
         results = []
-        for i, (text, size) in enumerate(zip(texts, encoded.sizes)):
+        for i, (query, size) in enumerate(zip(queries, encoded.sizes)):
             # One image at a time: the query selection orders near-tied proposals by score, and
             # 1e-7 differences between batched and single matrix products can swap two of them,
             # so only the single-image computation guarantees batch-independent detections.
+            if isinstance(query, ClassQuery):
+                found = best_per_query(score_chunks(self, encoded.features.crop(i), query.prompts))
+                results.append(_class_detections(found, query.names, size, box_threshold, nms_threshold))
+                continue
+            text, spans, names = query
             tokens = self.processor(text=[text]).to(self.device)
             features = self.text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
             logits, boxes = self.detect_features(encoded.features.crop(i), features)
-            results.append(self._detections(logits[0], boxes[0], *phrases[i], size, box_threshold, text_threshold))
+            found = self._detections(logits[0], boxes[0], spans, names, size, box_threshold, text_threshold)
+            results.append(found if nms_threshold is None else _nms_detections(found, nms_threshold))
         return results[0] if encoded.single else results
+
+    def _queries(self, prompt: TextInput, n_images: int, token_spans: TokenSpans | None) -> list[Any]:
+        """Per image a ``ClassQuery``, or (text, phrase token spans, phrase names) for a phrase prompt."""
+        queries = queries_for_images(prompt, n_images, self.processor.tokenizer, token_spans)
+        return [q if isinstance(q, ClassQuery) else (q, *self._phrases(q)) for q in queries]
 
     @torch.inference_mode()
     def encode_image(self, images: ImageLike | Sequence[ImageLike]) -> EncodedImages:
@@ -177,13 +202,13 @@ class GroundingDinoForObjectDetection(GroundingDino):
     def phrases(self, prompt: TextInput) -> list[str]:
         """The phrases ``detect`` labels boxes with: "a cat. A remote control" -> ["a cat", "a remote control"].
 
+        A label list gives its labels as they are (any number of them).
+
         Raises:
             PromptError: an empty or over-long prompt, one with no phrase (e.g. "."), or several prompts.
         """
-        texts = prompts_from_text(prompt)
-        if len(texts) != 1:
-            raise PromptError(f"expected one prompt or one list of labels, got {len(texts)} prompts")
-        return self._phrases(texts[0])[1]
+        query = self._queries(prompt, 1, None)[0]
+        return list(query.names) if isinstance(query, ClassQuery) else query[2]
 
     def _phrases(self, text: str) -> tuple[list[tuple[int, int]], list[str]]:
         """Token spans and texts of a normalised prompt's phrases.
@@ -249,3 +274,33 @@ def _pad_text(rows: list[TextFeatures], length: int) -> TextFeatures:
         allowed[i, :n, :n] = row.self_attention[0]
         positions[i, :n] = row.position_ids[0]
     return TextFeatures(features, padding, allowed, positions)
+
+
+def _class_detections(
+    found: Candidates, names: tuple[str, ...], size: tuple[int, int], box_threshold: float, nms_threshold: float | None
+) -> Detections:
+    """Candidates with label-level scores -> thresholded, optionally NMS-ed, sorted detections in pixels."""
+    found = found.select(torch.nonzero(found.scores > box_threshold).flatten())
+    width, height = size
+    xyxy = cxcywh_to_xyxy(found.boxes) * torch.tensor([width, height, width, height], device=found.boxes.device)
+    if nms_threshold is None:
+        order = found.scores.argsort(descending=True, stable=True)
+    else:
+        order = class_nms(xyxy, found.scores, found.ids, nms_threshold)
+    label_ids = found.ids[order].cpu().numpy().astype(np.int64)
+    return Detections(
+        boxes=xyxy[order].cpu().numpy().astype(np.float32),
+        scores=found.scores[order].cpu().numpy().astype(np.float32),
+        labels=tuple(names[i] for i in label_ids),
+        label_ids=label_ids,
+        image_size=(width, height),
+    )
+
+
+def _nms_detections(found: Detections, nms_threshold: float) -> Detections:
+    """``found`` less the boxes that overlap a better box of the same label by more than the threshold."""
+    keep = class_nms(
+        torch.from_numpy(found.boxes), torch.from_numpy(found.scores), torch.from_numpy(found.label_ids), nms_threshold
+    ).numpy()
+    return Detections(found.boxes[keep], found.scores[keep], tuple(found.labels[i] for i in keep),
+                      found.label_ids[keep], found.image_size)

@@ -1,0 +1,42 @@
+"""``gdino serve``: detection over HTTP and a page to try prompts (needs ``pip install 'gdino[serve]'``).
+
+This module imports nothing beyond the standard library, so the command line can register the
+``serve`` options without FastAPI installed; ``gdino.server.app`` holds the application.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+MB = 1024 * 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gdino serve``."""
+    parser.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("GDINO_API_KEY"),
+                        help="require this key: Authorization: Bearer KEY or X-API-Key: KEY (default: $GDINO_API_KEY)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload (default 20)")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, width x height")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; past it 503")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests grouped into one worker pass")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for more requests to group")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs ``gdino serve``; returns the exit status (2 when the server extra is not installed)."""
+    try:
+        from .app import serve
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"):
+            raise
+        print(f"gdino: error: gdino serve needs {exc.name}: pip install 'gdino[serve]'", file=sys.stderr)
+        return 2
+    return serve(args)

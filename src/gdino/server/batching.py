@@ -1,0 +1,216 @@
+"""Dynamic batching: requests that arrive within a few milliseconds share one pass of the worker.
+
+One worker thread owns the model. Requests are put on a queue; the worker takes the first one,
+waits up to ``max_wait`` seconds for more (at most ``max_batch``) and runs the group:
+
+* the image side (Swin and the input projections, ``model.encode_image``) runs once per distinct
+  image of the group: requests whose uploads have the same bytes share it;
+* BERT runs once per distinct prompt: the model's prompt cache holds it, within the group and
+  across groups;
+* the rest (feature enhancer, query selection, decoder, heads) runs per request, one image at a
+  time, exactly as ``detect`` does, so an answer never depends on the other requests of its
+  group (see the README on batch independence).
+
+The number of requests admitted (queued or running) is bounded: ``reserve`` raises ``QueueFull``
+past ``max_queue``, so memory stays bounded however many clients call at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Hashable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..detector import Detections, EncodedImages, GroundingDinoForObjectDetection
+from ..text import TextInput
+
+log = logging.getLogger("gdino.server")
+
+
+class QueueFull(RuntimeError):
+    """More requests are admitted than the queue holds; the client should retry later."""
+
+
+@dataclass
+class Job:
+    """One request for the worker.
+
+    Attributes:
+        image: the decoded RGB image.
+        key: equal keys mean the same image (e.g. a digest of the upload), encoded once per group.
+        prompt: a prompt or a list of labels, already validated.
+        box_threshold: as in ``detect``.
+        text_threshold: as in ``detect``.
+        future: set by the worker to the ``Detections`` or to the exception.
+    """
+
+    image: Image.Image
+    key: Hashable
+    prompt: TextInput
+    box_threshold: float
+    text_threshold: float
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """Counters of the worker, for ``/healthz`` and tests."""
+
+    groups: int = 0
+    requests: int = 0
+    images_encoded: int = 0
+    largest_group: int = 0
+
+
+def run_group(model: GroundingDinoForObjectDetection, jobs: list[Job]) -> int:
+    """Runs a group of jobs, sharing the image side between jobs with the same key.
+
+    Each job's future gets its ``Detections`` or its own exception; one bad job does not fail
+    the others. Returns the number of images encoded.
+    """
+    encoded: dict[Hashable, EncodedImages | BaseException] = {}
+    for job in jobs:
+        if job.key not in encoded:
+            try:
+                encoded[job.key] = model.encode_image(job.image)
+            except Exception as exc:  # reported to this image's requests
+                encoded[job.key] = exc
+        features = encoded[job.key]
+        try:
+            if isinstance(features, BaseException):
+                raise features
+            found = model.detect(
+                features, job.prompt, box_threshold=job.box_threshold, text_threshold=job.text_threshold
+            )
+        except Exception as exc:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(found)
+    return len(encoded)
+
+
+class Batcher:
+    """A bounded queue in front of one worker thread that runs the model.
+
+    Args:
+        model: the loaded model; only the worker thread calls it.
+        max_queue: most requests admitted (waiting or running) at once.
+        max_batch: most requests run as one group.
+        max_wait: seconds the worker waits for more requests after the first of a group.
+    """
+
+    def __init__(
+        self, model: GroundingDinoForObjectDetection, max_queue: int = 32, max_batch: int = 8, max_wait: float = 0.005
+    ) -> None:
+        if max_queue < 1 or max_batch < 1 or max_wait < 0:
+            raise ValueError("max_queue and max_batch must be at least 1 and max_wait at least 0")
+        self.model = model
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.stats = BatchStats()
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._admitted = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._seconds_per_request = 0.1  # running mean, for Retry-After
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not finished."""
+        return self._admitted
+
+    def retry_after(self) -> int:
+        """Seconds a client refused with ``QueueFull`` should wait: about the time to drain the queue."""
+        return max(1, round(self._admitted * self._seconds_per_request))
+
+    @contextmanager
+    def reserve(self) -> Iterator[None]:
+        """Admits one request for the duration of the block.
+
+        Raises:
+            QueueFull: ``max_queue`` requests are already admitted.
+        """
+        with self._lock:
+            if self._admitted >= self.max_queue:
+                raise QueueFull(f"the server is busy ({self._admitted} requests queued); retry later")
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted -= 1
+
+    async def run(self, job: Job) -> Detections:
+        """Queues ``job`` (admitted with ``reserve``) and waits for its detections."""
+        self.start()
+        self._queue.put(job)
+        return await asyncio.wrap_future(job.future)
+
+    def start(self) -> None:
+        """Starts the worker thread if it is not running."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="gdino-batcher", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Lets the worker finish the queued requests, then ends it."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+        self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group, stop = self._collect(first)
+            self._run([job for job in group if job.future.set_running_or_notify_cancel()])
+            if stop:
+                return
+
+    def _collect(self, first: Job) -> tuple[list[Job], bool]:
+        """The first job and those arriving within ``max_wait``; True when told to stop."""
+        group = [first]
+        deadline = time.monotonic() + self.max_wait
+        while len(group) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return group, True
+            group.append(job)
+        return group, False
+
+    def _run(self, group: list[Job]) -> None:
+        if not group:
+            return
+        s = self.stats  # counted before the answers go out, so a client that got its answer sees itself counted
+        s.groups += 1
+        s.requests += len(group)
+        s.images_encoded += len({job.key for job in group})
+        s.largest_group = max(s.largest_group, len(group))
+        start = time.perf_counter()
+        try:
+            run_group(self.model, group)
+        except BaseException as exc:  # a bug in run_group itself: fail the group, keep the worker
+            log.exception("batch worker failed")
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - start
+        self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * elapsed / len(group)

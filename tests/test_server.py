@@ -1,0 +1,367 @@
+"""``gdino serve``'s API in process (FastAPI's TestClient and httpx's ASGI transport), small model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import io
+import json
+import struct
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("multipart", reason="python-multipart is not installed: pip install -e '.[serve]'")
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gdino import GroundingDinoForObjectDetection  # noqa: E402
+from gdino.server.app import Settings, create_app  # noqa: E402
+from gdino.server.batching import Batcher, Job, QueueFull, run_group  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+PROMPT = "a cat. a remote control."
+
+
+def load_bench():
+    """bench/load_server.py as a module (its load test and helpers are shared with the tests)."""
+    spec = importlib.util.spec_from_file_location("load_server", ROOT / "bench" / "load_server.py")
+    module = sys.modules.setdefault("load_server", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fast_dir(small_dir, tmp_path_factory) -> Path:
+    """The small test model with 160-pixel images: the server's work, not Swin's, is what these test."""
+    return load_bench().fast_copy(small_dir, tmp_path_factory.mktemp("small-160"))
+
+
+@pytest.fixture(scope="module")
+def model(fast_dir):
+    return GroundingDinoForObjectDetection.from_pretrained(fast_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(create_app(model), raise_server_exceptions=False) as c:
+        yield c
+
+
+def expected(model, image: Path | Image.Image, prompt, box_threshold=0.35, text_threshold=0.25, name=None) -> dict:
+    found = model.detect(image, prompt, box_threshold, text_threshold)
+    width, height = found.image_size
+    return {"image": name or Path(image).name, "width": width, "height": height, "detections": found.to_list()}
+
+
+def post(client, image: bytes | Path, name: str = "img.png", **fields):
+    data = image.read_bytes() if isinstance(image, Path) else image
+    return client.post("/v1/detect", files={"image": (name, data, "application/octet-stream")}, data=fields)
+
+
+def png(size=(64, 48), color=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, "PNG")
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with (almost) no pixel data: a bomb's header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def assert_error(response, status: int, kind: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["detail"], body
+    if kind is not None:
+        assert body["error"] == kind, body
+    return body
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def test_health_docs_and_page(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["queue"]["max"] == 32
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "<svg" in page.text and 'id="threshold"' in page.text
+    assert "connect-src 'self'" in page.headers["content-security-policy"]
+    text = page.text.replace("http://www.w3.org/2000/svg", "")  # a namespace name, not fetched
+    assert "http://" not in text and "https://" not in text and "//" + "cdn" not in text
+
+
+def test_multipart_answers_as_detect(client, model, data_dir):
+    image = data_dir / "chelsea.png"
+    answer = post(client, image, "chelsea.png", prompt=PROMPT, box_threshold="0.3", text_threshold="0.2")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == expected(model, image, PROMPT, 0.3, 0.2)
+    assert answer.json()["detections"], "the test model should find something at 0.3"
+
+
+def test_labels_answer_as_a_label_list(client, model, data_dir):
+    image = data_dir / "coffee.png"
+    want = expected(model, image, ["cup", "table"])
+    repeated = client.post("/v1/detect", files={"image": ("coffee.png", image.read_bytes())},
+                           data={"labels": ["cup", "table"]})  # fmt: skip
+    assert repeated.json() == want
+    assert post(client, image, "coffee.png", labels="cup, table").json() == want
+    assert post(client, image, "coffee.png", prompt="cup,table").json() == want  # the command line's rule
+
+
+def test_json_with_base64_and_data_url(client, model, data_dir):
+    image = data_dir / "rocket.jpg"
+    b64 = base64.b64encode(image.read_bytes()).decode()
+    want = expected(model, image, "a rocket.", 0.3, name="r.jpg")
+    for encoded in (b64, "data:image/jpeg;base64," + b64):
+        answer = client.post("/v1/detect", json={"image": encoded, "name": "r.jpg", "prompt": "a rocket.",
+                                                 "box_threshold": 0.3})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == want
+    labels = client.post("/v1/detect", json={"image": b64, "labels": ["rocket", "sky"]})
+    assert labels.json() == expected(model, image, ["rocket", "sky"], name="upload")
+
+
+def test_exif_orientation_and_modes_as_detect(client, model, tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    Image.new("RGB", (80, 40), (10, 200, 10)).save(path, exif=exif)
+    answer = post(client, path, "rotated.jpg", prompt="a box.", box_threshold="0")
+    assert (answer.json()["width"], answer.json()["height"]) == (40, 80)
+    assert answer.json() == expected(model, path, "a box.", 0.0)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (50, 30), (0, 0, 255, 128)).save(rgba)
+    assert post(client, rgba, "rgba.png", prompt="a box.").json() == expected(model, rgba, "a box.")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "data, status, kind",
+    [
+        (b"", 400, "invalid_image"),
+        (b"this is not an image", 400, "invalid_image"),
+        (b"%PDF-1.4\n" + b"0" * 100, 400, "invalid_image"),
+        (png()[:60], 400, "invalid_image"),  # truncated
+        (png_header_only(200_000, 200_000), 413, "too_many_pixels"),  # past Pillow's own bomb limit
+        (png_header_only(8000, 6000), 413, "too_many_pixels"),  # 48 MP: past ours, checked before decoding
+    ],
+    ids=["empty", "text", "pdf", "truncated", "bomb", "too-many-pixels"],
+)
+def test_bad_images(client, data, status, kind):
+    assert_error(post(client, data, prompt="a cat."), status, kind)
+
+
+@pytest.mark.parametrize("size", [(1, 5000), (4000, 1)])
+def test_too_thin_to_resize(client, size):
+    assert_error(post(client, png(size), prompt="a cat."), 422, "invalid_image")
+
+
+def test_eps_is_refused_without_running_its_decoder(client):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    assert_error(post(client, eps, prompt="a cat."), 400, "invalid_image")
+
+
+@pytest.mark.parametrize(
+    "fields, kind",
+    [
+        ({"prompt": ""}, "invalid_prompt"),
+        ({"prompt": "   "}, "invalid_prompt"),
+        ({"prompt": ". . ."}, "invalid_prompt"),
+        ({"prompt": "cat " * 300}, "invalid_prompt"),  # over 256 tokens
+        ({"prompt": "x" * 5000}, "invalid_prompt"),  # over the character limit, refused before tokenising
+        ({}, "invalid_prompt"),
+        ({"prompt": "a cat.", "labels": "cat"}, "invalid_prompt"),
+        ({"labels": ", ,"}, "invalid_prompt"),
+        ({"prompt": "a cat.", "box_threshold": "1.5"}, "invalid_threshold"),
+        ({"prompt": "a cat.", "box_threshold": "-0.1"}, "invalid_threshold"),
+        ({"prompt": "a cat.", "text_threshold": "nan"}, "invalid_threshold"),
+        ({"prompt": "a cat.", "text_threshold": "high"}, "invalid_threshold"),
+    ],
+)
+def test_bad_prompts_and_thresholds_are_422(client, data_dir, fields, kind):
+    assert_error(post(client, data_dir / "chelsea.png", **fields), 422, kind)
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"prompt": "a cat."}, 422),
+        ({"image": "***not base64***", "prompt": "a cat."}, 400),
+        ({"image": base64.b64encode(b"GIF89a nonsense").decode(), "prompt": "a cat."}, 400),
+        ({"image": base64.b64encode(png()).decode(), "prompt": 3}, 422),
+        ({"image": base64.b64encode(png()).decode(), "labels": "cat"}, 422),
+        ({"image": base64.b64encode(png()).decode(), "labels": []}, 422),
+        ({"image": base64.b64encode(png()).decode(), "prompt": "a cat.", "box_threshold": True}, 422),
+        ({"image": base64.b64encode(png()).decode(), "prompt": "a cat.", "box_threshold": "x"}, 422),
+        ([1, 2], 422),
+    ],
+)
+def test_bad_json(client, body, status):
+    assert_error(client.post("/v1/detect", json=body), status)
+
+
+def test_odd_json(client, model, data_dir):
+    as_json = {"content-type": "application/json"}
+    assert_error(client.post("/v1/detect", content=b"[" * 100_000 + b"]" * 100_000, headers=as_json), 400)
+    lone_surrogate = b'{"image": "aGVsbG8=", "prompt": "\\ud800 cat"}'
+    assert_error(client.post("/v1/detect", content=lone_surrogate, headers=as_json), 422, "invalid_prompt")
+    image = data_dir / "coffee.png"
+    wrapped = base64.encodebytes(image.read_bytes()).decode()  # line breaks every 76 characters
+    body = json.dumps({"image": wrapped, "prompt": "a cup.", "name": "\ud800.png"})  # ASCII, the surrogate escaped
+    answer = client.post("/v1/detect", content=body.encode(), headers=as_json)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["detections"] == expected(model, image, "a cup.")["detections"]
+
+
+def test_malformed_requests(client):
+    assert_error(client.post("/v1/detect", content=b"{not json", headers={"content-type": "application/json"}),
+                 400, "invalid_json")  # fmt: skip
+    assert_error(client.post("/v1/detect", content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
+    assert_error(client.post("/v1/detect", content=b"hello", headers={"content-type": "text/plain"}), 415)
+    assert_error(client.post("/v1/detect", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400)
+    no_image = client.post("/v1/detect", data={"prompt": "a cat."}, files={"other": ("a", b"b")})
+    assert_error(no_image, 422, "missing_image")
+    assert_error(client.get("/v1/detect"), 405)
+    assert_error(client.get("/nowhere"), 404)
+
+
+def test_upload_limits(model, data_dir):
+    image = (data_dir / "chelsea.png").read_bytes()
+    settings = Settings(max_upload_bytes=len(image) - 1, max_pixels=10_000)
+    with TestClient(create_app(model, settings), raise_server_exceptions=False) as small:
+        assert_error(post(small, image, prompt="a cat."), 413, "too_large")
+        body = base64.b64encode(image).decode()
+        assert_error(small.post("/v1/detect", json={"image": body, "prompt": "a cat."}), 413)
+        # no Content-Length (chunked): the limit holds while the body streams in
+        big = image * 2  # past the JSON cap (4/3 of the upload limit, for base64, plus a little)
+        chunks = (big[i : i + 4096] for i in range(0, len(big), 4096))
+        streamed = small.post("/v1/detect", content=chunks, headers={"content-type": "application/json"})
+        assert_error(streamed, 413, "too_large")
+        assert_error(post(small, png((101, 100)), prompt="a cat."), 413, "too_many_pixels")
+        assert post(small, png((100, 100)), prompt="a cat.").status_code == 200
+
+
+# --------------------------------------------------------------------------- auth, bugs, queue
+
+
+def test_api_key(model, data_dir):
+    with TestClient(create_app(model, Settings(api_key="s3cret"))) as locked:
+        image = data_dir / "chelsea.png"
+        assert_error(post(locked, image, prompt="a cat."), 401, "unauthorized")
+        assert_error(locked.post("/v1/detect", headers={"X-API-Key": "wrong"}, json={}), 401)
+        assert_error(locked.post("/v1/detect", headers={"Authorization": "Bearer wrong"}, json={}), 401)
+        for headers in ({"Authorization": "Bearer s3cret"}, {"X-API-Key": "s3cret"}):
+            answer = locked.post("/v1/detect", headers=headers, files={"image": ("c.png", image.read_bytes())},
+                                 data={"prompt": "a cat."})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+        assert locked.get("/healthz").status_code == 200
+        assert locked.get("/").status_code == 200
+
+
+def test_unexpected_errors_are_json_500(model, data_dir, monkeypatch):
+    app = create_app(model)
+    monkeypatch.setattr(app.state.batcher, "model", None)  # a bug: the worker calls None
+    with TestClient(app, raise_server_exceptions=False) as broken:
+        assert_error(post(broken, data_dir / "chelsea.png", prompt="a cat."), 500, "internal")
+
+
+def _asgi_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def test_full_queue_answers_503_with_retry_after(model, data_dir):
+    app = create_app(model, Settings(max_queue=2))
+    release = threading.Event()
+    detect = model.detect
+
+    def slow_detect(*args, **kwargs):
+        release.wait(30)
+        return detect(*args, **kwargs)
+
+    app.state.batcher.model = type("Slow", (), {"detect": staticmethod(slow_detect),
+                                                "encode_image": staticmethod(model.encode_image)})()  # fmt: skip
+    files = {"image": ("c.png", (data_dir / "chelsea.png").read_bytes())}
+
+    async def scenario():
+        async with _asgi_client(app) as c:
+            held = [asyncio.create_task(c.post("/v1/detect", files=files, data={"prompt": "a cat."})) for _ in range(2)]
+            while app.state.batcher.pending < 2:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/v1/detect", files=files, data={"prompt": "a cat."})
+            release.set()
+            return refused, await asyncio.gather(*held)
+
+    try:
+        refused, held = asyncio.run(scenario())
+    finally:
+        release.set()
+        app.state.batcher.stop()
+    assert_error(refused, 503, "busy")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert [r.status_code for r in held] == [200, 200]
+    assert app.state.batcher.pending == 0
+
+
+def test_concurrent_requests_share_a_group(model, data_dir):
+    app = create_app(model, Settings(max_batch=8, batch_wait_ms=200))
+    cases = [(data_dir / "chelsea.png", PROMPT), (data_dir / "chelsea.png", "a sofa."),
+             (data_dir / "coffee.png", ["cup", "table"]), (data_dir / "chelsea.png", ["cat"])]  # fmt: skip
+
+    async def scenario():
+        async with _asgi_client(app) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/detect", json={"image": base64.b64encode(path.read_bytes()).decode(), "name": path.name,
+                                           "labels" if isinstance(p, list) else "prompt": p, "box_threshold": 0.3})
+                for path, p in cases
+            ])  # fmt: skip
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        app.state.batcher.stop()
+    for (path, prompt), answer in zip(cases, answers):
+        assert answer.json() == expected(model, path, prompt, 0.3)
+    stats = app.state.batcher.stats
+    assert stats.requests == 4 and stats.largest_group > 1
+    assert stats.images_encoded < 4  # the same upload is encoded once per group
+
+
+def test_run_group_keeps_one_failure_to_its_request(model, data_dir):
+    good = Job(Image.open(data_dir / "chelsea.png"), "a", PROMPT, 0.35, 0.25)
+    bad = Job(Image.open(data_dir / "chelsea.png"), "a", "", 0.35, 0.25)  # an empty prompt
+    assert run_group(model, [bad, good]) == 1
+    assert good.future.result() is not None
+    with pytest.raises(ValueError):
+        bad.future.result()
+
+
+def test_batcher_bounds():
+    batcher = Batcher(model=None, max_queue=1)
+    with batcher.reserve():
+        with pytest.raises(QueueFull):
+            with batcher.reserve():
+                pass
+    with batcher.reserve():
+        pass
+    with pytest.raises(ValueError):
+        Batcher(model=None, max_queue=0)
