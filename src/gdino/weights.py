@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +158,7 @@ def load_model(
     checkpoint = resolve(model, cache_dir)
     config = read_config(checkpoint)
     state_dict = read_state_dict(checkpoint)
-    with torch.device("meta"):  # no time spent on random init; the file's tensors are assigned
+    with torch.device("meta"), _skip_init():  # no random init; the file's tensors are assigned
         net = model_class(config)
     load_strict(net, state_dict, str(checkpoint.weights))
     for module in net.modules():
@@ -168,6 +170,24 @@ def load_model(
     if dtype is not None and dtype != torch.float32:
         net.set_precision(dtype)
     return net, checkpoint
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Makes ``torch.nn.init`` a no-op while the model is built for loading.
+
+    The weights are about to be replaced, and ``normal_`` on the meta device imports torch's
+    Python meta kernels (~1 s). Scoped to the construction; not for use across threads.
+    """
+    names = ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "constant_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _names(names: list[str], limit: int = 12) -> str:

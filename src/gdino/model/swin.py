@@ -82,7 +82,10 @@ def relative_position_index(window: int) -> Tensor:
     Returns:
         (N, N) long tensor, N = window * window.
     """
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    # Always built on the CPU (the model moves it): computing it on the meta device, where loading
+    # builds the model, would import torch's Python meta kernels (~1 s).
+    steps = torch.arange(window, device="cpu")
+    coords = torch.stack(torch.meshgrid(steps, steps, indexing="ij"))
     coords = coords.flatten(1)  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), in [0, 2w-2]
     return rel[0] * (2 * window - 1) + rel[1]

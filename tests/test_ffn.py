@@ -1,0 +1,32 @@
+"""The feed-forward block: chunked (inference) and whole (autograd) give the plain formula."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gdino.model import ffn
+
+
+def _plain(x, l1, l2):
+    return x + l2(torch.relu(l1(x)))
+
+
+def test_chunked_equals_plain_and_autograd_path_too(monkeypatch):
+    monkeypatch.setattr(ffn, "CHUNK_ROWS", 7)  # several chunks, the last one partial
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(16, 40), nn.Linear(40, 16)
+    x = torch.randn(2, 25, 16)
+    with torch.no_grad():
+        expected = _plain(x, l1, l2)
+        torch.testing.assert_close(ffn.residual_ffn(x, l1, l2), expected, atol=1e-6, rtol=0)
+        for dtype in (torch.float64, torch.bfloat16):
+            l1d, l2d = l1.to(dtype), l2.to(dtype)
+            got = ffn.residual_ffn(x.to(dtype), l1d, l2d)
+            torch.testing.assert_close(got, _plain(x.to(dtype), l1d, l2d), atol=2e-2 if dtype == torch.bfloat16 else 1e-12, rtol=0)
+        l1, l2 = l1.float(), l2.float()
+    y = x.clone().requires_grad_()
+    ffn.residual_ffn(y, l1, l2).sum().backward()
+    z = x.clone().requires_grad_()
+    _plain(z, l1, l2).sum().backward()
+    torch.testing.assert_close(y.grad, z.grad, atol=1e-6, rtol=0)
