@@ -64,8 +64,7 @@ def test_chunks_straddling_the_batch_boundary(monkeypatch: pytest.MonkeyPatch) -
     args = _inputs(b=2, q=9)
     expected = ms_deform_attn(*args)
     k = 3 * len(SHAPES) * 2  # samples per query row
-    for name in ("_CHUNK_ELEMENTS", "_CHUNK_ELEMENTS_ONE_THREAD"):  # 18 rows in chunks of 4: one spans both images
-        monkeypatch.setattr(deformable, name, 4 * k)
+    monkeypatch.setattr(deformable, "_CHUNK_ELEMENTS", 4 * k)  # 18 rows in chunks of 4: one spans both images
     torch.testing.assert_close(ms_deform_attn(*args), expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ms_deform_attn(*args), ms_deform_attn_reference(*args), atol=1e-5, rtol=1e-5)
 
@@ -73,8 +72,7 @@ def test_chunks_straddling_the_batch_boundary(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize("chunk_rows", [None, 4])
 def test_gradients_match_reference(monkeypatch: pytest.MonkeyPatch, chunk_rows: int | None) -> None:
     if chunk_rows:
-        for name in ("_CHUNK_ELEMENTS", "_CHUNK_ELEMENTS_ONE_THREAD"):
-            monkeypatch.setattr(deformable, name, chunk_rows * 3 * len(SHAPES) * 2)
+        monkeypatch.setattr(deformable, "_CHUNK_ELEMENTS", chunk_rows * 3 * len(SHAPES) * 2)
     value, shapes, locations, weights = _inputs(b=2)
     upstream = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(3))
     grads = []

@@ -30,3 +30,13 @@ def test_chunked_equals_plain_and_autograd_path_too(monkeypatch):
     z = x.clone().requires_grad_()
     _plain(z, l1, l2).sum().backward()
     torch.testing.assert_close(y.grad, z.grad, atol=1e-6, rtol=0)
+
+
+def test_chunked_with_another_activation_and_residual(monkeypatch):
+    monkeypatch.setattr(ffn, "CHUNK_ROWS", 5)
+    torch.manual_seed(1)
+    l1, l2 = nn.Linear(8, 32), nn.Linear(32, 8)
+    x, r = torch.randn(3, 4, 4, 8), torch.randn(3, 4, 4, 8)
+    with torch.no_grad():
+        got = ffn.residual_ffn(x, l1, l2, torch.nn.functional.gelu, residual=r)
+        torch.testing.assert_close(got, r + l2(torch.nn.functional.gelu(l1(x))), atol=1e-6, rtol=0)

@@ -1,31 +1,44 @@
 """The transformer feed-forward block with its residual, written to allocate as little as possible.
 
-At the default resolution the encoder's hidden activation is ~22k x 2048 floats (180 MB). Without
-autograd the block runs over row chunks, so that activation never exists whole (a fresh buffer
-that size is page-faulted in on every use, and it sets the peak memory of the whole model);
-with autograd it runs in one piece, the ReLU and residual in place on tensors it created.
+At the default resolution the encoder's hidden activation is ~22k x 2048 floats (180 MB) and
+Swin's first stage's ~60k x 384. Without autograd the block runs over row chunks, so those
+activations never exist whole (a fresh buffer that size is page-faulted in on every use, and
+they set the peak memory of the whole model); with autograd it runs in one piece.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CHUNK_ROWS = 4096  # 4096 x 2048 floats = 32 MB of hidden activation at a time
+CHUNK_ROWS = 2048  # 2048 x 2048 floats = 16 MB of hidden activation at a time
 
 
-def residual_ffn(x: Tensor, linear1: nn.Linear, linear2: nn.Linear) -> Tensor:
-    """``x + linear2(relu(linear1(x)))`` for ``x`` (..., D)."""
+def _relu_(x: Tensor) -> Tensor:
+    return F.relu(x, inplace=True)  # on a tensor the block itself created
+
+
+def residual_ffn(
+    x: Tensor,
+    linear1: nn.Linear,
+    linear2: nn.Linear,
+    activation: Callable[[Tensor], Tensor] = _relu_,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``residual + linear2(activation(linear1(x)))`` for ``x`` (..., D); ``residual`` defaults to ``x``."""
+    residual = x if residual is None else residual
     rows = x.numel() // x.shape[-1]
     if torch.is_grad_enabled() or rows <= CHUNK_ROWS:
-        hidden = F.relu(linear1(x), inplace=True)
-        return linear2(hidden).add_(x)
+        return linear2(activation(linear1(x))).add_(residual)
     flat = x.reshape(rows, x.shape[-1])  # (N, D)
-    out = torch.empty_like(flat)
+    flat_residual = residual.reshape(rows, residual.shape[-1])  # (N, D)
+    out = torch.empty_like(flat_residual)
     for start in range(0, rows, CHUNK_ROWS):
-        part = flat[start : start + CHUNK_ROWS]
-        hidden = F.relu(linear1(part), inplace=True)  # (n, ffn)
-        torch.addmm(linear2.bias, hidden, linear2.weight.t(), out=out[start : start + CHUNK_ROWS])
-        out[start : start + CHUNK_ROWS].add_(part)
-    return out.view_as(x)
+        stop = start + CHUNK_ROWS
+        hidden = activation(linear1(flat[start:stop]))  # (n, hidden)
+        torch.addmm(linear2.bias, hidden, linear2.weight.t(), out=out[start:stop])
+        out[start:stop].add_(flat_residual[start:stop])
+    return out.view_as(residual)

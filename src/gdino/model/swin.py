@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdino.config import SwinConfig
+from gdino.model.ffn import residual_ffn
 
 # Stem, patch-merging and output norms use torch's default eps in the reference; the blocks'
 # norms use ``SwinConfig.layer_norm_eps``.
@@ -206,7 +207,7 @@ class SwinBlock(nn.Module):
     def forward(self, x: Tensor, shift_mask: Tensor | None = None) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C). ``shift_mask`` (nW, N, N) is used by shifted blocks only."""
         x = x + self._window_attention(self.norm1(x), shift_mask if self.shift else None)
-        return x + self.mlp(self.norm2(x))
+        return residual_ffn(self.norm2(x), self.mlp.fc1, self.mlp.fc2, F.gelu, residual=x)
 
 
 class PatchMerging(nn.Module):
