@@ -169,6 +169,11 @@ def load_model(
         net = net.to(device=device)
     if dtype is not None and dtype != torch.float32:
         net.set_precision(dtype)
+        # The parts kept in float32 still view the memory-mapped file, which keeps all of it
+        # resident; owning copies let it go.
+        for param in net.parameters():
+            if param.dtype == torch.float32:
+                param.data = param.data.clone()
     return net, checkpoint
 
 
