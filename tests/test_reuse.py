@@ -58,3 +58,17 @@ def test_cached_text_features_equal_the_batch_computation(model):
     assert torch.equal(cached.position_ids, direct.position_ids)
     assert torch.equal(cached.self_attention, direct.self_attention)
     torch.testing.assert_close(cached.features[real], direct.features[real], atol=1e-5, rtol=0)
+
+
+def test_bf16_runs_the_heavy_parts_in_bf16_and_the_rest_in_fp32(small_dir, data_dir):
+    low = AutoModelForZeroShotObjectDetection.from_pretrained(small_dir, dtype=torch.bfloat16)
+    assert low.backbone.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert next(low.transformer.encoder.parameters()).dtype == torch.bfloat16
+    assert low.transformer.decoder.norm.weight.dtype == torch.float32
+    assert low.bbox_embed.layers[0].weight.dtype == torch.float32
+    inputs = low.processor(images=data_dir / "chelsea.png", text="a cat.")
+    with torch.no_grad():
+        out = low(**inputs)  # float32 pixels from the processor are cast where needed
+    assert out.pred_boxes.dtype == torch.float32 and torch.isfinite(out.pred_boxes).all()
+    found = low.detect(data_dir / "chelsea.png", "a cat.", box_threshold=0.0)
+    assert len(found) > 0 and np.isfinite(found.boxes).all()
