@@ -132,3 +132,19 @@ def test_coordinate_sine_embedding_matches_hf(shape, num_feats, dtype):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     if shape[-1] >= 2:  # the first block embeds y, the second x
         torch.testing.assert_close(got[..., :num_feats], coordinate_sine_embedding(coords[..., 1:2], num_feats))
+
+
+def test_windows_in_steps_equal_one_piece(monkeypatch):
+    """At inference the window attention runs over groups of windows; the result is the same."""
+    import gdino.model.swin as swin
+
+    torch.manual_seed(0)
+    attn = swin.WindowAttention(32, 2, 7).eval()
+    windows = torch.randn(2, 11, 49, 32)
+    shift = swin.shift_window_mask(21, 35, 7, 3, torch.float32, torch.device("cpu"))  # (15, 49, 49)
+    with torch.no_grad():
+        for mask, n in ((None, 11), (shift[:11], 11)):
+            whole = attn._attend(windows[:, :n], mask)
+            monkeypatch.setattr(swin, "WINDOWS_PER_STEP", 4)
+            torch.testing.assert_close(attn(windows[:, :n], mask), whole, atol=1e-6, rtol=0)
+            monkeypatch.setattr(swin, "WINDOWS_PER_STEP", 256)

@@ -111,6 +111,9 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
+WINDOWS_PER_STEP = 256  # windows attended at a time at inference (256 x 49 tokens)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative-position bias."""
 
@@ -139,6 +142,19 @@ class WindowAttention(nn.Module):
         return bias.view(n, n, -1).permute(2, 0, 1)  # (nh, N, N)
 
     def forward(self, windows: Tensor, shift_mask: Tensor | None = None) -> Tensor:
+        """``_attend`` over groups of windows at inference, so q, k, v of the first stage (60k
+        tokens at 800x1200) never exist whole; in one piece when autograd records."""
+        nw = windows.shape[1]
+        if torch.is_grad_enabled() or nw <= WINDOWS_PER_STEP:
+            return self._attend(windows, shift_mask)
+        out = torch.empty_like(windows)
+        for start in range(0, nw, WINDOWS_PER_STEP):
+            stop = start + WINDOWS_PER_STEP
+            mask = None if shift_mask is None else shift_mask[start:stop]
+            out[:, start:stop] = self._attend(windows[:, start:stop], mask)
+        return out
+
+    def _attend(self, windows: Tensor, shift_mask: Tensor | None = None) -> Tensor:
         """Attends every token to the tokens of its window.
 
         Args:
