@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from gdino import GroundingDinoForObjectDetection, PromptError
-from gdino.chunking import box_iou, class_nms, nms
+from gdino.boxes import box_iou
+from gdino.chunking import class_nms, nms
 from gdino.classes import ClassQuery, label_query, prompt_text, queries_for_images
 
 DOT = 1012

@@ -19,10 +19,6 @@ CASES = [
 TOP = 100
 
 
-def _hf_text(prompt):
-    return prompt if isinstance(prompt, str) else prompt
-
-
 @functools.cache
 def _image(name: str) -> Image.Image:
     return Image.open(DATA / name).convert("RGB")
@@ -34,7 +30,7 @@ def reference_outputs(reference_model):
     processor = reference_processor()
     results = {}
     for name, prompt in CASES:
-        inputs = processor(images=_image(name), text=_hf_text(prompt), return_tensors="pt")
+        inputs = processor(images=_image(name), text=prompt, return_tensors="pt")
         with torch.no_grad():
             out = reference_model(**inputs)
         results[(name, str(prompt))] = (inputs, out.logits[0], out.pred_boxes[0])

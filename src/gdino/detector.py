@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .chunking import Candidates, best_per_query, class_nms, cxcywh_to_xyxy, score_chunks
+from .boxes import cxcywh_to_xyxy
+from .chunking import Candidates, best_per_query, class_nms, score_chunks
 from .classes import ClassQuery, TokenSpans, queries_for_images
 from .image import ImageLike, images_to_list, load_image
 from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, stack_images
@@ -243,8 +244,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         order = best[keep].argsort(descending=True)
         kept_boxes = boxes[keep][order].float()
         width, height = size
-        cx, cy, w, h = kept_boxes.unbind(-1)
-        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+        xyxy = cxcywh_to_xyxy(kept_boxes)
         xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
         label_ids = phrase[keep][order].cpu().numpy().astype(np.int64)
         return Detections(

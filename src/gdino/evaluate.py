@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .chunking import cxcywh_to_xyxy, score_chunks, top_k
+from .boxes import cxcywh_to_xyxy
+from .chunking import score_chunks, top_k
 from .classes import label_query
 from .image import ImageError, to_rgb
 from .progress import Progress, read_ahead

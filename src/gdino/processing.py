@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gdino.boxes import cxcywh_to_xyxy
 from gdino.image import ImageError, ImageLike, ImageSettings, images_to_list, load_image, pad_batch, preprocess_image
 from gdino.text import (PromptError, TextInput, TextTokenizer, as_id_list, phrase_spans, prompts_for_images,
                         prompts_from_text, read_tokenizer_config)
@@ -126,12 +127,6 @@ def _image_settings(path: Path | None) -> ImageSettings:
 # --------------------------------------------------------------------------- post-processing
 
 
-def _center_to_corners(boxes: torch.Tensor) -> torch.Tensor:
-    """``(..., 4)`` (cx, cy, w, h) -> (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
 def _scale(boxes: torch.Tensor, target_sizes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
     """Scales ``(B, Q, 4)`` relative boxes by per-image ``(height, width)``."""
     sizes = torch.as_tensor(target_sizes)
@@ -173,7 +168,7 @@ def grounded_detections(
         raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} images")
     probs = torch.sigmoid(logits)
     scores = probs.max(dim=-1).values
-    boxes = _center_to_corners(pred_boxes)
+    boxes = cxcywh_to_xyxy(pred_boxes)
     if target_sizes is not None:
         boxes = _scale(boxes, target_sizes)
     results = []

@@ -20,7 +20,7 @@ from ..config import GroundingDinoConfig
 from .bert import BertEncoder, phrase_masks
 from .decoder import Decoder
 from .encoder import FeatureEnhancer
-from .heads import MLP, contrastive_logits
+from .heads import MLP, contrastive_logits, refine_boxes
 from .position import sine_position_embedding
 from .query_selection import select_queries
 from .swin import SwinBackbone
@@ -214,9 +214,7 @@ class GroundingDino(nn.Module):
             queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
         )
         logits = contrastive_logits(hidden[-1], memory_text, text.padding_mask, self.config.max_text_len)
-        reference = torch.special.logit(refs[-1], eps=1e-5)
-        boxes = (self.bbox_embed(hidden[-1]) + reference).sigmoid()
-        return logits, boxes
+        return logits, refine_boxes(self.bbox_embed(hidden[-1]), refs[-1])
 
     def forward(
         self,
