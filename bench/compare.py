@@ -33,8 +33,6 @@ DEFAULT_PROMPT = "a cat. a remote control."
 CACHE = Path(os.environ.get("GDINO_BENCH_CACHE", Path.home() / ".cache" / "gdino-bench"))
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 NAMES = {"hf": "transformers (reference)", "gdino": "gdino (ours)"}
-TOP_K = 100  # queries compared for detection agreement
-MIN_IOU, MAX_SCORE_DIFF = 0.9, 0.02  # what the issue asks of a reduced-precision run
 
 
 # --------------------------------------------------------------------------- worker
@@ -101,8 +99,15 @@ def worker(args: argparse.Namespace) -> None:
             send(event="ran", latency_s=time.perf_counter() - t0)
         elif cmd == "save":
             assert out is not None, "save before run"
-            torch.save({"logits": out.logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu()}, rest)
+            index = getattr(out, "query_index", None)  # ours only: the image tokens selected as queries
+            torch.save({"logits": out.logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu(),
+                        "query_index": None if index is None else index.cpu()}, rest)
             send(event="saved")
+        elif cmd == "run-selected":  # ours only: decode the queries another run selected (saved in a file)
+            index = torch.load(rest, weights_only=True)["query_index"].to(device)
+            with torch.inference_mode():
+                out = model(**inputs, query_index=index)
+            send(event="ran", latency_s=0.0)
         elif cmd == "quit":
             cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             send(event="done", peak_rss_mb=_peak_rss_mb(resource), cuda_peak_mb=cuda_peak)
@@ -157,6 +162,11 @@ class Worker:
 
     def save(self, path: Path) -> None:
         self._ask(f"save {path}", "saved")
+
+    def run_selected(self, index_file: Path, path: Path) -> None:
+        """One forward pass decoding the queries selected in ``index_file``'s run; outputs to ``path``."""
+        self._ask(f"run-selected {index_file}", "ran")
+        self.save(path)
 
     def quit(self) -> dict[str, Any]:
         done = self._ask("quit", "done")
@@ -223,59 +233,19 @@ def make_inputs(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- agreement
 
 
-def agreement(base_file: Path, other_file: Path, top_k: int = TOP_K) -> dict[str, Any]:
-    """How well ``other``'s detections match ``base``'s top-k queries.
-
-    For each image, the ``top_k`` queries of ``base`` by score (highest token probability) are taken
-    best first; each is matched to the not yet matched query of ``other`` whose box overlaps it most
-    (IoU). Reported: the smallest IoU and the largest score difference over the matched pairs, and
-    how many pairs are the same query index.
-    """
+def agreement(base_file: Path, other_file: Path) -> dict[str, Any]:
+    """``other``'s run against ``base``'s: the top queries matched by box (tests/agreement.py), and
+    how many of the image tokens ``base`` selected as queries ``other`` selected too."""
     import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from agreement import TOP_K, match_top_queries, selection_overlap  # imports torch and gdino: parent only
 
     base, other = torch.load(base_file), torch.load(other_file)
-    nan_queries = sum(int(_broken(out).sum()) for out in (base, other))  # a NaN anywhere fails the check
-    min_iou, max_diff, same, pairs = 1.0, 0.0, 0, 0
-    for b in range(base["logits"].shape[0]):
-        s0 = base["logits"][b].sigmoid().max(-1).values
-        s1 = other["logits"][b].sigmoid().max(-1).values.nan_to_num(nan=float("inf"))
-        order = s0.nan_to_num(nan=-1.0).argsort(descending=True)[:top_k]
-        iou = _box_iou(_xyxy(base["pred_boxes"][b][order]), _xyxy(other["pred_boxes"][b]))  # (k, Q)
-        iou = iou.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-        taken = torch.zeros(iou.shape[1], dtype=torch.bool)
-        for i, q in enumerate(order.tolist()):
-            row = iou[i].masked_fill(taken, -1.0)
-            j = int(row.argmax())
-            taken[j] = True
-            min_iou = min(min_iou, float(row[j]))
-            max_diff = max(max_diff, abs(float(s0[q] - s1[j])))
-            same += int(j == q)
-            pairs += 1
-    return {"min_iou": min_iou, "max_score_diff": max_diff, "same_query": same, "pairs": pairs,
-            "nan_queries": nan_queries, "ok": nan_queries == 0 and min_iou >= MIN_IOU and max_diff <= MAX_SCORE_DIFF}
-
-
-def _broken(out: dict[str, Any]) -> Any:
-    """(B, Q) True where a query's logits hold a NaN or its box is not finite (logits are -inf past the text)."""
-    return out["logits"].isnan().any(-1) | ~out["pred_boxes"].isfinite().all(-1)
-
-
-def _xyxy(boxes: Any) -> Any:
-    import torch
-
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-
-
-def _box_iou(a: Any, b: Any) -> Any:
-    import torch
-
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-12)
+    report = match_top_queries(base["logits"], base["pred_boxes"], other["logits"], other["pred_boxes"], TOP_K)
+    if base.get("query_index") is not None and other.get("query_index") is not None:
+        report["selection"] = selection_overlap(base["query_index"], other["query_index"])
+    return report
 
 
 # --------------------------------------------------------------------------- parent
@@ -366,6 +336,18 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     for w in workers:
         outputs[w.impl] = tmp / f"{w.impl}.pt"
         w.save(outputs[w.impl])
+    agreements = {"ours_vs_reference": agreement(outputs["hf"], outputs["gdino"])}
+    if args.dtype != "fp32":  # against our fp32 outputs on the same checkpoint and inputs
+        fp32 = Worker("gdino", args, "fp32", inputs_file)
+        fp32.run()
+        fp32.save(tmp / "gdino-fp32.pt")
+        fp32.quit()
+        name = f"ours_{args.dtype}_vs_ours_fp32"
+        agreements[name] = agreement(tmp / "gdino-fp32.pt", outputs["gdino"])
+        # The same comparison with the reduced-precision run decoding the queries fp32 selected:
+        # what precision does to the detections themselves, apart from the near-tied ranking.
+        workers[1].run_selected(tmp / "gdino-fp32.pt", tmp / "gdino-selected.pt")
+        agreements[name + "_same_queries"] = agreement(tmp / "gdino-fp32.pt", tmp / "gdino-selected.pt")
     done = {w.impl: w.quit() for w in workers}
 
     results = {}
@@ -384,14 +366,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     report = {"args": {k: str(v) for k, v in vars(args).items() if k not in ("worker", "inputs", "load_only", "src")},
               "source": source, "torch": workers[0].ready["torch"], "inputs": info, "results": results,
               "paired_ratio_median": statistics.median(paired)}
-
-    report["agreement"] = {"ours_vs_reference": agreement(outputs["hf"], outputs["gdino"])}
-    if args.dtype != "fp32":  # our fp32 outputs on the same checkpoint and inputs
-        fp32 = Worker("gdino", args, "fp32", inputs_file)
-        fp32.run()
-        fp32.save(tmp / "gdino-fp32.pt")
-        fp32.quit()
-        report["agreement"][f"ours_{args.dtype}_vs_ours_fp32"] = agreement(tmp / "gdino-fp32.pt", outputs["gdino"])
+    report["agreement"] = agreements
     return report
 
 
@@ -437,12 +412,18 @@ def print_report(report: dict[str, Any]) -> None:
               f"RSS after import torch {row['rss_torch_mb']:.0f} MB, after load {row['rss_loaded_mb']:.0f} MB, "
               f"peak {row['peak_rss_mb']:.0f} MB{cuda}; loads {', '.join(f'{x:.2f}' for x in row['load_s'])} s; "
               f"start-up (import + load, median) {row['startup_median_s']:.2f} s")
+    from agreement import MAX_SCORE_DIFF, MIN_IOU, TOP_K
+
     for name, ag in report["agreement"].items():
         verdict = "" if name == "ours_vs_reference" else (
             f" -> {'meets' if ag['ok'] else 'FAILS'} IoU >= {MIN_IOU} and score diff <= {MAX_SCORE_DIFF}")
+        selection = ag.get("selection")
+        chosen = "" if selection is None or name.endswith("_same_queries") else (
+            f"; selected image tokens shared {selection['shared_tokens']}/{selection['queries']}, "
+            f"in the same slot {selection['same_slot']}")
         print(f"agreement {name} (top {TOP_K} queries per image): min IoU {ag['min_iou']:.4f}, "
               f"max score diff {ag['max_score_diff']:.4f}, same query {ag['same_query']}/{ag['pairs']}, "
-              f"queries with NaN {ag['nan_queries']}{verdict}")
+              f"queries with NaN {ag['nan_queries']}{chosen}{verdict}")
 
 
 if __name__ == "__main__":

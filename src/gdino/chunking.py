@@ -61,7 +61,7 @@ def score_chunks(
             tokens.input_ids.to(model.device), tokens.attention_mask.to(model.device),
             tokens.token_type_ids.to(model.device),
         )  # fmt: skip
-        logits, boxes = model.detect_features(features, text)
+        logits, boxes, _ = model.detect_features(features, text)
         probs = logits[0].float().sigmoid()  # (Q, T), 0 past the prompt
         scores = probs @ prompt.positive_map(probs.shape[-1], probs.device).T  # (Q, C)
         ids = torch.tensor(prompt.ids, dtype=torch.long, device=probs.device)

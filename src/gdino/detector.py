@@ -153,7 +153,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
             text, spans, names = query
             tokens = self.processor(text=[text]).to(self.device)
             features = self.text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
-            logits, boxes = self.detect_features(encoded.features.crop(i), features)
+            logits, boxes, _ = self.detect_features(encoded.features.crop(i), features)
             found = self._detections(logits[0], boxes[0], spans, names, size, box_threshold, text_threshold)
             results.append(found if nms_threshold is None else _nms_detections(found, nms_threshold))
         return results[0] if encoded.single else results

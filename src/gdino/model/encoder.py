@@ -136,9 +136,12 @@ class FeatureEnhancer(nn.Module):
         Returns:
             Image tokens (B, S, D) and text tokens (B, T, D).
         """
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)  # (B, S, nL, 2)
-        positions = text_position_ids[..., None].to(text.dtype)  # (B, T, 1)
+        # Reference points and positions in float32 whatever the layers' dtype: in bfloat16 a
+        # token centre on a 150-wide level would be off by up to half a pixel.
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios.float())  # (B, S, nL, 2)
+        positions = text_position_ids[..., None].float()  # (B, T, 1)
         text_pos = coordinate_sine_embedding(positions, num_feats=text.shape[-1], temperature=10000)  # (B, T, D)
+        text_pos = text_pos.to(text.dtype)
         allowed = text_self_attention[:, None]  # (B, 1, T, T)
         for fusion, text_layer, layer in zip(self.fusion_layers, self.text_layers, self.layers):
             vision, text = fusion(vision, text, vision_padding_mask, text_padding_mask)

@@ -74,11 +74,14 @@ class GroundingDinoOutput:
             -inf on padding tokens and past the text.
         pred_boxes: (B, num_queries, 4) boxes as (cx, cy, w, h), normalised to each image's size.
         input_ids: (B, T) the token ids the logits refer to.
+        query_index: (B, num_queries) the image token (position in the flattened feature levels)
+            each query was selected from; pass it back as ``query_index`` to decode the same queries.
     """
 
     logits: Tensor
     pred_boxes: Tensor
     input_ids: Tensor | None = None
+    query_index: Tensor | None = None
 
     def __getitem__(self, key: str) -> Tensor | None:
         return getattr(self, key)
@@ -181,11 +184,16 @@ class GroundingDino(nn.Module):
         return maps
 
     # ------------------------------------------------------------- detection
-    def detect_features(self, image: ImageFeatures, text: TextFeatures) -> tuple[Tensor, Tensor]:
+    def detect_features(
+        self, image: ImageFeatures, text: TextFeatures, query_index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Feature enhancer, query selection, decoder and heads.
 
+        ``query_index`` (B, num_queries) forces the selected image tokens (see ``select_queries``).
+
         Returns:
-            logits (B, num_queries, max_text_len) and boxes (B, num_queries, 4) as cx, cy, w, h.
+            logits (B, num_queries, max_text_len), boxes (B, num_queries, 4) as cx, cy, w, h, and
+            the selected image tokens (B, num_queries).
         """
         t = self.transformer
         shapes = [tuple(m.shape[-2:]) for m in image.maps]
@@ -202,19 +210,21 @@ class GroundingDino(nn.Module):
             ],
             1,
         )  # (B, S, D)
-        ratios = _valid_ratios(image.masks, source.dtype)
+        ratios = _valid_ratios(image.masks, torch.float32)  # (B, nL, 2), float32 in any precision
         low = _dtype(t.encoder)  # see set_precision
         memory, memory_text = t.encoder(
             source.to(low), pos.to(low), shapes, ratios, ~valid,
             text.features.to(low), text.padding_mask, text.self_attention, text.position_ids,
         )  # fmt: skip
         memory, memory_text = memory.to(t.enc_output.weight.dtype), memory_text.to(t.enc_output.weight.dtype)
-        queries, references = select_queries(t, memory, ~valid, shapes, memory_text, text.padding_mask)
+        queries, references, index = select_queries(
+            t, memory, ~valid, shapes, memory_text, text.padding_mask, query_index
+        )
         hidden, refs = t.decoder(
             queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
         )
         logits = contrastive_logits(hidden[-1], memory_text, text.padding_mask, self.config.max_text_len)
-        return logits, refine_boxes(self.bbox_embed(hidden[-1]), refs[-1])
+        return logits, refine_boxes(self.bbox_embed(hidden[-1]), refs[-1]), index
 
     def forward(
         self,
@@ -223,13 +233,18 @@ class GroundingDino(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         pixel_mask: Tensor | None = None,
+        query_index: Tensor | None = None,
         **unused: object,
     ) -> GroundingDinoOutput:
-        """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``)."""
+        """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
+
+        ``query_index`` (B, num_queries), e.g. another run's ``outputs.query_index``, decodes those
+        image tokens instead of the best-scoring ones.
+        """
         text = self.text_features(input_ids, attention_mask, token_type_ids)
         image = self.image_features(pixel_values, pixel_mask)
-        logits, boxes = self.detect_features(image, text)
-        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids)
+        logits, boxes, index = self.detect_features(image, text, query_index)
+        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
 
 
 def stack_images(images: list[ImageFeatures]) -> ImageFeatures:

@@ -58,16 +58,20 @@ def select_queries(
     spatial_shapes: list[tuple[int, int]],
     text: Tensor,
     text_padding_mask: Tensor,
-) -> tuple[Tensor, Tensor]:
+    index: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Picks the decoder's queries and initial reference boxes.
 
     Args:
         memory: (B, S, D) enhanced image tokens.
         padding_mask: (B, S) True on padding tokens.
         text: (B, T, D) enhanced text tokens; text_padding_mask (B, T) True on padding.
+        index: (B, Q) image tokens to use instead of the best-scoring ones, in slot order (to
+            compare two runs, e.g. two precisions, on the same queries); None selects by score.
 
     Returns:
-        queries (B, Q, D): the learnt query embeddings; references (B, Q, 4): sigmoid boxes.
+        queries (B, Q, D): the learnt query embeddings; references (B, Q, 4): sigmoid boxes;
+        index (B, Q): the image token (position in the flattened levels) each query came from.
     """
     t = transformer
     proposals = token_proposals(padding_mask, spatial_shapes, memory.dtype)
@@ -75,9 +79,13 @@ def select_queries(
     tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~usable, 0.0)))  # (B, S, D)
     scores = contrastive_logits(tokens, text, text_padding_mask, t.config.max_text_len).max(-1).values
     scores = scores.masked_fill(padding_mask, float("-inf"))  # (B, S)
-    top = scores.topk(t.config.num_queries, dim=1).indices[..., None]  # (B, Q, 1)
+    if index is None:
+        index = scores.topk(t.config.num_queries, dim=1).indices
+    elif index.shape != (memory.shape[0], t.config.num_queries):
+        raise ValueError(f"query index must be (batch, {t.config.num_queries}), not {tuple(index.shape)}")
+    top = index[..., None]  # (B, Q, 1)
     # The proposal head is per token: run it on the selected tokens only.
     chosen = torch.gather(tokens, 1, top.expand(-1, -1, tokens.shape[-1]))  # (B, Q, D)
     references = (t.enc_out_bbox_embed(chosen) + torch.gather(proposals, 1, top.expand(-1, -1, 4))).sigmoid()
     queries = t.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
-    return queries, references
+    return queries, references, index
