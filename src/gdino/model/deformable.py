@@ -13,6 +13,8 @@ values. ``ms_deform_attn_reference`` is the straightforward per-level ``grid_sam
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,6 +83,10 @@ def ms_deform_attn(
     Returns:
         (B, Q, nH * hd)
     """
+    if value.is_cuda and _use_triton(value):  # the fused kernels when triton is installed
+        from .deformable_triton import ms_deform_attn_triton
+
+        return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
     b, s, n_heads, head_dim = value.shape
     _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
     if len(spatial_shapes) != n_levels or sum(h * w for h, w in spatial_shapes) != s:
@@ -225,8 +231,10 @@ class MultiScaleDeformableAttention(nn.Module):
         )
         offsets = projected[..., :n_offsets].view(*shape, 2)  # (B, Q, nH, nL, nP, 2)
         weights = projected[..., n_offsets:].view(b, n_queries, self.n_heads, -1)  # (B, Q, nH, nL*nP)
-        weights = weights.softmax(-1).view(shape)  # (B, Q, nH, nL, nP)
-        locations = self._sampling_locations(reference_points, offsets, spatial_shapes)
+        # Softmax and sampling locations in float32 whatever the layer's dtype (a no-op in float32):
+        # a bfloat16 location on a 150-pixel-wide level is only good to about half a pixel.
+        weights = _wide(weights).softmax(-1).view(shape)  # (B, Q, nH, nL, nP)
+        locations = self._sampling_locations(_wide(reference_points), _wide(offsets), spatial_shapes)
         return self.output_proj(ms_deform_attn(v, spatial_shapes, locations, weights))
 
     def _sampling_locations(
@@ -245,3 +253,19 @@ class MultiScaleDeformableAttention(nn.Module):
         if reference_points.shape[-1] == 4:
             return ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
         raise ValueError(f"reference_points must end in 2 or 4 coordinates, not {reference_points.shape[-1]}")
+
+
+def _use_triton(value: Tensor) -> bool:
+    """Whether the fused Triton kernels can take ``value`` (GDINO_NO_TRITON=1 opts out).
+
+    Imported here, not with this module: importing triton costs CPU-only users start-up time.
+    """
+    from .deformable_triton import supported_head_dim, triton_available
+
+    opted_out = os.environ.get("GDINO_NO_TRITON", "") not in ("", "0")
+    return not opted_out and triton_available(value.device) and supported_head_dim(value.shape[-1])
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in a narrower floating-point type, else unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
