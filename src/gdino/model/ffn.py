@@ -1,9 +1,10 @@
 """The transformer feed-forward block with its residual, written to allocate as little as possible.
 
 At the default resolution the encoder's hidden activation is ~22k x 2048 floats (180 MB) and
-Swin's first stage's ~60k x 384. Without autograd the block runs over row chunks, so those
-activations never exist whole (a fresh buffer that size is page-faulted in on every use, and
-they set the peak memory of the whole model); with autograd it runs in one piece.
+Swin's first stage's ~60k x 384. Without autograd, on CPU, the block runs over row chunks, so
+those activations never exist whole (a fresh buffer that size is page-faulted in on every use,
+and they set the peak memory of the whole model); with autograd, or on a GPU (where each chunk
+would be a few small kernel launches), it runs in one piece.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def residual_ffn(
     """``residual + linear2(activation(linear1(x)))`` for ``x`` (..., D); ``residual`` defaults to ``x``."""
     residual = x if residual is None else residual
     rows = x.numel() // x.shape[-1]
-    if torch.is_grad_enabled() or rows <= CHUNK_ROWS:
+    if torch.is_grad_enabled() or rows <= CHUNK_ROWS or x.device.type != "cpu":  # chunks pay on CPU only
         return linear2(activation(linear1(x))).add_(residual)
     flat = x.reshape(rows, x.shape[-1])  # (N, D)
     flat_residual = residual.reshape(rows, residual.shape[-1])  # (N, D)

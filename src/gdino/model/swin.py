@@ -143,9 +143,10 @@ class WindowAttention(nn.Module):
 
     def forward(self, windows: Tensor, shift_mask: Tensor | None = None) -> Tensor:
         """``_attend`` over groups of windows at inference, so q, k, v of the first stage (60k
-        tokens at 800x1200) never exist whole; in one piece when autograd records."""
+        tokens at 800x1200) never exist whole; in one piece when autograd records or off the CPU."""
         nw = windows.shape[1]
-        if torch.is_grad_enabled() or nw <= WINDOWS_PER_STEP:
+        # Steps pay on CPU (cache, page faults); on a GPU each would be a round of small kernels.
+        if torch.is_grad_enabled() or nw <= WINDOWS_PER_STEP or windows.device.type != "cpu":
             return self._attend(windows, shift_mask)
         out = torch.empty_like(windows)
         for start in range(0, nw, WINDOWS_PER_STEP):
