@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,22 @@ def test_unreachable_hub_gives_a_short_clear_error(tmp_path, data_dir):
     assert result.returncode == 2
     assert "someone/missing-model" in result.stderr and "local" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_emulated_reduced_precision_on_cpu_warns(tmp_path):
+    from gdino.weights import _warn_if_emulated
+
+    plain = tmp_path / "cpuinfo-avx2"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    native = tmp_path / "cpuinfo-bf16"
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16\n")
+    with pytest.warns(UserWarning, match="emulated"):
+        assert _warn_if_emulated(torch.bfloat16, torch.device("cpu"), str(plain))
+    with pytest.warns(UserWarning, match="avx512_fp16"):
+        assert _warn_if_emulated(torch.float16, torch.device("cpu"), str(native))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _warn_if_emulated(torch.bfloat16, torch.device("cpu"), str(native))
+        assert not _warn_if_emulated(torch.bfloat16, torch.device("cuda"), str(plain))
+        assert not _warn_if_emulated(torch.float32, torch.device("cpu"), str(plain))
+        assert not _warn_if_emulated(torch.bfloat16, torch.device("cpu"), str(tmp_path / "missing"))

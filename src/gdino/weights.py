@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ def load_model(
     if device is not None:
         net = net.to(device=device)
     if dtype is not None and dtype != torch.float32:
+        _warn_if_emulated(dtype, torch.device(device or "cpu"))
         net.set_precision(dtype)
         # The parts kept in float32 still view the memory-mapped file, which keeps all of it
         # resident; owning copies let it go.
@@ -175,6 +177,34 @@ def load_model(
             if param.dtype == torch.float32:
                 param.data = param.data.clone()
     return net, checkpoint
+
+
+# CPU flags (Linux /proc/cpuinfo) of native instructions for each reduced precision.
+_NATIVE_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def _warn_if_emulated(dtype: torch.dtype, device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Warns (and returns True) when ``dtype`` on this CPU has no native instructions.
+
+    Without them, oneDNN converts to float32 around every operation and the model runs slower
+    than in float32, which is the opposite of what asking for bf16 or fp16 is for.
+    """
+    flags_wanted = _NATIVE_CPU_FLAGS.get(dtype)
+    if device.type != "cpu" or flags_wanted is None:
+        return False
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return False  # not Linux: nothing to go by
+    if flags is None or any(flag in flags for flag in flags_wanted):
+        return False
+    warnings.warn(
+        f"{dtype} on this CPU is emulated (no {' or '.join(flags_wanted)}) and will likely be slower "
+        "than float32; pass dtype=torch.float32 (--dtype fp32) unless memory is what you need to save",
+        stacklevel=3,
+    )
+    return True
 
 
 @contextmanager
