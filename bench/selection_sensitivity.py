@@ -76,27 +76,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _selection_scores(model, inputs) -> torch.Tensor:
-    """The scores query selection ranks (best text-token logit per usable image token), sorted."""
-    import gdino.model.grounding_dino as grounding_dino
+    """The scores query selection ranks (``query_selection.proposal_scores``) for image 0, sorted."""
+    from gdino.model import query_selection
 
     captured = {}
-    select = grounding_dino.select_queries
+    score = query_selection.proposal_scores
 
-    def spy(t, memory, padding_mask, shapes, text, text_padding_mask, index=None):
-        from gdino.model.heads import contrastive_logits
-        from gdino.model.query_selection import token_proposals
+    def spy(*args):
+        tokens, scores = score(*args)
+        captured["scores"] = scores[0].sort(descending=True).values
+        return tokens, scores
 
-        usable = torch.isfinite(token_proposals(padding_mask, shapes, memory.dtype)).all(-1, keepdim=True)
-        tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~usable, 0.0)))
-        logits = contrastive_logits(tokens, text, text_padding_mask, t.config.max_text_len).max(-1).values
-        captured["scores"] = logits.masked_fill(padding_mask, float("-inf"))[0].sort(descending=True).values
-        return select(t, memory, padding_mask, shapes, text, text_padding_mask, index)
-
-    grounding_dino.select_queries = spy
+    query_selection.proposal_scores = spy
     try:
         model(**inputs)
     finally:
-        grounding_dino.select_queries = select
+        query_selection.proposal_scores = score
     return captured["scores"]
 
 

@@ -13,6 +13,7 @@ from gdino.config import GroundingDinoConfig  # noqa: E402
 from gdino.convert import hf_to_ours  # noqa: E402
 from gdino.model.decoder import Decoder  # noqa: E402
 from gdino.model.heads import MLP, contrastive_logits, predict_boxes, refine_boxes  # noqa: E402
+from reference import small_reference_config  # noqa: E402
 
 SPATIAL_SHAPES = [(8, 10), (4, 5), (2, 3), (1, 2)]  # not square, to catch (h, w) swaps
 VALID_HW = [(6, 7), (3, 4), (2, 2), (1, 1)]  # unpadded part of each level for the second image
@@ -21,16 +22,8 @@ ATOL = 1e-4
 
 
 def _hf_config() -> transformers.GroundingDinoConfig:
-    return transformers.GroundingDinoConfig(
-        backbone_config=dict(
-            model_type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
-            out_indices=[2, 3, 4], out_features=["stage2", "stage3", "stage4"], window_size=7,
-        ),
-        text_config=dict(
-            model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
-        ),
-        encoder_layers=1, decoder_layers=3, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=50,
-    )
+    # transformers' default 8 heads, as the published model
+    return small_reference_config(decoder_layers=3, encoder_attention_heads=8, decoder_attention_heads=8)
 
 
 def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

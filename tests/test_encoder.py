@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from transformers import GroundingDinoConfig as HFConfig
 from transformers import GroundingDinoForObjectDetection
 from transformers.models.grounding_dino import modeling_grounding_dino as hf
 
@@ -15,6 +14,7 @@ from gdino.model.deformable import MultiScaleDeformableAttention, ms_deform_attn
 from gdino.model.encoder import FeatureEnhancer, encoder_reference_points
 from gdino.model import fusion
 from gdino.model.fusion import FusionLayer
+from reference import small_reference_config
 
 SHAPES = [(16, 20), (8, 10), (4, 5), (2, 3)]
 VALID_2ND = [(12, 15), (6, 8), (3, 4), (2, 2)]  # (rows, cols) of image 2 that are not padding
@@ -24,16 +24,8 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def models() -> tuple[GroundingDinoForObjectDetection, GroundingDinoConfig, dict[str, torch.Tensor]]:
     """A small HF model with noisy parameters, our config for it, and its state dict in our names."""
-    hf_config = HFConfig(
-        backbone_config=dict(
-            model_type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
-            out_indices=[2, 3, 4], out_features=["stage2", "stage3", "stage4"], window_size=7,
-        ),
-        text_config=dict(
-            model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
-        ),
-        encoder_layers=2, decoder_layers=2, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=50,
-    )  # fmt: skip
+    # transformers' default 8 heads, as the published model
+    hf_config = small_reference_config(encoder_layers=2, encoder_attention_heads=8, decoder_attention_heads=8)
     torch.manual_seed(0)
     model = GroundingDinoForObjectDetection(hf_config).eval()
     g = torch.Generator().manual_seed(1)
@@ -122,13 +114,19 @@ def _fusion_pair(models) -> tuple[torch.nn.Module, FusionLayer]:
     return model.model.encoder.layers[0].fusion_layer, _load(ours, state, "transformer.encoder.fusion_layers.0.")
 
 
-def test_fusion_layer_matches_hf(models) -> None:
-    theirs, ours = _fusion_pair(models)
+def _fusion_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded (2, 30, 64) image and (2, 6, 64) text tokens; image 1 and text 1 partly padding."""
     torch.manual_seed(4)
     vision, text = torch.randn(2, 30, 64), torch.randn(2, 6, 64)
     vision_pad = torch.zeros(2, 30, dtype=torch.bool)
     vision_pad[1, 20:] = True
     text_pad = torch.tensor([[False] * 6, [False] * 3 + [True] * 3])
+    return vision, text, vision_pad, text_pad
+
+
+def test_fusion_layer_matches_hf(models) -> None:
+    theirs, ours = _fusion_pair(models)
+    vision, text, vision_pad, text_pad = _fusion_inputs()
     with torch.no_grad():
         (ev, _), (et, _) = theirs(vision, text, attention_mask_vision=vision_pad, attention_mask_text=text_pad)
         ov, ot = ours(vision, text, vision_pad, text_pad)
@@ -334,11 +332,7 @@ def test_fusion_optional_masks_match_straightforward(realistic, masks: str) -> N
 def test_fusion_straightforward_reference_matches_hf(models) -> None:
     """The reference used above is itself transformers' computation."""
     theirs, ours = _fusion_pair(models)
-    torch.manual_seed(4)
-    vision, text = torch.randn(2, 30, 64), torch.randn(2, 6, 64)
-    vision_pad = torch.zeros(2, 30, dtype=torch.bool)
-    vision_pad[1, 20:] = True
-    text_pad = torch.tensor([[False] * 6, [False] * 3 + [True] * 3])
+    vision, text, vision_pad, text_pad = _fusion_inputs()
     with torch.no_grad():
         (ev, _), (et, _) = theirs.attn(vision, text, vision_attention_mask=vision_pad, text_attention_mask=text_pad)
         rv, rt = _bi_attention_reference(ours.attn, vision, text, vision_pad, text_pad)

@@ -35,17 +35,8 @@ def ms_deform_attn_reference(
     """Samples every level at the given locations and sums the samples with the given weights.
 
     The straightforward version (per-level ``grid_sample``, then a weighted sum), as transformers
-    computes it: the reference ``ms_deform_attn`` is tested against.
-
-    Args:
-        value: (B, S, nH, hd), the levels flattened row-major one after another, S = sum(H * W).
-        spatial_shapes: (H, W) of each of the nL levels, in the order they are flattened in ``value``.
-        sampling_locations: (B, Q, nH, nL, nP, 2), (x, y) in [0, 1] relative to each level's
-            width and height; points outside read zeros.
-        attention_weights: (B, Q, nH, nL, nP), the weight of each sample.
-
-    Returns:
-        (B, Q, nH * hd)
+    computes it: the reference ``ms_deform_attn`` is tested against. Arguments and result as
+    ``ms_deform_attn``.
     """
     b, _, n_heads, head_dim = value.shape
     _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
@@ -70,8 +61,9 @@ def ms_deform_attn(
 ) -> Tensor:
     """Samples every level at the given locations and sums the samples with the given weights.
 
-    Same contract as ``ms_deform_attn_reference`` (bilinear, zeros outside the map, pixel centres at
-    half-integers as ``grid_sample(align_corners=False)``), computed as one weighted gather.
+    Bilinear, zeros outside the map, pixel centres at half-integers as
+    ``grid_sample(align_corners=False)`` (what ``ms_deform_attn_reference`` computes with it),
+    computed as one weighted gather.
 
     Args:
         value: (B, S, nH, hd), the levels flattened row-major one after another, S = sum(H * W).

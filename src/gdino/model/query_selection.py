@@ -51,6 +51,32 @@ def token_proposals(padding_mask: Tensor, spatial_shapes: list[tuple[int, int]],
     return logits.masked_fill(~usable, float("inf"))
 
 
+def proposal_scores(
+    transformer: Transformer,
+    memory: Tensor,
+    padding_mask: Tensor,
+    proposals: Tensor,
+    text: Tensor,
+    text_padding_mask: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The score query selection ranks every image token by.
+
+    Args:
+        memory: (B, S, D) enhanced image tokens; padding_mask (B, S) True on padding.
+        proposals: (B, S, 4) from ``token_proposals`` (+inf where unusable).
+        text: (B, T, D) enhanced text tokens; text_padding_mask (B, T) True on padding.
+
+    Returns:
+        tokens (B, S, D): the normalised encoder output; scores (B, S): each token's best
+        text-token logit, -inf on padding.
+    """
+    t = transformer
+    usable = torch.isfinite(proposals).all(-1, keepdim=True)
+    tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~usable, 0.0)))  # (B, S, D)
+    scores = contrastive_logits(tokens, text, text_padding_mask, t.config.max_text_len).max(-1).values
+    return tokens, scores.masked_fill(padding_mask, float("-inf"))  # (B, S, D), (B, S)
+
+
 def select_queries(
     transformer: Transformer,
     memory: Tensor,
@@ -75,10 +101,7 @@ def select_queries(
     """
     t = transformer
     proposals = token_proposals(padding_mask, spatial_shapes, memory.dtype)
-    usable = torch.isfinite(proposals).all(-1, keepdim=True)
-    tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~usable, 0.0)))  # (B, S, D)
-    scores = contrastive_logits(tokens, text, text_padding_mask, t.config.max_text_len).max(-1).values
-    scores = scores.masked_fill(padding_mask, float("-inf"))  # (B, S)
+    tokens, scores = proposal_scores(t, memory, padding_mask, proposals, text, text_padding_mask)
     if index is None:
         index = scores.topk(t.config.num_queries, dim=1).indices
     elif index.shape != (memory.shape[0], t.config.num_queries):
