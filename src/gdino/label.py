@@ -89,8 +89,7 @@ def find_images(root: Path, exclude: Path | None = None) -> list[str]:
     skip = output_parts(root, exclude) if exclude is not None else ()
 
     def skipped(path: Path) -> bool:
-        real = path.resolve()
-        return any(real == part or real.is_relative_to(part) for part in skip)
+        return any(real == part or real.is_relative_to(part) for real in _link_hops(path) for part in skip)
 
     found = []
     for folder, dirs, files in os.walk(root):  # links to folders are not followed
@@ -100,6 +99,16 @@ def find_images(root: Path, exclude: Path | None = None) -> list[str]:
                   if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith(".")
                   and not (os.path.islink(here / f) and skipped(here / f))]
     return sorted(found)
+
+
+def _link_hops(path: Path) -> list[Path]:
+    """Where ``path`` leads, resolved: each link of a chain of links, and the file at its end."""
+    hops, seen = [], set()
+    while path.is_symlink() and path not in seen and len(seen) < 40:
+        seen.add(path)
+        path = path.parent / os.readlink(path)
+        hops.append(path.parent.resolve() / path.name)
+    return [*hops, path.resolve()]
 
 
 def output_parts(root: Path, out: Path) -> tuple[Path, ...]:
