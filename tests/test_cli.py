@@ -264,7 +264,7 @@ def test_refused_image_does_not_stop_the_run(fast_dir, photos, tmp_path, monkeyp
         # What the preprocessing raises for an image whose short side resizes to 0 pixels (whether
         # this one is refused depends on the resizing rule, so the refusal is made certain here).
         if any(image.height > 100 * image.width for image in images):
-            raise ImageError(f"a 3x4000 image is too elongated: fitting its long side into {256} pixels leaves 0x256")
+            raise ImageError("a 3x4000 image is too elongated: fitting its long side into 256 pixels leaves 0x256")
         return detect(self, images, *args, **kwargs)
 
     monkeypatch.setattr(GroundingDinoForObjectDetection, "detect", refusing)

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -112,7 +112,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _file_ids(paths: Iterator[Path]) -> set[tuple[int, int]]:
+def _file_ids(paths: Iterable[Path]) -> set[tuple[int, int]]:
     return {key for key in map(_file_id, paths) if key is not None}
 
 
