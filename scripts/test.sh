@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Sets up .venv-test (gdino plus the test-only reference, transformers) and runs the tests.
+#   bash scripts/test.sh           everything (what CI runs)
+#   bash scripts/test.sh --fast    without the tests marked slow (about a minute on 2 cores)
+# Other arguments go to pytest: bash scripts/test.sh --fast -k detect
 set -euo pipefail
 cd "$(dirname "$0")/.."
+select=()
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  select=(-m "not slow")
+fi
 python3 -m venv .venv-test
 .venv-test/bin/pip install -q --upgrade pip
 .venv-test/bin/pip install -q -c constraints.txt -e ".[test]"
-exec .venv-test/bin/python -m pytest "$@"
+exec .venv-test/bin/python -m pytest ${select[@]+"${select[@]}"} "$@"

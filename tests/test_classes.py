@@ -204,6 +204,7 @@ def test_lvis_sized_list_is_chunked_without_cutting_a_label(model):
         assert len(tok.encode([prompt.text]).input_ids[0]) + first + 1 > 256
 
 
+@pytest.mark.slow  # 1,203 labels: five encoder and decoder passes
 def test_lvis_sized_list_end_to_end(model, image):
     """1,203 labels: the image side runs once, every chunk's queries come back with ids of the full
     list, and each chunk's detections equal detecting that chunk's labels alone."""

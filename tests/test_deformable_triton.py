@@ -133,6 +133,7 @@ def _assert_close(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...],
         ("far outside", 0.0),
     ],
 )
+@pytest.mark.slow  # the kernels in triton's interpreter
 def test_matches_reference(kernel_results: dict[str, Any], case: str, tol: float) -> None:
     """Output and all three gradients equal the grid_sample reference's (autograd)."""
     args, grad_out = _cases()[case]
@@ -141,6 +142,7 @@ def test_matches_reference(kernel_results: dict[str, Any], case: str, tol: float
         assert (kernel_results[case][0] == 0).all()
 
 
+@pytest.mark.slow  # the kernels in triton's interpreter
 @pytest.mark.parametrize("case", ["torch.bfloat16", "torch.float16", "mixed"])
 def test_half_precision_agrees_with_float32(kernel_results: dict[str, Any], case: str) -> None:
     """Half inputs are read as they are and accumulated in fp32, so outputs and gradients differ from
@@ -183,6 +185,7 @@ def test_bad_arguments_raise_value_error() -> None:
 @pytest.mark.parametrize(
     ("value_dtype", "location_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
 )
+@pytest.mark.slow  # compiles the kernels
 def test_kernels_compile_for_a_gpu(value_dtype: torch.dtype, location_dtype: torch.dtype) -> None:
     """The interpreter runs kernels as Python, so it misses what only the compiler rejects: compile
     both kernels for sm_80 at the model's sizes, no GPU needed (triton's wheel ships ptxas)."""

@@ -10,6 +10,8 @@ from PIL import Image
 
 from reference import DATA, reference_processor
 
+pytestmark = pytest.mark.slow  # the full-size model, built and run by both implementations
+
 CASES = [
     ("chelsea.png", "a cat. a remote control."),
     ("chelsea.png", ["cat", "remote control", "sofa"]),

@@ -16,6 +16,8 @@ from PIL import Image
 
 from gdino import AutoModelForZeroShotObjectDetection
 
+pytestmark = pytest.mark.slow  # the full-size model in float32 and bfloat16
+
 
 @pytest.fixture(scope="module")
 def runs(our_model, our_processor, parity_dir, data_dir):

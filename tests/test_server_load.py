@@ -32,6 +32,7 @@ def fast_dir(bench, small_dir, tmp_path_factory):
     return bench.fast_copy(small_dir, tmp_path_factory.mktemp("small-160"))
 
 
+@pytest.mark.slow  # the load test
 def test_load_no_5xx_and_every_answer_right(bench, fast_dir):
     cases = bench.cases(200)
     threads = torch.get_num_threads()

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.slow  # a browser and a live server
 if not CHROMIUM.exists():
     pytest.skip("Debian's chromium is not installed (/usr/bin/chromium): apt-get install chromium",
                 allow_module_level=True)  # fmt: skip

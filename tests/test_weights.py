@@ -24,6 +24,7 @@ def _original_keys() -> dict[str, tuple[int, ...]]:
     return {name: tuple(int(x) for x in shape.strip("()").split(",") if x.strip()) for name, shape, _ in rows}
 
 
+@pytest.mark.slow  # the full-size reference
 def test_hf_mapping_round_trips(parity_dir, reference_model):
     from safetensors.torch import load_file
 
@@ -43,6 +44,7 @@ def test_hf_mapping_round_trips(parity_dir, reference_model):
     assert all(torch.equal(live[k], ours[k]) for k in ours)
 
 
+@pytest.mark.slow  # the full-size model
 def test_original_layout_matches_the_published_key_list(our_model):
     ours = our_model.state_dict()
     original = ours_to_original(ours, our_model.config.decoder_layers)
@@ -70,6 +72,7 @@ def _write_original(model, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # the full-size model, twice
 def test_original_checkpoint_gives_the_same_outputs(our_model, our_processor, tmp_path, data_dir):
     from gdino import AutoModelForZeroShotObjectDetection
 
