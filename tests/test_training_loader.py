@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from gdino.config import SPECIAL_TOKEN_IDS
+from gdino.image import ImageSettings
 from gdino.processing import GroundingDinoProcessor
-from gdino.text import phrase_spans
+from gdino.text import TextTokenizer, phrase_spans
 from gdino.training.augment import Augment, AugmentSettings
 from gdino.training.captions import CaptionBuilder
 from gdino.training.datasets import read_coco
@@ -45,7 +46,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor():
-    return GroundingDinoProcessor.default()
+    return GroundingDinoProcessor(TextTokenizer.from_vocab(), ImageSettings(shortest_edge=128, longest_edge=256))
 
 
 def test_epoch_order_is_fixed_by_seed_and_epoch():
@@ -75,6 +76,7 @@ def test_collate_gives_the_processor_tensors_and_transformers_labels(dataset, pr
     batch = list(examples(dataset, captions, None, seed=1, shuffle=False))[:3]
     inputs, labels = collate(batch, processor, resize=True)
     reference = processor(images=[ex.image for ex in batch], text=[ex.caption.text for ex in batch])
+    assert min(inputs["pixel_values"].shape[-2:]) == 128
     assert set(inputs) == {"pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids"}
     for key in inputs:
         torch.testing.assert_close(inputs[key], reference[key], rtol=0, atol=0)
