@@ -51,9 +51,9 @@ def test_the_same_seed_gives_the_same_files(tmp_path):
     a = write_shapes_dataset(tmp_path / "a", counts, seed=4, photos=[DATA], image_format="png")
     b = write_shapes_dataset(tmp_path / "b", counts, seed=4, photos=[DATA], image_format="png")
     c = write_shapes_dataset(tmp_path / "c", counts, seed=5, photos=[DATA], image_format="png")
-    for split in counts:
+    for split, count in counts.items():
         assert a[split].read_text() == b[split].read_text() != c[split].read_text()
-        for i in range(counts[split]):
+        for i in range(count):
             name = f"{split}/{i:05d}.png"
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 

@@ -39,13 +39,13 @@ class AugmentSettings:
         """Every size times ``factor`` (as Open-GroundingDino's ``data_aug_scale_overlap``):
         ``scaled(0.4)`` has short sides 192..320 and a long side of at most 533."""
         base = cls()
-        sizes = dict(
-            scales=tuple(sorted({int(s * factor) for s in base.scales})),
-            max_size=None if base.max_size is None else int(base.max_size * factor),
-            crop_scales=tuple(int(s * factor) for s in base.crop_scales),
-            crop_min=int(base.crop_min * factor),
-            crop_max=int(base.crop_max * factor),
-        )  # fmt: skip
+        sizes = {
+            "scales": tuple(sorted({int(s * factor) for s in base.scales})),
+            "max_size": None if base.max_size is None else int(base.max_size * factor),
+            "crop_scales": tuple(int(s * factor) for s in base.crop_scales),
+            "crop_min": int(base.crop_min * factor),
+            "crop_max": int(base.crop_max * factor),
+        }
         return cls(**{**sizes, **overrides})  # type: ignore[arg-type]
 
 

@@ -91,8 +91,9 @@ class CaptionBuilder:
 
     def detection(self, box_labels: Sequence[int], rng: np.random.Generator) -> Caption:
         """A caption of the boxes' labels and sampled negatives, shuffled; see the module docstring."""
-        positives = sorted(set(int(label) for label in box_labels))
-        chosen, used = [], 0
+        positives = sorted({int(label) for label in box_labels})
+        chosen: list[int] = []
+        used = 0
         for label in (positives[i] for i in rng.permutation(len(positives))):
             if used + self.sizes[label] + 1 <= self.budget and len(chosen) < self.max_labels:
                 chosen.append(label)

@@ -282,7 +282,10 @@ def write_split(out: Path, split: str, count: int, seed: int, settings: ShapesSe
     for i in range(count):
         scene = render(np.random.default_rng([seed, SPLITS[split], i]), pairs, settings, photos, first)
         file_name = f"{split}/{i:05d}.{image_format}"
-        Image.fromarray(scene.image).save(out / file_name, **({"quality": 92} if image_format == "jpg" else {}))
+        if image_format == "jpg":
+            Image.fromarray(scene.image).save(out / file_name, quality=92)
+        else:
+            Image.fromarray(scene.image).save(out / file_name)
         height, width = scene.image.shape[:2]
         images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
         for (x0, y0, x1, y1), pair in zip(scene.boxes.tolist(), scene.pairs):
