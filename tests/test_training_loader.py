@@ -122,3 +122,25 @@ def test_an_unreadable_image_is_reported_and_skipped(dataset, processor, tmp_pat
     got = list(examples(bad, captions, seed=0, on_problem=problems.append))
     assert len(got) == 5 and 0 not in [e.index for e in got]
     assert len(problems) == 1 and str(broken) in str(problems[0]) and "skipped: cannot read" in str(problems[0])
+
+
+def test_grounding_records_collate_with_their_caption_and_phrase_tokens(tmp_path, processor):
+    from gdino.training.odvg import read_odvg
+
+    Image.new("RGB", (80, 60), (50, 60, 70)).save(tmp_path / "g.png")
+    record = {"filename": "g.png", "width": 80, "height": 60, "grounding": {
+        "caption": "a red circle next to the big blue square", "regions": [
+            {"bbox": [40, 10, 70, 40], "phrase": "the big blue square"},
+            {"bbox": [5, 5, 25, 25], "phrase": "a red circle"}]}}  # fmt: skip
+    (tmp_path / "g.jsonl").write_text(json.dumps(record) + "\n")
+    data = read_odvg(tmp_path / "g.jsonl")
+    captions = CaptionBuilder(processor.tokenizer, data.names)
+    inputs, labels = collate(list(examples(data, captions, None, seed=0)), processor, resize=True)
+    ids = inputs["input_ids"][0]
+    assert processor.decode(ids, skip_special_tokens=True) == "a red circle next to the big blue square."
+    target = labels[0]
+    assert target["class_labels"].tolist() == [1, 0]  # phrases in caption order: "a red circle", then the square
+    rows = [torch.nonzero(r).flatten().tolist() for r in target["positive_map"]]
+    assert [processor.decode(ids[r]) for r in rows] == ["a red circle", "the big blue square"]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[55 / 80, 25 / 60, 30 / 80, 30 / 60],
+                                                              [15 / 80, 15 / 60, 20 / 80, 20 / 60]]))
