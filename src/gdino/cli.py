@@ -136,7 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0.0 <= getattr(args, name) <= 1.0:
             _error(f"--{name.replace('_', '-')} must be between 0 and 1")
             return EXIT_BAD_INPUT
-    return detect(args)
+    from .chunking import on_chunk
+    from .progress import ChunkProgress
+
+    with on_chunk(ChunkProgress()):  # a long label list runs in passes: show them on stderr
+        return detect(args)
 
 
 if __name__ == "__main__":
