@@ -608,3 +608,55 @@ def test_docs_load_nothing_from_elsewhere(client):
         answer = client.get(asset)
         assert answer.status_code == 200 and len(answer.content) > 100, asset
     assert "SwaggerUIBundle" in client.get("/docs/assets/swagger-ui-bundle.js").text
+
+
+def test_sigterm_stops_gdino_serve_while_long_label_lists_are_queued(fast_dir, tmp_path):
+    """The real ``gdino serve``: two requests of ~150 passes each, then SIGTERM; it exits within seconds."""
+    import os
+    import signal
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-c", "import sys; from gdino.cli import main; sys.exit(main())", "serve",
+               "--model", str(fast_dir), "--port", str(port), "--max-chunks", "1000", "--threads", "1"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        _wait_until(lambda: _healthy(base), timeout=120)
+        labels = ["".join(chr(0x4E00 + (i * 100 + j) % 20000) for j in range(100)) for i in range(300)]  # 2 a chunk
+        answers: list[int] = []
+
+        def ask() -> None:
+            answer = httpx.post(base + "/v1/detect", json={"image": base64.b64encode(png()).decode(), "labels": labels},
+                                timeout=300)  # fmt: skip
+            answers.append(answer.status_code)
+
+        clients = [threading.Thread(target=ask) for _ in range(2)]
+        for thread in clients:
+            thread.start()
+        _wait_until(lambda: httpx.get(base + "/healthz").json()["queue"]["pending"] == 2, timeout=60)
+        time.sleep(1.0)  # the first is inside its passes, the second queued
+        start = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        elapsed = time.monotonic() - start
+        for thread in clients:
+            thread.join(30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log = server.stdout.read().decode()
+    assert server.returncode in (0, -signal.SIGTERM), log  # uvicorn re-raises the signal once it has shut down
+    assert elapsed < 8, f"SIGTERM took {elapsed:.1f} s\n{log}"
+    assert answers == [503, 503], log
+    assert "Traceback" not in log, log
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(base + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
