@@ -1,8 +1,11 @@
-"""``gdino detect`` run as a subprocess on the small random-weight checkpoint."""
+"""``gdino detect`` on the small random-weight checkpoint: run as a subprocess, and in-process
+(``main(argv)``) for the checks made before the model is loaded."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,16 +159,221 @@ def test_bad_prompt(small_dir, data_dir, tmp_path, prompt, needle):
     assert not output.exists() or output.read_text() == ""
 
 
-@pytest.mark.parametrize("option", ["--box-threshold", "--text-threshold"])
-@pytest.mark.parametrize("value", ["-0.1", "1.5"])
-def test_threshold_out_of_range(small_dir, data_dir, option, value):
-    run = gdino(data_dir / "chelsea.png", "--prompt", PROMPT, "--model", small_dir, option, value)
-    assert run.returncode == 2
-    _one_line_error(run.stderr, option)
-    assert run.stdout == ""
-
-
 def test_missing_model(data_dir, tmp_path):
     run = gdino(data_dir / "chelsea.png", "--prompt", PROMPT, "--model", tmp_path / "no-such-model")
     assert run.returncode == 2
     _one_line_error(run.stderr, "no-such-model")
+
+
+# --------------------------------------------------------------------------- in-process: checks before any model work
+
+
+def run_main(capsys, *args: str | Path) -> tuple[int, str, str]:
+    """``gdino ARGS`` in this process: (exit status, stdout, stderr); argparse's exits included."""
+    from gdino.cli import main
+
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as e:
+        status = e.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def photos(data_dir, tmp_path) -> Path:
+    """A folder with two small images (copies: the tests check they are never changed)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(data_dir / "chelsea.png").resize((80, 60)).save(folder / "chelsea.png")
+    Image.open(data_dir / "rocket.jpg").resize((60, 90)).save(folder / "rocket.jpg")
+    return folder
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _annotate_into(case: str, photos: Path, tmp_path: Path, monkeypatch) -> Path:
+    """The --annotate folder of each way of naming the images' own files."""
+    if case == "same-folder":
+        return photos
+    if case == "relative":
+        monkeypatch.chdir(photos / "..")
+        return Path("..") / tmp_path.name / "photos"
+    if case == "folder-link":
+        (tmp_path / "drawn").symlink_to(photos, target_is_directory=True)
+        return tmp_path / "drawn"
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    if case == "file-link":  # drawn/chelsea.png -> the input: saving through it would write the input
+        (drawn / "chelsea.png").symlink_to(photos / "chelsea.png")
+    else:  # hard link
+        os.link(photos / "chelsea.png", drawn / "chelsea.png")
+    return drawn
+
+
+@pytest.mark.parametrize("case", ["same-folder", "relative", "folder-link", "file-link", "hard-link"])
+def test_annotate_never_writes_over_an_input(fast_dir, photos, tmp_path, monkeypatch, capsys, case):
+    before = _contents(photos)
+    annotate = _annotate_into(case, photos, tmp_path, monkeypatch)
+    images = [photos / "chelsea.png", photos / "rocket.jpg"]
+    status, out, err = run_main(capsys, "detect", *images, "--prompt", PROMPT, "--model", fast_dir,
+                                "--box-threshold", "0", "--annotate", annotate)
+    assert status == 2
+    assert out == ""
+    _one_line_error(err, "--annotate", "chelsea.png", "input")
+    assert _contents(photos) == before
+
+
+@pytest.mark.parametrize("case", ["same", "link", "relative"])
+def test_output_naming_an_input_is_refused(fast_dir, photos, tmp_path, monkeypatch, capsys, case):
+    before = _contents(photos)
+    output = photos / "rocket.jpg"
+    if case == "link":
+        output = tmp_path / "results.jsonl"
+        output.symlink_to(photos / "rocket.jpg")
+    elif case == "relative":
+        monkeypatch.chdir(photos)
+        output = Path("rocket.jpg")
+    status, out, err = run_main(capsys, "detect", photos / "chelsea.png", photos / "rocket.jpg", "--prompt", PROMPT,
+                                "--model", fast_dir, "--output", output)
+    assert status == 2
+    _one_line_error(err, "--output", "input")
+    assert _contents(photos) == before
+
+
+def test_output_that_is_an_annotated_file_is_refused(fast_dir, photos, tmp_path, capsys):
+    drawn = tmp_path / "drawn"
+    status, _, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
+                              "--annotate", drawn, "--output", drawn / "chelsea.png")
+    assert status == 2
+    _one_line_error(err, "--output", "--annotate")
+
+
+def test_refused_image_does_not_stop_the_run(fast_dir, photos, tmp_path, monkeypatch, capsys):
+    """An image the model refuses (here: too elongated to resize) is reported and skipped; the images
+    before and after it, in the same batch and in other batches, are written; exit status 2."""
+    from gdino import GroundingDinoForObjectDetection, ImageError
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (3, 4000), (200, 30, 30)).save(thin)
+    detect = GroundingDinoForObjectDetection.detect
+
+    def refusing(self, images, *args, **kwargs):
+        # What the preprocessing raises for an image whose short side resizes to 0 pixels (whether
+        # this one is refused depends on the resizing rule, so the refusal is made certain here).
+        if any(image.height > 100 * image.width for image in images):
+            raise ImageError("a 3x4000 image is too elongated: fitting its long side into 256 pixels leaves 0x256")
+        return detect(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(GroundingDinoForObjectDetection, "detect", refusing)
+    good = [photos / "chelsea.png", photos / "rocket.jpg"]
+    for batch_size in ("1", "3"):
+        output = tmp_path / f"batch-{batch_size}.jsonl"
+        status, _, err = run_main(capsys, "detect", good[0], thin, good[1], "--prompt", "cat,rocket", "--model",
+                                  fast_dir, "--box-threshold", "0", "--batch-size", batch_size, "--output", output,
+                                  "--annotate", tmp_path / "drawn")
+        assert status == 2, err
+        _one_line_error(err, str(thin), "too elongated")
+        records = _lines(output.read_text())
+        assert [r["image"] for r in records] == [str(p) for p in good]
+        assert all(len(r["detections"]) == 50 for r in records)
+        assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["chelsea.png", "rocket.jpg"]
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda", "cuda:7"])
+def test_unusable_device(fast_dir, photos, capsys, device):
+    import torch
+
+    if device != "foo" and torch.cuda.device_count() > (7 if device == "cuda:7" else 0):
+        pytest.skip("that GPU is here")
+    status, out, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
+                                "--device", device)
+    assert status == 2
+    assert out == ""
+    _one_line_error(err, f"--device {device}")
+
+
+def _unwritable(kind: str, tmp_path: Path) -> Path:
+    """A path nothing can be written to, even as root: below a regular file, or in /proc."""
+    if kind == "under-a-file":
+        (tmp_path / "a-file").write_text("x")
+        return tmp_path / "a-file" / "sub" / "results"
+    return Path("/proc/gdino-test-cannot-exist") / "results"
+
+
+@pytest.mark.parametrize("kind", ["under-a-file", "proc"])
+@pytest.mark.parametrize("option", ["--output", "--annotate"])
+def test_unwritable_output(fast_dir, photos, tmp_path, capsys, kind, option):
+    target = _unwritable(kind, tmp_path)
+    status, out, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
+                                option, target)
+    assert status == 2
+    assert out == ""
+    _one_line_error(err, option, str(target))
+
+
+def test_output_is_a_folder_and_annotate_is_a_file(fast_dir, photos, tmp_path, capsys):
+    status, _, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
+                              "--output", tmp_path)
+    assert status == 2
+    _one_line_error(err, "--output", "folder")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me\n")
+    status, _, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
+                              "--annotate", afile)
+    assert status == 2
+    _one_line_error(err, "--annotate", "is a file")
+    assert afile.read_text() == "keep me\n"
+
+
+BAD_NUMBERS = [
+    ("detect", "--batch-size", ["0", "-3", "1.5", "two"]),
+    ("detect", "--box-threshold", ["-0.1", "1.5", "nan", "inf"]),
+    ("detect", "--text-threshold", ["-0.1", "1.5", "nan"]),
+    ("label", "--batch-size", ["0", "-3"]),
+    ("label", "--box-threshold", ["-0.1", "1.5", "nan"]),
+    ("label", "--nms", ["-0.1", "2", "nan"]),
+    ("eval", "--max-dets", ["0", "-1"]),
+    ("eval", "--limit", ["0", "-5"]),
+    ("serve", "--port", ["-1", "65536"]),
+    ("serve", "--threads", ["0", "-2"]),
+    ("serve", "--max-upload-mb", ["0", "-1", "nan", "inf"]),
+    ("serve", "--max-pixels", ["0"]),
+    ("serve", "--max-queue", ["0"]),
+    ("serve", "--max-batch", ["0", "-3"]),
+    ("serve", "--batch-wait-ms", ["-1", "nan"]),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "values"), BAD_NUMBERS, ids=[f"{c}{o}" for c, o, _ in BAD_NUMBERS])
+def test_numbers_out_of_range_are_refused_by_the_parser(data_dir, tmp_path, capsys, command, option, values):
+    """Refused while the arguments are parsed (exit 2, the option and its range named), never used."""
+    no_model = tmp_path / "no-such-model"
+    before = {
+        "detect": ["detect", data_dir / "chelsea.png", "--prompt", PROMPT],
+        "label": ["label", data_dir, "--classes", "cat", "--out", tmp_path / "out"],
+        "eval": ["eval", "coco", "--images", data_dir, "--annotations", tmp_path / "instances.json"],
+        "serve": ["serve"],
+    }[command]
+    for value in values:
+        status, out, err = run_main(capsys, *before, "--model", no_model, f"{option}={value}")
+        assert status == 2, (value, err)
+        assert out == ""
+        assert f"argument {option}: must be" in err, err
+        assert repr(value) in err.splitlines()[-1]
+        assert "Traceback" not in err and "no-such-model" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_good_numbers_pass(capsys):
+    from gdino.cli import _parser
+
+    args = _parser().parse_args(["detect", "a.png", "--prompt", "cat", "--batch-size", "2", "--box-threshold", "0",
+                                 "--text-threshold", "1"])
+    assert (args.batch_size, args.box_threshold, args.text_threshold) == (2, 0.0, 1.0)
+    args = _parser().parse_args(["serve", "--port", "0", "--batch-wait-ms", "0", "--max-upload-mb", "0.5"])
+    assert (args.port, args.batch_wait_ms, args.max_upload_mb) == (0, 0.0, 0.5)
+    args = _parser().parse_args(["label", "d", "--classes", "c", "--out", "o", "--nms", "0.5"])
+    assert math.isclose(args.nms, 0.5) and args.batch_size == 4

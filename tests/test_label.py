@@ -253,3 +253,154 @@ def _fail(message: str):
         raise AssertionError(message)
 
     return fail
+
+
+# --------------------------------------------------------------------------- OUT and the input folder (in-process)
+
+
+def label_main(capsys, *args: str | Path) -> tuple[int, str]:
+    """``gdino label ARGS`` in this process: (exit status, stderr)."""
+    from gdino.cli import main
+
+    try:
+        status = main(["label", *map(str, args)])
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+@pytest.fixture
+def photos(data_dir, tmp_path) -> Path:
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    Image.open(data_dir / "coffee.png").resize((120, 80)).save(root / "coffee.png")
+    Image.open(data_dir / "rocket.jpg").resize((60, 90)).save(root / "sub" / "rocket.jpg")
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes | str]:
+    return {p.relative_to(root).as_posix(): ("-> " + os.readlink(p)) if p.is_symlink() else p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+def _one_line(stderr: str, *needles: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gdino: error:"), stderr
+    for needle in needles:
+        assert needle in lines[0], stderr
+
+
+@pytest.mark.parametrize("spelling", ["same", "link", "relative"])
+def test_out_is_the_images_folder(photos, fast_dir, tmp_path, monkeypatch, capsys, spelling):
+    """Refused (the exports' images/ links would be read as new images by the next run), twice, and
+    nothing is written into the folder."""
+    before = _files(photos)
+    out = photos
+    if spelling == "link":
+        out = tmp_path / "alias"
+        out.symlink_to(photos, target_is_directory=True)
+    elif spelling == "relative":
+        monkeypatch.chdir(photos / "sub")
+        out = Path("..")
+    for _ in range(2):
+        status, err = label_main(capsys, photos, "--classes", "cup,rocket", "--format", "yolo", "--out", out,
+                                 "--model", fast_dir, "--box-threshold", "0")
+        assert status == 2
+        _one_line(err, "images' folder")
+        assert _files(photos) == before
+
+
+def test_out_inside_the_folder_twice(photos, fast_dir, capsys):
+    out = photos / "sub" / "labels"
+    for _ in range(2):
+        status, err = label_main(capsys, photos, "--classes", "cup,rocket", "--format", "yolo", "--out", out,
+                                 "--model", fast_dir, "--box-threshold", "0")
+        assert status == 0, err
+    assert "label: 2 images" in err and "resuming, 2 of 2" in err
+    links = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.*"))
+    assert links == ["coffee.png", "sub/rocket.jpg"]
+    assert len((out / "labels" / "coffee.txt").read_text().splitlines()) == 50
+
+
+def test_links_into_out_are_not_inputs(photos, fast_dir, tmp_path, capsys):
+    """A link in the folder that points into OUT (e.g. to OUT's images/ links) is not a new image."""
+    out = tmp_path / "out"
+    common = ["--classes", "cup,rocket", "--format", "yolo", "--out", out, "--model", fast_dir]
+    status, err = label_main(capsys, photos, *common)
+    assert status == 0, err
+    (photos / "from-out.png").symlink_to(out / "images" / "coffee.png")
+    (photos / "labelled").symlink_to(out, target_is_directory=True)
+    status, err = label_main(capsys, photos, *common)
+    assert status == 0, err
+    assert "label: 2 images" in err and "resuming, 2 of 2" in err
+    assert sorted(p.name for p in (out / "labels").rglob("*.txt")) == ["coffee.txt", "rocket.txt"]
+
+
+@pytest.mark.parametrize("inside", ["images", "labels", "Annotations"])
+def test_images_inside_a_folder_the_exports_write(data_dir, fast_dir, tmp_path, capsys, inside):
+    """DIR = OUT/images: the YOLO export would replace each image by a link to itself. Refused."""
+    out = tmp_path / "dataset"
+    root = out / inside
+    root.mkdir(parents=True)
+    Image.open(data_dir / "coffee.png").resize((120, 80)).save(root / "coffee.png")
+    before = _files(out)
+    status, err = label_main(capsys, root, "--classes", "cup", "--format", "yolo", "--out", out, "--model", fast_dir)
+    assert status == 2
+    _one_line(err, str(root), "exports")
+    assert _files(out) == before
+
+
+def test_images_below_out_elsewhere_are_labelled(photos, fast_dir, tmp_path, capsys):
+    """OUT holding the folder is fine where the exports do not write: data/photos with --out data."""
+    status, err = label_main(capsys, photos, "--classes", "cup", "--format", "yolo", "--out", tmp_path,
+                             "--model", fast_dir)
+    assert status == 0, err
+    assert (tmp_path / "images" / "coffee.png").resolve() == (photos / "coffee.png").resolve()
+    status, err = label_main(capsys, photos, "--classes", "cup", "--format", "yolo", "--out", tmp_path,
+                             "--model", fast_dir)
+    assert status == 0 and "label: 2 images" in err and "resuming, 2 of 2" in err
+
+
+@pytest.mark.parametrize("kind", ["under-a-file", "proc"])
+def test_unwritable_out(photos, fast_dir, tmp_path, capsys, kind):
+    if kind == "under-a-file":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "labels"
+    else:
+        out = Path("/proc/gdino-test-cannot-exist/labels")
+    status, err = label_main(capsys, photos, "--classes", "cup", "--out", out, "--model", fast_dir)
+    assert status == 2
+    _one_line(err, "cannot", str(out))
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:7"])
+def test_unusable_device(photos, fast_dir, tmp_path, capsys, device):
+    import torch
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("that GPU is here")
+    status, err = label_main(capsys, photos, "--classes", "cup", "--out", tmp_path / "out", "--model", fast_dir,
+                             "--device", device)
+    assert status == 2
+    _one_line(err, f"--device {device}")
+
+
+@pytest.mark.parametrize("option", ["--out", "--detections"])
+def test_eval_unwritable_output_is_refused_before_the_run(photos, fast_dir, tmp_path, capsys, option):
+    from gdino.cli import main
+
+    (tmp_path / "a-file").write_text("x")
+    target = tmp_path / "a-file" / "metrics.json"
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "coffee.png", "width": 120, "height": 80}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000,
+                         "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "cup"}],
+    }))
+    status = main(["eval", "coco", "--images", str(photos), "--annotations", str(annotations), "--model",
+                   str(fast_dir), option, str(target)])
+    captured = capsys.readouterr()
+    assert status == 2
+    _one_line(captured.err, option, str(target))
+    assert captured.out == ""  # no evaluation ran

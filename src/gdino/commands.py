@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .arguments import UsageError, check_device, check_output_file, fraction, positive_int  # standard library only
 from .exports import FORMATS  # standard library only
 
 EXIT_BAD_INPUT = 2
@@ -26,10 +27,11 @@ def add_arguments(commands: Any) -> None:
     label.add_argument("--classes", required=True, help='"cat,dog", or a file with one class a line')
     label.add_argument("--format", choices=FORMATS, default="coco")
     label.add_argument("--out", type=Path, required=True, help="output folder (started again, it resumes)")
-    label.add_argument("--box-threshold", type=float, default=0.35, help="keep boxes whose class scores above this")
-    label.add_argument("--nms", type=float, default=None, metavar="IOU",
-                       help="drop a box overlapping a better box of its class by more than this IoU")
-    label.add_argument("--batch-size", type=int, default=4, help="images per call")
+    label.add_argument("--box-threshold", type=fraction, default=0.35,
+                       help="keep boxes whose class scores above this, 0 to 1 (default 0.35)")
+    label.add_argument("--nms", type=fraction, default=None, metavar="IOU",
+                       help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)")
+    label.add_argument("--batch-size", type=positive_int, default=4, help="images per call (default 4)")
     _model_arguments(label)
 
     evaluate = commands.add_parser("eval", help="zero-shot evaluation on a labelled dataset")
@@ -39,8 +41,8 @@ def add_arguments(commands: Any) -> None:
     coco.add_argument("--annotations", type=Path, required=True, help="instances_*.json")
     coco.add_argument("--out", type=Path, default=None, help="write the 12 numbers here as JSON")
     coco.add_argument("--detections", type=Path, default=None, help="write the detections here (COCO results)")
-    coco.add_argument("--max-dets", type=int, default=300, help="detections kept per image")
-    coco.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    coco.add_argument("--max-dets", type=positive_int, default=300, help="detections kept per image (default 300)")
+    coco.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     _model_arguments(coco)
 
 
@@ -61,9 +63,8 @@ def _load_model(args: argparse.Namespace) -> Any:
     from .cli import DTYPES
     from .detector import GroundingDinoForObjectDetection
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return GroundingDinoForObjectDetection.from_pretrained(
-        _model_name(args), device=device, dtype=getattr(torch, DTYPES[args.dtype])
+        _model_name(args), device=args.device, dtype=getattr(torch, DTYPES[args.dtype])
     ).eval()
 
 
@@ -84,12 +85,9 @@ def _label(args: argparse.Namespace) -> int:
     from . import CheckpointError, PromptError
     from .label import LabelError, Settings, label_folder, parse_classes
 
-    if not 0.0 <= args.box_threshold <= 1.0:
-        return _error("--box-threshold must be between 0 and 1")
-    if args.nms is not None and not 0.0 <= args.nms <= 1.0:
-        return _error("--nms must be between 0 and 1")
     try:
         classes = parse_classes(args.classes)
+        args.device = check_device(args.device)
         settings = Settings(tuple(classes), _model_name(args), args.box_threshold, args.nms)
 
         def make_detector() -> Any:
@@ -98,8 +96,10 @@ def _label(args: argparse.Namespace) -> int:
             return lambda images: model.detect(images, classes, args.box_threshold, nms_threshold=args.nms)
 
         summary = label_folder(args.folder, args.out, args.format, settings, make_detector, args.batch_size)
-    except (LabelError, CheckpointError, PromptError) as e:
+    except (LabelError, CheckpointError, PromptError, UsageError) as e:
         return _error(str(e))
+    except OSError as e:  # the export could not be written (e.g. the disk is full); the journal is kept
+        return _error(f"cannot write {e.filename or args.out}: {e.strerror or e}")
     errors = f"; {summary.errors} could not be read: see {args.out / 'errors.txt'}" if summary.errors else ""
     print(f"label: {summary.images} images, {summary.boxes} boxes, written to {args.out}{errors}",
           file=sys.stderr, flush=True)
@@ -110,8 +110,13 @@ def _eval_coco(args: argparse.Namespace) -> int:
     from . import CheckpointError, PromptError
     from .evaluate import EvalError, evaluate_coco, model_detector, write_report
 
-    if args.max_dets < 1:
-        return _error("--max-dets must be at least 1")
+    try:
+        for path, option in ((args.out, "--out"), (args.detections, "--detections")):
+            if path is not None:
+                check_output_file(path, option)
+        args.device = check_device(args.device)
+    except UsageError as e:
+        return _error(str(e))
     chunks = []
 
     def make_detector(names: list[str]) -> Any:

@@ -1,12 +1,12 @@
 """``gdino label DIR --classes "cat,dog" --format coco --out OUT``: pre-labels a folder of images.
 
-Images are found recursively (sorted, hidden folders and OUT itself left out) and detected in
-batches while the next batch is read. Each batch's records are appended to a journal
-(``OUT/.gdino-label.jsonl``, synced to disk) before the next one starts, so a run that is killed
-and started again skips the images already done; the export is written from the journal at the
-end, in folder order, so it is byte for byte what an uninterrupted run writes. An image that
-cannot be read or detected goes to ``OUT/errors.txt`` (path, tab, reason) and is tried again by
-the next run; it never stops the run.
+Images are found recursively (sorted; hidden folders, OUT and links into OUT left out; OUT may not
+be the images' folder itself) and detected in batches while the next batch is read. Each batch's
+records are appended to a journal (``OUT/.gdino-label.jsonl``, synced to disk) before the next
+one starts, so a run that is killed and started again skips the images already done; the export
+is written from the journal at the end, in folder order, so it is byte for byte what an
+uninterrupted run writes. An image that cannot be read or detected goes to ``OUT/errors.txt``
+(path, tab, reason) and is tried again by the next run; it never stops the run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .progress import Progress, read_ahead
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 JOURNAL = ".gdino-label.jsonl"
 ERRORS = "errors.txt"
+EXPORT_FOLDERS = ("images", "labels", "Annotations")  # what exports write under OUT, besides files
 
 Detect = Callable[[list[Image.Image]], list[Any]]  # images -> Detections, one per image
 
@@ -78,17 +79,59 @@ def parse_classes(text: str) -> list[str]:
 
 
 def find_images(root: Path, exclude: Path | None = None) -> list[str]:
-    """Image files under ``root`` (by suffix), as sorted paths relative to it with "/"."""
+    """Image files under ``root`` (by suffix), as sorted paths relative to it with "/".
+
+    Hidden files and folders are left out, and so is everything of the output folder ``exclude``
+    (see ``output_parts``): a folder or a link that resolves into it is never read as input.
+    """
     if not root.is_dir():
         raise LabelError(f"not a folder: {root}")
-    skip = exclude.resolve() if exclude is not None else None
+    skip = output_parts(root, exclude) if exclude is not None else ()
+
+    def skipped(path: Path) -> bool:
+        return any(real == part or real.is_relative_to(part) for real in _link_hops(path) for part in skip)
+
     found = []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root):  # links to folders are not followed
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != skip)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not skipped(here / d))
         found += [(here / f).relative_to(root).as_posix() for f in files
-                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith(".")]
+                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith(".")
+                  and not (os.path.islink(here / f) and skipped(here / f))]
     return sorted(found)
+
+
+def _link_hops(path: Path) -> list[Path]:
+    """Where ``path`` leads, resolved: each link of a chain of links, and the file at its end."""
+    hops, seen = [], set()
+    while path.is_symlink() and path not in seen and len(seen) < 40:
+        seen.add(path)
+        path = path.parent / os.readlink(path)
+        hops.append(path.parent.resolve() / path.name)
+    return [*hops, path.resolve()]
+
+
+def output_parts(root: Path, out: Path) -> tuple[Path, ...]:
+    """The resolved folders of ``out`` that must not be read as input when labelling ``root``.
+
+    All of ``out``, unless ``out`` holds ``root``: then the folders the exports write image links
+    and label files into (``images``, ``labels``, ``Annotations``).
+
+    Raises:
+        LabelError: ``out`` is ``root``, or ``root`` is inside a folder the exports write.
+    """
+    real_root, real_out = root.resolve(), out.resolve()
+    if real_out == real_root:
+        raise LabelError(f"the output folder {out} is the images' folder: the next run would read its "
+                         f"exports as images; use another folder, e.g. {root / 'labels'}")
+    if not real_root.is_relative_to(real_out):
+        return (real_out,)
+    parts = tuple(real_out / name for name in EXPORT_FOLDERS)
+    for part in parts:
+        if real_root == part or real_root.is_relative_to(part):
+            raise LabelError(f"the images' folder {root} is inside {out / part.name}, which the exports "
+                             "write; use another output folder")
+    return parts
 
 
 # --------------------------------------------------------------------------- journal
@@ -247,8 +290,11 @@ def label_folder(
     names = find_images(root, exclude=out)
     if not names:
         raise LabelError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out / JOURNAL, settings)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        journal = Journal(out / JOURNAL, settings)
+    except OSError as e:
+        raise LabelError(f"cannot write in the output folder {out}: {e.strerror or e}") from None
     try:
         todo = [n for n in names if n not in journal.records]
         resumed = len(names) - len(todo)
