@@ -136,16 +136,30 @@ def test_labels_with_separators(model, image):
 
 
 def test_what_a_list_means(model):
+    """By type only (``gdino.prompts``): never by the number of images or a "." in the strings."""
     tok = model.processor.tokenizer
-    # strings with "." as many as the images: one prompt per image (the Hugging Face rule)
-    assert queries_for_images(["a cat.", "a dog."], 2, tok) == ["a cat.", "a dog."]
-    # with one image, the same list can only be labels
-    (labels,) = queries_for_images(["a cat.", "a dog."], 1, tok)
-    assert isinstance(labels, ClassQuery) and labels.names == ("a cat.", "a dog.")
-    mixed = queries_for_images(["a cat. a dog", ["cat", "dog"]], 2, tok)
-    assert mixed[0] == "a cat. a dog." and isinstance(mixed[1], ClassQuery)
-    with pytest.raises(PromptError, match="3 prompts for 2 images"):
-        queries_for_images(["a.", "b.", ["c"]], 2, tok)
+    # a list of strings is one label list shared by every image, "." or not
+    for n in (1, 2):
+        queries = queries_for_images(["a cat.", "a dog."], n, tok)
+        assert len(queries) == n and all(q is queries[0] for q in queries)  # split once
+        assert isinstance(queries[0], ClassQuery) and queries[0].names == ("a cat.", "a dog.")
+        assert [p.text for p in queries[0].prompts] == ["a cat. a dog."]
+    (alone,) = queries_for_images(["st. bernard"], 1, tok)
+    assert alone.names == ("st. bernard",) and [p.text for p in alone.prompts] == ["st bernard."]
+    # a list of lists: one label list per image (one list: shared)
+    first, second = queries_for_images([["cat", "dog"], ["cow"]], 2, tok)
+    assert first.names == ("cat", "dog") and second.names == ("cow",)
+    assert [q.names for q in queries_for_images([["cat"]], 3, tok)] == [("cat",)] * 3
+    # explicit keywords
+    assert queries_for_images(None, 2, tok, labels=["a cat."])[1].names == ("a cat.",)
+    phrases, labels = queries_for_images(None, 2, tok, prompts=["a cat. a dog", ["cat", "dog"]])
+    assert phrases == "a cat. a dog." and labels.names == ("cat", "dog")
+    with pytest.raises(PromptError, match="mixes strings and lists"):
+        queries_for_images(["a cat. a dog", ["cat", "dog"]], 2, tok)
+    with pytest.raises(PromptError, match="3 label lists for 2 images"):
+        queries_for_images([["a"], ["b"], ["c"]], 2, tok)
+    with pytest.raises(PromptError, match="3 entries for 2 images"):
+        queries_for_images(None, 2, tok, prompts=["a.", "b.", ["c"]])
     with pytest.raises(PromptError, match="empty"):
         queries_for_images([], 1, tok)
 

@@ -147,8 +147,8 @@ def test_missing_image_no_detections_same_names(small_dir, data_dir, tmp_path):
 @pytest.mark.parametrize(
     ("prompt", "needle"),
     [("", "empty"), ("   ", "empty"), (".", "no phrase"), (", ,", "empty"),
-     (". ".join(["a cat"] * 100), "256")],
-    ids=["empty", "whitespace", "dot", "empty-label-list", "too-long"],
+     (". ".join(["a cat"] * 100), "256"), ("cat,dog,cat", "twice")],
+    ids=["empty", "whitespace", "dot", "empty-label-list", "too-long", "duplicate-label"],
 )
 def test_bad_prompt(small_dir, data_dir, tmp_path, prompt, needle):
     output = tmp_path / "out.jsonl"

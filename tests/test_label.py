@@ -165,7 +165,7 @@ def test_other_settings_are_refused(folder, fast_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["--classes", " , "], "no classes"), (["--classes", "cat,dog,cat"], "twice"),
+    [(["--classes", " , "], "no classes"), (["--classes", "cat,dog,cat"], "twice"), (["--classes", "cat,Cat"], "same label"),
      (["--classes", "cat", "--box-threshold", "2"], "--box-threshold")],
 )
 def test_bad_arguments(folder, tmp_path, args, needle):

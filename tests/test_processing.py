@@ -85,6 +85,34 @@ def test_per_image_prompts_padded_like_transformers(hf, proc):
     _assert_same_inputs(ours, ref)
 
 
+def test_labels_are_tokenised_as_detect_writes_them(hf, proc):
+    """A label goes into the prompt as ``detect`` writes it ("traffic_light" -> "traffic light");
+    transformers keeps "_" as a token of its own, the one documented difference."""
+    from gdino.classes import label_query
+
+    labels = ["traffic_light", "cat"]
+    ours = proc(text=labels)["input_ids"]
+    (chunk,) = label_query(labels, proc.tokenizer).prompts  # the prompt detect runs
+    assert torch.equal(ours, proc(text=chunk.text)["input_ids"])
+    assert torch.equal(ours, proc(text="traffic light. cat.")["input_ids"])
+    assert torch.equal(proc(text=[labels])["input_ids"], ours)  # the model card's nested form
+    underscore = proc.tokenizer.encode(["_"]).input_ids[0, 1].item()
+    assert underscore in hf(text=labels, return_tensors="pt")["input_ids"][0].tolist()
+    assert underscore not in ours[0].tolist()
+
+
+def test_labels_keyword_removes_the_guessing(hf, proc):
+    # text=: transformers' rule, a "." makes a list of strings one prompt per item
+    assert torch.equal(proc(text=["st. bernard"])["input_ids"], hf(text=["st. bernard."], return_tensors="pt")["input_ids"])
+    # labels=: always one label list, as detect reads ["st. bernard"]
+    explicit = proc(images=_images(["chelsea.png", "coffee.png"]), labels=["st. bernard", "cat"])
+    assert torch.equal(explicit["input_ids"], proc(text="st bernard. cat.")["input_ids"].expand(2, -1))
+    with pytest.raises(PromptError, match="text or labels"):
+        proc(text="a cat.", labels=["cat"])
+    with pytest.raises(PromptError, match="not a string"):
+        proc(labels="cat")
+
+
 @pytest.mark.parametrize("prompt", [
     "a cat. a remote control.", "the café's crème brûlée.", "naïve 东京 tower? 42 apples.",
     "unbelievably-long-hyphenated-wordpieces. x-ray!.", "tabs\tand  spaces . dots...", "[sep] [mask] things.",

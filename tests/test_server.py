@@ -7,11 +7,16 @@ import base64
 import importlib.util
 import io
 import json
+import logging
+import re
+import socket
 import struct
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -22,7 +27,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gdino import GroundingDinoForObjectDetection  # noqa: E402
-from gdino.server.app import Settings, create_app  # noqa: E402
+from gdino.server.app import Settings, create_app, serve_in_thread  # noqa: E402
 from gdino.server.batching import Batcher, Job, QueueFull, run_group  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -188,7 +193,6 @@ def test_eps_is_refused_without_running_its_decoder(client):
         ({"prompt": "   "}, "invalid_prompt"),
         ({"prompt": ". . ."}, "invalid_prompt"),
         ({"prompt": "cat " * 300}, "invalid_prompt"),  # over 256 tokens
-        ({"prompt": "x" * 5000}, "invalid_prompt"),  # over the character limit, refused before tokenising
         ({}, "invalid_prompt"),
         ({"prompt": "a cat.", "labels": "cat"}, "invalid_prompt"),
         ({"labels": ", ,"}, "invalid_prompt"),
@@ -365,3 +369,294 @@ def test_batcher_bounds():
         pass
     with pytest.raises(ValueError):
         Batcher(model=None, max_queue=0)
+
+
+# --------------------------------------------------------------------------- bounded work, disconnects, shutdown
+
+
+def _cjk_labels(n: int, chars: int = 1) -> list[str]:
+    """``n`` distinct labels of ``chars`` CJK characters (one token each for BERT)."""
+    return ["".join(chr(0x4E00 + (i * chars + j) % 20000) for j in range(chars)) for i in range(n)]
+
+
+def test_a_huge_label_list_is_refused_at_once(client):
+    body = {"image": base64.b64encode(png()).decode(), "labels": ["a"] * 65_536}
+    start = time.monotonic()
+    refused = client.post("/v1/detect", json=body)
+    assert_error(refused, 413, "too_many_labels")
+    assert time.monotonic() - start < 5, "counted before tokenising"
+    assert "2000" in refused.json()["detail"] and "--max-labels" in refused.json()["detail"]
+    csv = post(client, png(), labels=",".join(f"l{i}" for i in range(2001)))  # the comma-separated form too
+    assert_error(csv, 413, "too_many_labels")
+    assert_error(post(client, png(), prompt="x" * 5000), 413, "prompt_too_long")
+
+
+def test_label_chunks_are_bounded_and_tokenised_off_the_event_loop(model):
+    """10,000 two-character labels need ~119 chunks: tokenising them takes seconds, in a thread."""
+    app = create_app(model, Settings(max_labels=20_000, max_chunks=100))
+    body = {"image": base64.b64encode(png()).decode(), "labels": _cjk_labels(10_000, chars=2)}
+
+    async def scenario():
+        async with _asgi_client(app) as c:
+            big = asyncio.create_task(c.post("/v1/detect", json=body))
+            waits = []
+            while not big.done():
+                start = time.monotonic()
+                assert (await c.get("/healthz")).status_code == 200
+                waits.append(time.monotonic() - start)
+                await asyncio.sleep(0.05)
+            return await big, waits
+
+    try:
+        refused, waits = asyncio.run(scenario())
+    finally:
+        app.state.batcher.stop()
+    body = assert_error(refused, 413, "too_many_chunks")
+    assert "--max-chunks" in body["detail"] and "100" in body["detail"]
+    assert len(waits) >= 3 and max(waits) < 1.0, waits  # /healthz answered while the labels were tokenised
+    assert app.state.batcher.stats.requests == 0  # nothing reached the model
+
+
+def test_chunks_within_the_limit_run(model, data_dir):
+    labels = _cjk_labels(300)  # 3 chunks
+    app = create_app(model, Settings(max_chunks=3))
+    with TestClient(app) as c:
+        answer = post(c, data_dir / "coffee.png", "coffee.png", labels=",".join(labels))
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == expected(model, data_dir / "coffee.png", labels)
+    with TestClient(create_app(model, Settings(max_chunks=2))) as c:
+        assert_error(post(c, data_dir / "coffee.png", labels=",".join(labels)), 413, "too_many_chunks")
+
+
+def _raw_request(base: str, fields: dict, image: bytes) -> tuple[socket.socket, bytes]:
+    """An open connection that has sent a whole multipart detect request (not yet answered)."""
+    request = httpx.Request("POST", base + "/v1/detect", files={"image": ("i.png", image)}, data=fields)
+    body = request.read()
+    url = urlparse(base)
+    head = (f"POST /v1/detect HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: {request.headers['content-type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    sock = socket.create_connection((url.hostname, url.port))
+    sock.sendall(head + body)
+    return sock, body
+
+
+def _read_status(sock: socket.socket) -> int:
+    sock.settimeout(60)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]) if data else 0
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_gone_clients_queued_job_is_not_run(model):
+    app = create_app(model)
+    batcher = app.state.batcher
+    batcher.poll_seconds = 0.05
+    started, release, prompts = threading.Event(), threading.Event(), []
+
+    def slow_detect(features, prompt, **kwargs):
+        prompts.append(prompt)
+        started.set()
+        release.wait(30)
+        return model.detect(features, prompt, **kwargs)
+
+    batcher.model = type("Slow", (), {"detect": staticmethod(slow_detect),
+                                      "encode_image": staticmethod(model.encode_image)})()  # fmt: skip
+    try:
+        with serve_in_thread(app) as base:
+            first, _ = _raw_request(base, {"prompt": "a cat."}, png())
+            assert started.wait(30)
+            second, _ = _raw_request(base, {"prompt": "a dog."}, png())
+            _wait_until(lambda: batcher.pending == 2)
+            second.close()  # the client gives up while its job waits
+            _wait_until(lambda: batcher.stats.dropped == 1)
+            release.set()
+            assert _read_status(first) == 200
+            first.close()
+            health = httpx.get(base + "/healthz").json()
+    finally:
+        release.set()
+    assert prompts == ["a cat."]  # the dropped job never reached the model
+    assert health["batches"]["dropped"] == 1 and health["queue"]["pending"] == 0
+
+
+def test_shutdown_is_bounded_with_long_jobs_queued(model, monkeypatch):
+    """Two label lists of ~24 chunks each (0.3 s per chunk here) queued; stopping takes about one chunk."""
+    passes = model.detect_features
+
+    def slow_pass(*args, **kwargs):
+        time.sleep(0.3)
+        return passes(*args, **kwargs)
+
+    monkeypatch.setattr(model, "detect_features", slow_pass)
+    app = create_app(model, Settings(max_labels=5000, max_chunks=100, shutdown_seconds=30))
+    batcher = app.state.batcher
+    answers: list[httpx.Response] = []
+    labels = ",".join(_cjk_labels(3000))
+
+    def ask(base: str) -> None:
+        answers.append(httpx.post(base + "/v1/detect", files={"image": ("i.png", png())}, data={"labels": labels},
+                                  timeout=120))  # fmt: skip
+
+    with serve_in_thread(app) as base:
+        clients = [threading.Thread(target=ask, args=(base,)) for _ in range(2)]
+        for thread in clients:
+            thread.start()
+        _wait_until(lambda: batcher.pending == 2 and batcher.stats.groups >= 1, timeout=60)
+        time.sleep(0.5)  # the first job is inside its chunks
+        start = time.monotonic()
+    elapsed = time.monotonic() - start
+    for thread in clients:
+        thread.join(30)
+    assert elapsed < 5, f"shutting down took {elapsed:.1f} s"
+    assert len(answers) == 2
+    for answer in answers:
+        assert_error(answer, 503, "shutting_down")
+
+
+def _asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], messages: list[dict]) -> list[dict]:
+    """Runs one request through the ASGI app with the given receive messages; returns what it sent."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 5000), "server": ("test", 80)}  # fmt: skip
+    sent: list[dict] = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["multipart", "json"])
+def test_a_client_gone_mid_upload_is_one_log_line(model, caplog, kind):
+    app = create_app(model)
+    if kind == "multipart":
+        content_type = b"multipart/form-data; boundary=xyz"
+        part = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + png()[:40]
+    else:
+        content_type, part = b"application/json", b'{"prompt": "a cat.", "image": "iVBORw0KGgo'
+    headers = [(b"content-type", content_type), (b"content-length", b"100000")]
+    messages = [{"type": "http.request", "body": part, "more_body": True}, {"type": "http.disconnect"}]
+    with caplog.at_level(logging.DEBUG):
+        _asgi_call(app, "POST", "/v1/detect", headers, messages)  # raises nothing
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING], caplog.text
+    lines = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO, caplog.text
+
+
+# --------------------------------------------------------------------------- HEAD, headers, health, docs
+
+
+def test_head_answers_like_get_without_a_body(client):
+    for path in ("/", "/healthz", "/docs", "/openapi.json", "/favicon.ico", "/docs/assets/swagger-ui-bundle.js"):
+        get, head = client.get(path), client.head(path)
+        assert get.status_code == 200 and head.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and get.content, path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert client.head("/v1/detect").status_code == 405  # POST only, as GET
+
+
+def test_every_answer_says_nosniff(client, model, data_dir):
+    answers = [client.get(p) for p in ("/", "/healthz", "/docs", "/openapi.json", "/favicon.ico", "/nowhere",
+                                       "/v1/detect", "/docs/assets/swagger-ui.css")]  # fmt: skip
+    answers += [post(client, data_dir / "coffee.png", prompt="a cup."), post(client, b"junk", prompt="a cup."),
+                post(client, png(), prompt=""), client.post("/v1/detect", content=b"x")]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200, 200, 200, 200, 404, 405, 200, 200, 400, 422, 415]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.request.url
+    app = create_app(model)
+    app.state.batcher.model = None  # a bug: a 500 says nosniff too
+    with TestClient(app, raise_server_exceptions=False) as broken:
+        answer = post(broken, data_dir / "chelsea.png", prompt="a cat.")
+        assert answer.status_code == 500 and answer.headers["x-content-type-options"] == "nosniff"
+
+
+def test_healthz_shows_the_model_path_only_with_the_key(model):
+    app = create_app(model, Settings(api_key="s3cret"), model_name="/secret/path/model.pth")
+    with TestClient(app) as locked:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+            health = locked.get("/healthz", headers=headers).json()
+            assert health["status"] == "ok" and "queue" in health and "model" not in health
+            assert "/secret" not in json.dumps(health)
+        for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
+            assert locked.get("/healthz", headers=headers).json()["model"] == "/secret/path/model.pth"
+    with TestClient(create_app(model, model_name="/open/model.pth")) as open_:  # no key: the API is open anyway
+        assert open_.get("/healthz").json()["model"] == "/open/model.pth"
+
+
+def test_docs_load_nothing_from_elsewhere(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 100, asset
+    assert "SwaggerUIBundle" in client.get("/docs/assets/swagger-ui-bundle.js").text
+
+
+def test_sigterm_stops_gdino_serve_while_long_label_lists_are_queued(fast_dir, tmp_path):
+    """The real ``gdino serve``: two requests of ~150 passes each, then SIGTERM; it exits within seconds."""
+    import os
+    import signal
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-c", "import sys; from gdino.cli import main; sys.exit(main())", "serve",
+               "--model", str(fast_dir), "--port", str(port), "--max-chunks", "1000", "--threads", "1"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        _wait_until(lambda: _healthy(base), timeout=120)
+        labels = ["".join(chr(0x4E00 + (i * 100 + j) % 20000) for j in range(100)) for i in range(300)]  # 2 a chunk
+        answers: list[int] = []
+
+        def ask() -> None:
+            answer = httpx.post(base + "/v1/detect", json={"image": base64.b64encode(png()).decode(), "labels": labels},
+                                timeout=300)  # fmt: skip
+            answers.append(answer.status_code)
+
+        clients = [threading.Thread(target=ask) for _ in range(2)]
+        for thread in clients:
+            thread.start()
+        _wait_until(lambda: httpx.get(base + "/healthz").json()["queue"]["pending"] == 2, timeout=60)
+        time.sleep(1.0)  # the first is inside its passes, the second queued
+        start = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        elapsed = time.monotonic() - start
+        for thread in clients:
+            thread.join(30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log = server.stdout.read().decode()
+    assert server.returncode in (0, -signal.SIGTERM), log  # uvicorn re-raises the signal once it has shut down
+    assert elapsed < 8, f"SIGTERM took {elapsed:.1f} s\n{log}"
+    assert answers == [503, 503], log
+    assert "Traceback" not in log, log
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(base + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -8,8 +8,12 @@ label ids of the full list. ``nms`` and ``top_k`` are small, dependency-free tor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +25,33 @@ from .classes import ClassPrompt
 if TYPE_CHECKING:
     from .detector import GroundingDinoForObjectDetection
     from .model.grounding_dino import ImageFeatures
+
+log = logging.getLogger(__name__)
+
+MANY_CHUNKS = 8  # from this many passes per image on, ``detect`` warns of the cost
+ChunkCallback = Callable[[int, int], None]
+_on_chunk: ContextVar[ChunkCallback | None] = ContextVar("gdino_on_chunk", default=None)
+
+
+@contextmanager
+def on_chunk(callback: ChunkCallback) -> Iterator[None]:
+    """Calls ``callback(done, total)`` before each chunk of a label list and once after the last.
+
+    It holds in this thread (or task) only. For progress (the command line) and for stopping between chunks (the server): an exception
+    raised by the callback ends ``detect`` before the next pass.
+    """
+    token = _on_chunk.set(callback)
+    try:
+        yield
+    finally:
+        _on_chunk.reset(token)
+
+
+@lru_cache(maxsize=64)
+def _warn_cost(chunks: int, labels: int) -> None:
+    """Says once per list size what a huge label list costs."""
+    log.warning("%d labels need %d passes of the encoder and decoder per image (each up to 256 tokens); "
+                "a shorter list is faster", labels, chunks)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,8 +85,13 @@ def score_chunks(
     model: GroundingDinoForObjectDetection, features: ImageFeatures, prompts: Sequence[ClassPrompt]
 ) -> list[ChunkScores]:
     """Class scores of every query for each chunk; ``features`` is one image (``ImageFeatures.crop``)."""
+    callback = _on_chunk.get()
+    if len(prompts) >= MANY_CHUNKS:
+        _warn_cost(len(prompts), sum(len(p.ids) for p in prompts))
     out = []
-    for prompt in prompts:
+    for done, prompt in enumerate(prompts):
+        if callback is not None:
+            callback(done, len(prompts))
         tokens = model.processor.tokenizer.encode([prompt.text])
         text = model.text_features(
             tokens.input_ids.to(model.device), tokens.attention_mask.to(model.device),
@@ -66,6 +102,8 @@ def score_chunks(
         scores = probs @ prompt.positive_map(probs.shape[-1], probs.device).T  # (Q, C)
         ids = torch.tensor(prompt.ids, dtype=torch.long, device=probs.device)
         out.append(ChunkScores(scores, boxes[0].float(), ids))
+    if callback is not None:
+        callback(len(prompts), len(prompts))
     return out
 
 

@@ -9,24 +9,25 @@ A list longer than the model's 256 tokens is split into chunks (``ClassPrompt``)
 a label; each chunk is one pass of the detector over the same image features.
 
 Labels keep their text as given (``Detections.labels[i] == labels[label_ids[i]]``). In the prompt
-they are lower-cased, and ``"."``, ``"?"`` (which end a phrase inside the model) and ``"_"``
-become spaces: ``"st. bernard"`` is prompted as ``"st bernard"``, ``"traffic_light"`` as
-``"traffic light"``.
+they are written by ``gdino.prompts.prompt_text``: lower-cased, and ``"."``, ``"?"`` (which end a
+phrase inside the model) and ``"_"`` become spaces: ``"st. bernard"`` is prompted as
+``"st bernard"``, ``"traffic_light"`` as ``"traffic light"``. Which inputs are label lists is
+``gdino.prompts``' rule.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .prompts import label_texts, prompt_text, read_prompts
 from .text import PromptError, TextTokenizer, normalize_prompt
 
-TokenSpans = Sequence[Sequence[tuple[int, int]]]
+__all__ = ["ClassPrompt", "ClassQuery", "TokenSpans", "label_query", "prompt_text", "queries_for_images", "span_query"]
 
-_PROMPT_BREAKERS = re.compile(r"[.?_]")
+TokenSpans = Sequence[Sequence[tuple[int, int]]]
 
 
 @dataclass(frozen=True)
@@ -66,31 +67,18 @@ class ClassQuery:
     prompts: tuple[ClassPrompt, ...]
 
 
-def prompt_text(label: str) -> str:
-    """How a label is written in the prompt: ``"St. Bernard_dog"`` -> ``"st bernard dog"``."""
-    return " ".join(_PROMPT_BREAKERS.sub(" ", label.lower()).split())
-
-
 def label_query(labels: Sequence[str], tokenizer: TextTokenizer) -> ClassQuery:
     """Splits a label list into prompts that fit the model, never cutting a label.
 
     Labels are packed in order, greedily: a chunk holds ``[CLS] l1 . l2 . ... [SEP]`` up to
-    ``tokenizer.max_text_len`` tokens.
+    ``tokenizer.max_text_len`` tokens. Duplicates are not checked here (``detect`` refuses them
+    through ``gdino.prompts.check_labels``; an evaluation takes a data set's names as they are).
 
     Raises:
         PromptError: an empty list, a label that is not a string, has no words, or alone is
             longer than the model accepts.
     """
-    if isinstance(labels, str) or len(labels) == 0:
-        raise PromptError("the list of labels is empty; give at least one label, e.g. ['cat']")
-    texts = []
-    for i, label in enumerate(labels):
-        if not isinstance(label, str):
-            raise PromptError(f"label {i} must be a string, got {type(label).__name__}")
-        text = prompt_text(label)
-        if not text:
-            raise PromptError(f"label {i} ({label!r}) is empty or has only separators such as '.'")
-        texts.append(text)
+    texts = label_texts(labels)
     sizes = [len(tokenizer.offsets(t)) - 2 for t in texts]  # without [CLS] and [SEP]
     budget = tokenizer.max_text_len - 2
     chunks: list[list[int]] = [[]]
@@ -176,39 +164,33 @@ def _covered(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]
 
 
 def queries_for_images(
-    prompt: object, n_images: int, tokenizer: TextTokenizer, token_spans: TokenSpans | None = None
+    prompt: object,
+    n_images: int,
+    tokenizer: TextTokenizer,
+    token_spans: TokenSpans | None = None,
+    *,
+    labels: object = None,
+    prompts: object = None,
 ) -> list[str | ClassQuery]:
-    """One query per image: a phrase prompt (a string, scored as today) or a ``ClassQuery``.
+    """One query per image, read by ``gdino.prompts.read_prompts``: a phrase prompt or a ``ClassQuery``.
 
-    * ``"a cat. a remote control."`` -> a phrase prompt; with ``token_spans``, a ``ClassQuery``;
-    * ``["cat", "remote control"]`` -> a label list, any length;
-    * a list of strings some of which hold ``"."`` is one phrase prompt per image when there are
-      one or as many as images (the Hugging Face rule), else a label list (``["st. bernard", "cat"]``);
-    * a list of prompts and label lists -> one per image.
+    A phrase prompt is a normalised string (scored phrase by phrase); a label list, or a string
+    with ``token_spans``, is a ``ClassQuery``. A label list shared by all images is split once.
 
     Raises:
         PromptError: bad prompts, or a number of prompts that does not match the images.
     """
     if token_spans is not None:
+        if labels is not None or prompts is not None:
+            raise PromptError("token_spans pick labels out of one string prompt; give no labels= or prompts=")
         return [span_query(prompt, token_spans, tokenizer)] * n_images  # type: ignore[arg-type]
-    if isinstance(prompt, str):
-        return [normalize_prompt(prompt)] * n_images
-    if not isinstance(prompt, (list, tuple)):
-        raise PromptError(f"the prompt must be a string or a list, got {type(prompt).__name__}")
-    if len(prompt) == 0:
-        raise PromptError("the list of labels is empty; give at least one label, e.g. ['cat']")
-    if all(isinstance(p, str) for p in prompt):
-        per_image = any("." in p for p in prompt) and len(prompt) in (1, n_images)
-        if not per_image:
-            return [label_query(prompt, tokenizer)] * n_images
-    if len(prompt) not in (1, n_images):
-        raise PromptError(f"got {len(prompt)} prompts for {n_images} images; give one prompt, or one per image")
-    queries = []
-    for item in prompt:
+    split: dict[int, ClassQuery] = {}  # id of a label tuple -> its query: a shared list is split once
+    queries: list[str | ClassQuery] = []
+    for item in read_prompts(prompt, n_images, labels=labels, prompts=prompts):
         if isinstance(item, str):
-            queries.append(normalize_prompt(item))
-        elif isinstance(item, (list, tuple)):
-            queries.append(label_query(item, tokenizer))
+            queries.append(item)
         else:
-            raise PromptError(f"each prompt must be a string or a list of labels, got {type(item).__name__}")
-    return queries * n_images if len(queries) == 1 else queries
+            if id(item) not in split:
+                split[id(item)] = label_query(item, tokenizer)
+            queries.append(split[id(item)])
+    return queries

@@ -229,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .commands import main as run_task
 
         return run_task(args)
-    return detect(args)
+    from .chunking import on_chunk
+    from .progress import ChunkProgress
+
+    with on_chunk(ChunkProgress()):  # a long label list runs in passes: show them on stderr
+        return detect(args)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 ``GroundingDinoConfig.tiny()`` is the published *grounding-dino-tiny* architecture (Swin-T,
 BERT-base); ``GroundingDinoConfig.small_test()`` is a narrow, shallow variant that builds in
-milliseconds, for tests of the apps. ``GroundingDinoConfig.from_hf_dict`` reads the Hugging Face
-``config.json`` layout.
+milliseconds, for tests of the apps; ``GroundingDinoConfig.shapes()`` is the small model trained
+from scratch on the synthetic shapes data (``gdino.training.shapes``).
+``GroundingDinoConfig.from_hf_dict`` reads the Hugging Face ``config.json`` layout.
 """
 
 from __future__ import annotations
@@ -109,6 +110,29 @@ class GroundingDinoConfig:
             encoder_heads=4,
             decoder_layers=2,
             decoder_ffn_dim=128,
+            decoder_heads=4,
+        )
+
+    @classmethod
+    def shapes(cls) -> GroundingDinoConfig:
+        """The shapes model: small enough to train from scratch on 2 CPU cores at a short side of 256.
+
+        The same family as ``tiny`` (Swin, BERT on the BERT-base-uncased vocabulary, feature
+        enhancer, language-guided query selection, deformable decoder, 4 feature levels), narrower
+        and shallower: about 4.3M parameters, 2.0M of them BERT's word embeddings. Unlike
+        ``small_test`` it has two BERT layers, two encoder and three decoder layers and 100
+        queries, for a model that learns rather than one that merely runs.
+        """
+        return cls(
+            swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+            text=BertConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256),
+            d_model=64,
+            num_queries=100,
+            encoder_layers=2,
+            encoder_ffn_dim=256,
+            encoder_heads=4,
+            decoder_layers=3,
+            decoder_ffn_dim=256,
             decoder_heads=4,
         )
 

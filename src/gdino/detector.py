@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .boxes import cxcywh_to_xyxy
+from .checks import check_fraction
 from .chunking import Candidates, best_per_query, class_nms, score_chunks
 from .classes import ClassQuery, TokenSpans, queries_for_images
 from .image import ImageLike, images_to_list, load_image
@@ -89,13 +90,35 @@ class GroundingDinoForObjectDetection(GroundingDino):
         cls,
         model: str | os.PathLike[str] = DEFAULT_MODEL_ID,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
-        **unused: Any,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
     ) -> GroundingDinoForObjectDetection:
-        """Loads a hub id, a local Hugging Face directory or an original ``.pth`` checkpoint."""
-        net, checkpoint = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir, model_class=cls)
+        """Loads a hub id, a local Hugging Face directory or an original ``.pth`` checkpoint.
+
+        Args:
+            model: the hub id, directory or file.
+            dtype: e.g. ``torch.bfloat16`` (or ``"bfloat16"``); ``None`` or ``"auto"`` keeps the
+                weights as stored. ``torch_dtype`` is another name for it, as in transformers.
+            device: where to put the model.
+            cache_dir, revision, token, local_files_only, force_download: for a hub id, as in
+                ``huggingface_hub.snapshot_download``; local paths ignore them.
+
+        Raises:
+            TypeError: an argument this method does not take (e.g. ``device_map``).
+            ValueError: ``dtype`` and ``torch_dtype`` both given and different, or not a dtype.
+            CheckpointError: the checkpoint cannot be found or does not fit the model.
+        """
+        dtype = _dtype_argument(dtype, torch_dtype)
+        net, checkpoint = load_model(
+            model, dtype=dtype, device=device, cache_dir=cache_dir, model_class=cls, revision=revision,
+            token=token, local_files_only=local_files_only, force_download=force_download,
+        )
         assert isinstance(net, cls)
         if checkpoint.directory is not None:
             net.processor = GroundingDinoProcessor.from_pretrained(checkpoint.directory)
@@ -110,37 +133,56 @@ class GroundingDinoForObjectDetection(GroundingDino):
     @torch.inference_mode()
     def detect(
         self,
-        images: ImageLike | Sequence[ImageLike],
-        prompt: TextInput,
+        images: ImageLike | Sequence[ImageLike] | EncodedImages,
+        prompt: TextInput | None = None,
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         *,
+        labels: Sequence[str] | None = None,
+        prompts: Sequence[str | Sequence[str]] | None = None,
         token_spans: TokenSpans | None = None,
         nms_threshold: float | None = None,
     ) -> Detections | list[Detections]:
         """Finds the prompt's phrases, or the labels of a label list, in one image or a list of images.
 
-        A string prompt is scored phrase by phrase: a box's score is its best token's. A label
-        list (any length: over 256 tokens it is run in chunks on the same image features) and
-        ``token_spans`` are scored label by label (``gdino.classes``): a box's label is the one
-        whose tokens' mean probability is highest, its score is that mean, and ``label_ids``
-        index the list.
+        What the text means follows one rule (``gdino.prompts``), by type only: a string is a
+        phrase prompt, a list of strings is one label list for every image, a list of lists one
+        label list per image. A string prompt is scored phrase by phrase: a box's score is its
+        best token's. A label list (any length: over 256 tokens it is run in chunks on the same
+        image features) and ``token_spans`` are scored label by label (``gdino.classes``): a
+        box's label is the one whose tokens' mean probability is highest, its score is that
+        mean, and ``label_ids`` index the list. Everything is checked before any image is read.
 
         Args:
-            images: a PIL image, a uint8 numpy array (H, W, 3) or a file path; or a list of them.
-            prompt: "a cat. a remote control." or a list of labels ["cat", "remote control"].
-            box_threshold: keep a box when its score is above this.
-            text_threshold: phrase prompts only: keep a box only when its phrase scores at least this.
+            images: a PIL image, a uint8 numpy array (H, W, 3) or a file path; or a list of them;
+                or ``encode_image``'s output.
+            prompt: "a cat. a remote control.", or a list of labels ["cat", "remote control"].
+            box_threshold: keep a box when its score is above this (a number in [0, 1]).
+            text_threshold: phrase prompts only: keep a box only when its phrase scores at least
+                this (a number in [0, 1]).
+            labels: instead of ``prompt``, a label list, e.g. ``labels=["st. bernard", "cat"]``.
+            prompts: instead of ``prompt``, one prompt per image, each a string or a label list.
             token_spans: labels as character spans of a string prompt, e.g. for "the man in a red
                 hat", ``[[(0, 7)], [(11, 20)]]`` gives the labels "the man" and "a red hat".
             nms_threshold: if given, drop a box overlapping a better box of the same label by an
-                IoU above this.
+                IoU above this (a number in [0, 1]).
 
         Returns:
             ``Detections`` for one image, a list of them for a list.
+
+        Raises:
+            ValueError: a threshold that is not a finite number in [0, 1].
+            PromptError: an empty, malformed or over-long prompt, duplicate labels, or a number of
+                prompts that does not match the images.
+            ImageError: an image that cannot be read.
         """
+        check_fraction(box_threshold, "box_threshold")
+        check_fraction(text_threshold, "text_threshold")
+        if nms_threshold is not None:
+            check_fraction(nms_threshold, "nms_threshold")
+        n_images = len(images.sizes) if isinstance(images, EncodedImages) else len(images_to_list(images))
+        queries = self._queries(prompt, n_images, token_spans, labels, prompts)  # before any image work
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
-        queries = self._queries(prompt, len(encoded.sizes), token_spans)  # checked before the forward pass
         results = []
         for i, (query, size) in enumerate(zip(queries, encoded.sizes)):
             # One image at a time: the query selection orders near-tied proposals by score, and
@@ -158,9 +200,17 @@ class GroundingDinoForObjectDetection(GroundingDino):
             results.append(found if nms_threshold is None else _nms_detections(found, nms_threshold))
         return results[0] if encoded.single else results
 
-    def _queries(self, prompt: TextInput, n_images: int, token_spans: TokenSpans | None) -> list[Any]:
+    def _queries(
+        self,
+        prompt: TextInput | None,
+        n_images: int,
+        token_spans: TokenSpans | None,
+        labels: Sequence[str] | None = None,
+        prompts: Sequence[str | Sequence[str]] | None = None,
+    ) -> list[Any]:
         """Per image a ``ClassQuery``, or (text, phrase token spans, phrase names) for a phrase prompt."""
-        queries = queries_for_images(prompt, n_images, self.processor.tokenizer, token_spans)
+        tokenizer = self.processor.tokenizer
+        queries = queries_for_images(prompt, n_images, tokenizer, token_spans, labels=labels, prompts=prompts)
         return [q if isinstance(q, ClassQuery) else (q, *self._phrases(q)) for q in queries]
 
     @torch.inference_mode()
@@ -200,15 +250,17 @@ class GroundingDinoForObjectDetection(GroundingDino):
                 cache.popitem(last=False)
         return _pad_text([cache[(row, self.dtype, self.device)] for row in rows], input_ids.shape[1])
 
-    def phrases(self, prompt: TextInput) -> list[str]:
+    def phrases(self, prompt: TextInput | None = None, *, labels: Sequence[str] | None = None) -> list[str]:
         """The phrases ``detect`` labels boxes with: "a cat. A remote control" -> ["a cat", "a remote control"].
 
-        A label list gives its labels as they are (any number of them).
+        A label list gives its labels as they are (any number of them). Checks the prompt as
+        ``detect`` does, without any image.
 
         Raises:
-            PromptError: an empty or over-long prompt, one with no phrase (e.g. "."), or several prompts.
+            PromptError: an empty or over-long prompt, one with no phrase (e.g. "."), duplicate
+                labels, or several prompts.
         """
-        query = self._queries(prompt, 1, None)[0]
+        query = self._queries(prompt, 1, None, labels)[0]
         return list(query.names) if isinstance(query, ClassQuery) else query[2]
 
     def _phrases(self, text: str) -> tuple[list[tuple[int, int]], list[str]]:
@@ -274,6 +326,28 @@ def _pad_text(rows: list[TextFeatures], length: int) -> TextFeatures:
         allowed[i, :n, :n] = row.self_attention[0]
         positions[i, :n] = row.position_ids[0]
     return TextFeatures(features, padding, allowed, positions)
+
+
+def _dtype_argument(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``from_pretrained``'s ``dtype`` (or its transformers name ``torch_dtype``) as a ``torch.dtype``.
+
+    ``None`` and ``"auto"`` mean the weights' own dtype; a string names a torch dtype ("bfloat16").
+    """
+    if dtype is not None and torch_dtype is not None and _as_dtype(dtype) != _as_dtype(torch_dtype):
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one (torch_dtype is "
+                         "transformers' name for dtype)")
+    return _as_dtype(dtype if dtype is not None else torch_dtype)
+
+
+def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value == "auto":
+        return None
+    found = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype such as torch.bfloat16, or 'auto'; got {value!r}")
+    return found
 
 
 def _class_detections(

@@ -24,6 +24,8 @@ from PIL import Image
 from .exports import FORMATS, Record, export, write_atomic
 from .image import ImageError, load_image
 from .progress import Progress, read_ahead
+from .prompts import check_labels
+from .text import PromptError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 JOURNAL = ".gdino-label.jsonl"
@@ -60,7 +62,8 @@ def parse_classes(text: str) -> list[str]:
     """``"cat, dog"`` -> ["cat", "dog"]; the name of an existing file -> its lines (blank ones skipped).
 
     Raises:
-        LabelError: no classes, or one given twice.
+        LabelError: no classes, or one given twice (``gdino.prompts.check_labels``: "Cat" and
+            "cat" count as the same class).
     """
     path = Path(text)
     if path.is_file():
@@ -70,11 +73,10 @@ def parse_classes(text: str) -> list[str]:
     names = [n for n in names if n]
     if not names:
         raise LabelError(f"no classes in {text!r}; give e.g. --classes 'cat,dog' or a file with one class a line")
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise LabelError(f"class {name!r} is given twice; class ids would be ambiguous")
-        seen.add(name)
+    try:
+        check_labels(names)  # detect's rule: no two classes the model reads the same way
+    except PromptError as e:
+        raise LabelError(f"--classes: {e}") from None
     return names
 
 

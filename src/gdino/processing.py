@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from gdino.boxes import cxcywh_to_xyxy
+from gdino.checks import check_fraction
 from gdino.image import ImageError, ImageLike, ImageSettings, images_to_list, load_image, pad_batch, preprocess_image
-from gdino.text import (PromptError, TextInput, TextTokenizer, as_id_list, phrase_spans, prompts_for_images,
-                        prompts_from_text, read_tokenizer_config)
+from gdino.prompts import processor_prompts, prompts_for_images
+from gdino.text import PromptError, TextInput, TextTokenizer, as_id_list, phrase_spans, read_tokenizer_config
 
 __all__ = ["BatchEncoding", "GroundingDinoProcessor", "ImageError", "ProcessorFiles", "PromptError",
            "grounded_detections", "resolve_files"]
@@ -107,7 +108,7 @@ def _resolve(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
     path = Path(path_or_id).expanduser()
     if path.is_dir():  # a processor-only directory (no weights) is fine here
         return path
-    return resolve(path_or_id, cache_dir=hub_kwargs.get("cache_dir")).directory
+    return resolve(path_or_id, **hub_kwargs).directory
 
 
 def _read_json(path: Path | None) -> dict[str, Any]:
@@ -206,16 +207,20 @@ class GroundingDinoProcessor:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike = DEFAULT_MODEL_ID, **kwargs: Any) -> GroundingDinoProcessor:
-        """Loads the processor of a model directory (or, once wired, a Hub id).
+        """Loads the processor of a hub id, a model directory or a checkpoint file.
 
         Uses ``tokenizer.json`` if present, else ``vocab.txt``, else the packaged vocabulary;
         ``preprocessor_config.json`` / ``processor_config.json`` for the image settings and
-        ``config.json``'s ``max_text_len``.
+        ``config.json``'s ``max_text_len``. An original ``.pth`` alone gives the defaults.
 
         Args:
-            path_or_id: a local directory (Hub ids go through ``_resolve``).
-            **kwargs: ``max_text_len`` to override the limit; ``revision``, ``cache_dir``,
-                ``token``, ``local_files_only``, ``force_download`` are passed to ``_resolve``.
+            path_or_id: a hub id, a local directory or a checkpoint file.
+            **kwargs: ``max_text_len`` to override the limit; the hub options ``revision``,
+                ``cache_dir``, ``token``, ``local_files_only``, ``force_download`` (as in
+                ``huggingface_hub.snapshot_download``; ignored for local paths).
+
+        Raises:
+            TypeError: any other keyword argument.
         """
         max_text_len = kwargs.pop("max_text_len", None)
         unknown = set(kwargs) - _HUB_KWARGS
@@ -242,16 +247,21 @@ class GroundingDinoProcessor:
         text: TextInput | None = None,
         return_tensors: str = "pt",
         padding: bool | str = True,
+        *,
+        labels: Sequence[str] | None = None,
     ) -> BatchEncoding:
         """Turns images and a prompt into model inputs.
 
         Args:
             images: one image or a list (PIL image, uint8 numpy ``(H, W[, 3|4])``, file path).
-            text: a prompt (``"a cat. a remote control."``), a list of labels
-                (``["cat", "remote control"]``), or a list of those, one per image. One prompt
-                is used for every image. Lower-cased, and given a final ``"."`` if it lacks one.
+            text: read as transformers reads it (``gdino.prompts.processor_prompts``): a prompt
+                (``"a cat. a remote control."``), a list of labels (``["cat", "remote control"]``,
+                no string holding ``"."``), or a list of those, one per image. One prompt is
+                used for every image. Lower-cased, and given a final ``"."`` if it lacks one.
             return_tensors: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays).
             padding: accepted for compatibility; prompts are always padded to the longest.
+            labels: instead of ``text``, a label list for every image, whatever its labels hold:
+                ``labels=["st. bernard"]`` is the label "st bernard", not two phrases.
 
         Returns:
             A :class:`BatchEncoding` with ``input_ids``, ``token_type_ids``, ``attention_mask``
@@ -267,12 +277,12 @@ class GroundingDinoProcessor:
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if padding not in (True, "longest"):
             raise ValueError(f"only padding to the longest prompt is supported, got padding={padding!r}")
-        if images is None and text is None:
+        if images is None and text is None and labels is None:
             raise ValueError("give images, text or both")
         out = BatchEncoding()
         image_list = None if images is None else images_to_list(images)
-        if text is not None:
-            prompts = prompts_from_text(text)
+        if text is not None or labels is not None:
+            prompts = processor_prompts(text, labels)
             if image_list is not None:
                 prompts = prompts_for_images(prompts, len(image_list))
             tokens = self.tokenizer.encode(prompts)
@@ -346,11 +356,16 @@ class GroundingDinoProcessor:
         Returns:
             Per image a dict: ``scores`` ``(N,)``, ``boxes`` ``(N, 4)`` (x0, y0, x1, y1),
             ``text_labels`` (N strings: the matched tokens decoded) and ``labels`` (the same).
+
+        Raises:
+            ValueError: a threshold that is not a finite number in [0, 1] (``gdino.checks``).
         """
         del text_labels
         if threshold is not None and box_threshold is not None and threshold != box_threshold:
             raise ValueError(f"threshold={threshold} and box_threshold={box_threshold} disagree; give one")
-        threshold = next((t for t in (threshold, box_threshold) if t is not None), 0.25)
+        name = "threshold" if threshold is not None or box_threshold is None else "box_threshold"
+        threshold = check_fraction(next((t for t in (threshold, box_threshold) if t is not None), 0.25), name)
+        text_threshold = check_fraction(text_threshold, "text_threshold")
         logits, pred_boxes = _field(outputs, "logits"), _field(outputs, "pred_boxes")
         if logits is None or pred_boxes is None:
             raise ValueError("outputs must have logits and pred_boxes (the detector's raw outputs)")

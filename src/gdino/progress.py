@@ -90,3 +90,27 @@ def _clock(seconds: float | None) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class ChunkProgress:
+    """An ``on_chunk`` callback (``gdino.chunking``) that shows the passes of a long label list.
+
+    A label list of ``min_chunks`` chunks or more gets a ``detect  12/517 passes`` line per image
+    on ``stream`` (stderr when None); shorter lists run quietly.
+    """
+
+    def __init__(self, desc: str = "detect: label chunks", min_chunks: int = 2, stream: IO[str] | None = None,
+                 every: float = 2.0) -> None:
+        self.desc, self.min_chunks, self.stream, self.every = desc, min_chunks, stream, every
+        self._bar: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < self.min_chunks:
+            return
+        if done == 0 or self._bar is None:
+            self._bar = Progress(total, self.desc, unit="passes", stream=self.stream, every=self.every)
+        if done > self._bar.done:
+            self._bar.update(done - self._bar.done)
+        if done >= total:
+            self._bar.close()
+            self._bar = None

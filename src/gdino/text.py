@@ -1,9 +1,9 @@
 """Text side of the processor: prompt normalisation, BERT tokenisation and phrase spans.
 
 A Grounding DINO prompt is a list of phrases separated by ``"."``, e.g. ``"a cat. a remote
-control."``. Users may also give the phrases as a list of labels (``["cat", "remote control"]``);
-both forms end up as one lower-case string ending in ``"."`` that is tokenised with the
-BERT-base-uncased WordPiece vocabulary into ``[CLS] ... [SEP]``.
+control."``: one lower-case string ending in ``"."``, tokenised with the BERT-base-uncased
+WordPiece vocabulary into ``[CLS] ... [SEP]``. How strings, label lists and per-image prompts
+become such strings is ``gdino.prompts``' rule.
 """
 
 from __future__ import annotations
@@ -49,71 +49,6 @@ def normalize_prompt(prompt: str) -> str:
     if not text:
         raise PromptError("the text prompt is empty; give e.g. 'a cat. a remote control.'")
     return text if text.endswith(".") else text + "."
-
-
-def labels_to_prompt(labels: Sequence[str]) -> str:
-    """Joins candidate labels into one prompt: ``["A cat", "dog"]`` -> ``"a cat. dog."``.
-
-    Raises:
-        PromptError: if the list is empty, or a label is not a string or is blank.
-    """
-    if len(labels) == 0:
-        raise PromptError("the list of labels is empty; give at least one label, e.g. ['cat']")
-    cleaned = []
-    for i, label in enumerate(labels):
-        if not isinstance(label, str):
-            raise PromptError(f"label {i} must be a string, got {type(label).__name__}")
-        if not label.strip():
-            raise PromptError(f"label {i} is empty or whitespace only (labels: {list(labels)!r})")
-        cleaned.append(label.strip().lower())
-    return ". ".join(cleaned) + "."
-
-
-def _is_label_list(text: object) -> bool:
-    """True for a list/tuple of strings none of which contains a ``"."`` (the HF rule)."""
-    return isinstance(text, (list, tuple)) and all(isinstance(t, str) and "." not in t for t in text)
-
-
-def prompts_from_text(text: TextInput) -> list[str]:
-    """Turns the ``text`` argument of the processor into a list of normalised prompts.
-
-    Accepted forms:
-        * ``"a cat. a remote control"`` -> one prompt;
-        * ``["cat", "remote control"]`` (strings without ``"."``) -> one prompt of labels;
-        * a list whose items are prompts or label lists -> one prompt per item (per image).
-
-    A list of plain strings is read as *labels* when none contains ``"."`` and as one prompt
-    per image otherwise, like the Hugging Face processor.
-
-    Returns:
-        The prompts, lower-case and ending in ``"."``; length 1 for a single prompt.
-    """
-    if isinstance(text, str):
-        return [normalize_prompt(text)]
-    if not isinstance(text, (list, tuple)):
-        raise PromptError(f"text must be a string or a list, got {type(text).__name__}")
-    if len(text) == 0:
-        raise PromptError("text is an empty list; give a prompt or a list of labels")
-    if _is_label_list(text):
-        return [labels_to_prompt(text)]
-    prompts = []
-    for item in text:
-        if isinstance(item, str):
-            prompts.append(normalize_prompt(item))
-        elif isinstance(item, (list, tuple)):
-            prompts.append(labels_to_prompt(item))
-        else:
-            raise PromptError(f"each prompt must be a string or a list of labels, got {type(item).__name__}")
-    return prompts
-
-
-def prompts_for_images(prompts: list[str], n_images: int) -> list[str]:
-    """One prompt per image: a single prompt is repeated; otherwise the counts must agree."""
-    if len(prompts) == 1:
-        return prompts * n_images
-    if len(prompts) != n_images:
-        raise PromptError(f"got {len(prompts)} prompts for {n_images} images; give one prompt, or one per image")
-    return prompts
 
 
 # --------------------------------------------------------------------------- tokenizer

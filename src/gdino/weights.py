@@ -47,8 +47,19 @@ class Checkpoint:
     directory: Path | None
 
 
-def resolve(model: str | os.PathLike[str] = DEFAULT_MODEL_ID, cache_dir: str | os.PathLike[str] | None = None) -> Checkpoint:
+def resolve(
+    model: str | os.PathLike[str] = DEFAULT_MODEL_ID,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> Checkpoint:
     """Turns a hub id, a directory or a checkpoint file into a ``Checkpoint``.
+
+    The hub options (``cache_dir``, ``revision``, ``token``, ``local_files_only``,
+    ``force_download``) are ``huggingface_hub.snapshot_download``'s; local paths ignore them.
 
     Raises:
         CheckpointError: the path does not exist, or the hub cannot be reached and nothing is cached.
@@ -63,7 +74,19 @@ def resolve(model: str | os.PathLike[str] = DEFAULT_MODEL_ID, cache_dir: str | o
     text = str(model)
     if not _HUB_ID.match(text) or text.endswith(_ORIGINAL_SUFFIXES + (".safetensors",)):
         raise CheckpointError(f"no such file or directory: {text} (nor is it a hub id like {DEFAULT_MODEL_ID!r})")
-    return _from_directory(_download(text, cache_dir))
+    options = HubOptions(cache_dir, revision, token, local_files_only, force_download)
+    return _from_directory(_download(text, options))
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How to fetch a hub id: ``huggingface_hub.snapshot_download``'s arguments of the same names."""
+
+    cache_dir: str | os.PathLike[str] | None = None
+    revision: str | None = None
+    token: str | bool | None = None
+    local_files_only: bool = False
+    force_download: bool = False
 
 
 def _from_directory(path: Path) -> Checkpoint:
@@ -78,20 +101,34 @@ def _from_directory(path: Path) -> Checkpoint:
     )
 
 
-def _download(repo_id: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+def _download(repo_id: str, options: HubOptions) -> Path:
+    """The snapshot directory of ``repo_id``; from the cache when the hub cannot be reached.
+
+    With ``force_download`` there is no falling back to the cache, and with ``local_files_only``
+    there is nothing to fall back from.
+    """
     from huggingface_hub import snapshot_download  # imported here: only the hub path needs it
 
+    fixed = {"allow_patterns": _HUB_FILES, "cache_dir": options.cache_dir, "revision": options.revision,
+             "token": options.token}
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir))
+        return Path(snapshot_download(repo_id, local_files_only=options.local_files_only,
+                                      force_download=options.force_download, **fixed))
     except Exception as first:  # no network, hub down, or offline mode: fall back to the cache
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir, local_files_only=True))
-        except Exception:
-            raise CheckpointError(
-                f"could not download {repo_id!r} from the Hugging Face Hub ({type(first).__name__}) and it is not "
-                f"in the local cache; pass a local directory (config.json, model.safetensors) or an original "
-                f"groundingdino_swint_ogc.pth file instead, e.g. --model ./grounding-dino-tiny"
-            ) from None
+        failure = first
+        if not (options.local_files_only or options.force_download):
+            try:
+                return Path(snapshot_download(repo_id, local_files_only=True, **fixed))
+            except Exception:
+                pass
+    at = f" at revision {options.revision!r}" if options.revision else ""
+    where = ("is not in the local cache (local_files_only=True)" if options.local_files_only else
+             f"could not be downloaded from the Hugging Face Hub ({type(failure).__name__})"
+             + ("" if options.force_download else " and is not in the local cache"))
+    raise CheckpointError(
+        f"{repo_id!r}{at} {where}; pass a local directory (config.json, model.safetensors) or an original "
+        f"groundingdino_swint_ogc.pth file instead, e.g. --model ./grounding-dino-tiny"
+    ) from None
 
 
 def read_state_dict(checkpoint: Checkpoint) -> StateDict:
@@ -154,9 +191,18 @@ def load_model(
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     model_class: type[GroundingDino] = GroundingDino,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
 ) -> tuple[GroundingDino, Checkpoint]:
-    """Builds the model for a checkpoint and loads its weights strictly, in eval mode."""
-    checkpoint = resolve(model, cache_dir)
+    """Builds the model for a checkpoint and loads its weights strictly, in eval mode.
+
+    ``cache_dir``, ``revision``, ``token``, ``local_files_only`` and ``force_download`` are the
+    hub options of :func:`resolve`.
+    """
+    checkpoint = resolve(model, cache_dir, revision=revision, token=token, local_files_only=local_files_only,
+                         force_download=force_download)
     config = read_config(checkpoint)
     state_dict = read_state_dict(checkpoint)
     with torch.device("meta"), _skip_init():  # no random init; the file's tensors are assigned

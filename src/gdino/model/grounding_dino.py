@@ -234,12 +234,13 @@ class GroundingDino(nn.Module):
         token_type_ids: Tensor | None = None,
         pixel_mask: Tensor | None = None,
         query_index: Tensor | None = None,
-        **unused: object,
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
 
         ``query_index`` (B, num_queries), e.g. another run's ``outputs.query_index``, decodes those
-        image tokens instead of the best-scoring ones.
+        image tokens instead of the best-scoring ones. Any other argument (a typo such as
+        ``pixel_masks``, or transformers' ``labels``, ``output_attentions``, ``return_dict``, which
+        this model does not implement) raises ``TypeError`` rather than being ignored.
         """
         text = self.text_features(input_ids, attention_mask, token_type_ids)
         image = self.image_features(pixel_values, pixel_mask)

@@ -12,7 +12,9 @@ waits up to ``max_wait`` seconds for more (at most ``max_batch``) and runs the g
   group (see the README on batch independence).
 
 The number of requests admitted (queued or running) is bounded: ``reserve`` raises ``QueueFull``
-past ``max_queue``, so memory stays bounded however many clients call at once.
+past ``max_queue``, so memory stays bounded however many clients call at once. A job whose client
+went away is dropped before it runs (or stopped at its next label chunk), and ``shutdown`` answers
+the queued jobs at once and stops a running label list at its next chunk.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from PIL import Image
 
+from ..chunking import on_chunk
 from ..detector import Detections, EncodedImages, GroundingDinoForObjectDetection
 from ..text import TextInput
 
@@ -37,6 +40,14 @@ log = logging.getLogger("gdino.server")
 
 class QueueFull(RuntimeError):
     """More requests are admitted than the queue holds; the client should retry later."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping: the request is refused, or its job was not (fully) run."""
+
+
+class Abandoned(RuntimeError):
+    """The job's client went away; what it asked for is not worth finishing."""
 
 
 @dataclass
@@ -50,6 +61,7 @@ class Job:
         box_threshold: as in ``detect``.
         text_threshold: as in ``detect``.
         future: set by the worker to the ``Detections`` or to the exception.
+        abandoned: set when the client went away: the worker stops the job at its next label chunk.
     """
 
     image: Image.Image
@@ -58,6 +70,7 @@ class Job:
     box_threshold: float
     text_threshold: float
     future: Future = field(default_factory=Future)
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -68,16 +81,26 @@ class BatchStats:
     requests: int = 0
     images_encoded: int = 0
     largest_group: int = 0
+    dropped: int = 0  # jobs not run, or stopped between chunks, because their client went away
 
 
-def run_group(model: GroundingDinoForObjectDetection, jobs: list[Job]) -> int:
+def run_group(
+    model: GroundingDinoForObjectDetection, jobs: list[Job], check: Callable[[Job], None] | None = None
+) -> int:
     """Runs a group of jobs, sharing the image side between jobs with the same key.
 
     Each job's future gets its ``Detections`` or its own exception; one bad job does not fail
-    the others. Returns the number of images encoded.
+    the others. ``check(job)``, called before each job and before each of its label chunks, may
+    raise to end that job (e.g. ``ShuttingDown``). Returns the number of images encoded.
     """
     encoded: dict[Hashable, EncodedImages | BaseException] = {}
     for job in jobs:
+        if check is not None:
+            try:
+                check(job)
+            except Exception as exc:
+                job.future.set_exception(exc)
+                continue
         if job.key not in encoded:
             try:
                 encoded[job.key] = model.encode_image(job.image)
@@ -87,9 +110,10 @@ def run_group(model: GroundingDinoForObjectDetection, jobs: list[Job]) -> int:
         try:
             if isinstance(features, BaseException):
                 raise features
-            found = model.detect(
-                features, job.prompt, box_threshold=job.box_threshold, text_threshold=job.text_threshold
-            )
+            with on_chunk(lambda done, total: check(job)) if check is not None else nullcontext():
+                found = model.detect(
+                    features, job.prompt, box_threshold=job.box_threshold, text_threshold=job.text_threshold
+                )
         except Exception as exc:
             job.future.set_exception(exc)
         else:
@@ -122,6 +146,8 @@ class Batcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._seconds_per_request = 0.1  # running mean, for Retry-After
+        self._stopping = threading.Event()
+        self.poll_seconds = 0.25  # how often a waiting request looks whether its client went away
 
     @property
     def pending(self) -> int:
@@ -138,7 +164,10 @@ class Batcher:
 
         Raises:
             QueueFull: ``max_queue`` requests are already admitted.
+            ShuttingDown: ``shutdown`` was called.
         """
+        if self._stopping.is_set():
+            raise ShuttingDown("the server is shutting down; retry on another instance or later")
         with self._lock:
             if self._admitted >= self.max_queue:
                 raise QueueFull(f"the server is busy ({self._admitted} requests queued); retry later")
@@ -149,11 +178,54 @@ class Batcher:
             with self._lock:
                 self._admitted -= 1
 
-    async def run(self, job: Job) -> Detections:
-        """Queues ``job`` (admitted with ``reserve``) and waits for its detections."""
+    async def run(self, job: Job, gone: Callable[[], Awaitable[bool]] | None = None) -> Detections:
+        """Queues ``job`` (admitted with ``reserve``) and waits for its detections.
+
+        ``gone()`` is asked every ``poll_seconds`` whether the client went away; if so, the job is
+        dropped (or stopped at its next label chunk) and ``Abandoned`` raised.
+        """
+        if self._stopping.is_set():
+            raise ShuttingDown("the server is shutting down; retry on another instance or later")
         self.start()
         self._queue.put(job)
-        return await asyncio.wrap_future(job.future)
+        waiter = asyncio.wrap_future(job.future)
+        if gone is None:
+            return await waiter
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=self.poll_seconds)
+            if done:
+                return waiter.result()
+            if await gone():
+                job.abandoned.set()
+                if job.future.cancel():  # still queued: the worker skips it
+                    self._count_dropped()
+                waiter.cancel()
+                raise Abandoned("the client went away")
+
+    def _count_dropped(self) -> None:
+        with self._lock:
+            self.stats.dropped += 1
+
+    def _check(self, job: Job) -> None:
+        """Ends ``job`` between label chunks when the server stops or its client went away."""
+        if self._stopping.is_set():
+            raise ShuttingDown("the server is shutting down; the request was not finished")
+        if job.abandoned.is_set():
+            self._count_dropped()
+            raise Abandoned("the client went away")
+
+    def shutdown(self) -> None:
+        """Refuses new requests, answers the queued ones with ``ShuttingDown`` at once, and makes a
+        running label list stop at its next chunk; the worker thread then ends."""
+        self._stopping.set()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ShuttingDown("the server is shutting down; the request was not run"))
+        self._queue.put(None)
 
     def start(self) -> None:
         """Starts the worker thread if it is not running."""
@@ -205,7 +277,7 @@ class Batcher:
         s.largest_group = max(s.largest_group, len(group))
         start = time.perf_counter()
         try:
-            run_group(self.model, group)
+            run_group(self.model, group, self._check)
         except BaseException as exc:  # a bug in run_group itself: fail the group, keep the worker
             log.exception("batch worker failed")
             for job in group:

@@ -69,23 +69,38 @@ def _utf8(text: str, what: str) -> str:
     return text
 
 
-def _prompt(prompt: Any, labels: Any, max_chars: int) -> TextInput:
-    """The request's prompt or label list, checked for type and length (not yet tokenised)."""
+def _prompt(prompt: Any, labels: Any, settings: Settings) -> TextInput:
+    """The request's prompt or label list, checked for type and size (not yet tokenised).
+
+    Sizes past the server's limits are 413 (a setting can raise them); a malformed prompt is 422.
+    """
+    max_chars = settings.max_prompt_chars
     if prompt is not None and labels is not None:
         raise ApiError(422, "invalid_prompt", "give either prompt or labels, not both")
     if labels is not None:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise ApiError(422, "invalid_prompt", "labels must be a list of strings")
         if sum(len(x) for x in labels) > 16 * max_chars:
-            raise ApiError(422, "invalid_prompt", f"the labels have more than {16 * max_chars} characters in all")
-        return [_utf8(x.strip(), "labels") for x in labels]
+            raise ApiError(413, "prompt_too_long", f"the labels have more than {16 * max_chars} characters in all "
+                           "(the server's --max-prompt-chars x 16)")  # fmt: skip
+        return _label_count([_utf8(x.strip(), "labels") for x in labels], settings.max_labels)
     if prompt is None:
         raise ApiError(422, "invalid_prompt", "give a prompt (e.g. 'a cat. a remote control.') or labels")
     if not isinstance(prompt, str):
         raise ApiError(422, "invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
     if len(prompt) > max_chars:
-        raise ApiError(422, "invalid_prompt", f"the prompt has {len(prompt)} characters; at most {max_chars}")
-    return prompt_from_text(_utf8(prompt, "prompt"))
+        raise ApiError(413, "prompt_too_long",
+                       f"the prompt has {len(prompt)} characters; the server takes at most {max_chars} (--max-prompt-chars)")
+    text = prompt_from_text(_utf8(prompt, "prompt"))
+    return text if isinstance(text, str) else _label_count(text, settings.max_labels)
+
+
+def _label_count(labels: list[str], max_labels: int) -> list[str]:
+    """``labels`` when there are at most ``max_labels`` of them, else 413 (before any tokenising)."""
+    if len(labels) > max_labels:
+        raise ApiError(413, "too_many_labels",
+                       f"{len(labels)} labels; the server takes at most {max_labels} per request (--max-labels)")
+    return labels
 
 
 def limited(request: Request, limit: int) -> Request:
@@ -119,7 +134,7 @@ async def read_multipart(request: Request, settings: Settings) -> DetectRequest:
         return DetectRequest(
             data=data,
             name=(upload.filename or "upload").encode("utf-8", "replace").decode(),
-            prompt=_prompt(form.get("prompt"), split, settings.max_prompt_chars),
+            prompt=_prompt(form.get("prompt"), split, settings),
             box_threshold=_threshold(form.get("box_threshold"), "box_threshold", 0.35),
             text_threshold=_threshold(form.get("text_threshold"), "text_threshold", 0.25),
         )
@@ -147,7 +162,7 @@ async def read_json(request: Request, settings: Settings) -> DetectRequest:
     return DetectRequest(
         data=data,
         name=name.encode("utf-8", "replace").decode() if isinstance(name, str) else "upload",
-        prompt=_prompt(body.get("prompt"), body.get("labels"), settings.max_prompt_chars),
+        prompt=_prompt(body.get("prompt"), body.get("labels"), settings),
         box_threshold=_threshold(body.get("box_threshold"), "box_threshold", 0.35),
         text_threshold=_threshold(body.get("text_threshold"), "text_threshold", 0.25),
     )

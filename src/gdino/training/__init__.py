@@ -1,0 +1,1 @@
+"""Fine-tuning: data sets, captions, augmentation, synthetic shapes data, matcher and losses."""
