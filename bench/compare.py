@@ -206,7 +206,7 @@ def make_inputs(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     from transformers import GroundingDinoProcessor as HFProcessor
 
     import gdino
-    from gdino.image import ImageSettings
+    from gdino.processing.image import ImageSettings
 
     image = Image.open(args.image).convert("RGB")
     images, text = [image] * args.batch, [args.prompt] * args.batch

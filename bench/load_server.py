@@ -94,7 +94,7 @@ def cases(n: int) -> list[Case]:
 
 def expected_answers(model, all_cases: list[Case]) -> dict[Case, dict]:
     """What ``detect()`` gives for each distinct case, as the server's JSON."""
-    from gdino.server.requests import prompt_from_text
+    from gdino.apps.server.requests import prompt_from_text
 
     answers = {}
     for case in dict.fromkeys(c for c in all_cases):
@@ -221,6 +221,7 @@ def fast_copy(model_dir: Path, out: Path, shortest_edge: int = 160, longest_edge
 def _small_model(directory: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
+
     from reference import build_reference, save_reference, small_reference_config
 
     with torch.no_grad():

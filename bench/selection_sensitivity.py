@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from agreement import match_top_queries, selection_overlap  # noqa: E402
 from compare import DEFAULT_IMAGE, DEFAULT_PROMPT, ensure_model  # noqa: E402
+
+from agreement import match_top_queries, selection_overlap  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

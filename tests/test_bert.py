@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gdino
+from gdino.checkpoint.convert import hf_to_ours
 from gdino.config import SPECIAL_TOKEN_IDS, GroundingDinoConfig
-from gdino.convert import hf_to_ours
 from gdino.model.bert import BertEncoder, phrase_masks
 
 transformers = pytest.importorskip("transformers")

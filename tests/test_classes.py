@@ -15,8 +15,8 @@ from PIL import Image
 
 from gdino import GroundingDinoForObjectDetection, PromptError
 from gdino.boxes import box_iou
-from gdino.chunking import class_nms, nms
-from gdino.classes import ClassQuery, label_query, prompt_text, queries_for_images
+from gdino.detections import class_nms, nms
+from gdino.processing.classes import ClassQuery, label_query, prompt_text, queries_for_images
 
 DOT = 1012
 

@@ -170,7 +170,7 @@ def test_missing_model(data_dir, tmp_path):
 
 def run_main(capsys, *args: str | Path) -> tuple[int, str, str]:
     """``gdino ARGS`` in this process: (exit status, stdout, stderr); argparse's exits included."""
-    from gdino.cli import main
+    from gdino.apps.cli import main
 
     try:
         status = main([str(a) for a in args])
@@ -368,7 +368,7 @@ def test_numbers_out_of_range_are_refused_by_the_parser(data_dir, tmp_path, caps
 
 
 def test_good_numbers_pass(capsys):
-    from gdino.cli import _parser
+    from gdino.apps.cli import _parser
 
     args = _parser().parse_args(["detect", "a.png", "--prompt", "cat", "--batch-size", "2", "--box-threshold", "0",
                                  "--text-threshold", "1"])

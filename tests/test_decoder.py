@@ -9,8 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from gdino.checkpoint.convert import hf_to_ours  # noqa: E402
 from gdino.config import GroundingDinoConfig  # noqa: E402
-from gdino.convert import hf_to_ours  # noqa: E402
 from gdino.model.decoder import Decoder  # noqa: E402
 from gdino.model.heads import MLP, contrastive_logits, predict_boxes, refine_boxes  # noqa: E402
 from reference import small_reference_config  # noqa: E402

@@ -164,7 +164,7 @@ def test_half_precision_agrees_with_float32(kernel_results: dict[str, Any], case
 
 def test_bad_arguments_raise_value_error() -> None:
     """Checked before any kernel runs (so here, with the compiled-mode module)."""
-    from gdino.model.deformable_triton import ms_deform_attn_triton, supported_head_dim
+    from gdino.model.ops.deformable_triton import ms_deform_attn_triton, supported_head_dim
 
     assert [d for d in range(1, 70) if supported_head_dim(d)] == [1, 2, 4, 8, 16, 32, 64]
     value, shapes, locations, weights = _inputs(q=1, head_dim=6)
@@ -175,7 +175,7 @@ def test_bad_arguments_raise_value_error() -> None:
         ms_deform_attn_triton(value, shapes[:-1], locations[:, :, :, :-1], weights[:, :, :, :-1])
     with pytest.raises(ValueError, match="do not match"):
         ms_deform_attn_triton(value, shapes, locations, weights[..., :-1])
-    from gdino.model import deformable_triton
+    from gdino.model.ops import deformable_triton
 
     if not deformable_triton._INTERPRETED:  # compiled kernels, CPU tensors
         with pytest.raises(ValueError, match="CUDA"):
@@ -189,7 +189,7 @@ def test_bad_arguments_raise_value_error() -> None:
 def test_kernels_compile_for_a_gpu(value_dtype: torch.dtype, location_dtype: torch.dtype) -> None:
     """The interpreter runs kernels as Python, so it misses what only the compiler rejects: compile
     both kernels for sm_80 at the model's sizes, no GPU needed (triton's wheel ships ptxas)."""
-    from gdino.model import deformable_triton as m
+    from gdino.model.ops import deformable_triton as m
 
     try:
         from triton.backends.compiler import GPUTarget
@@ -220,7 +220,7 @@ def test_kernels_compile_for_a_gpu(value_dtype: torch.dtype, location_dtype: tor
 def test_availability_and_no_dispatch_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import ModuleType
 
-    from gdino.model.deformable_triton import triton_available
+    from gdino.model.ops.deformable_triton import triton_available
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_available(torch.device("cpu")) and triton_available("cuda")
@@ -240,7 +240,7 @@ def test_package_imports_without_triton() -> None:
         import sys
         sys.modules["triton"] = None  # import triton -> ImportError
         import torch, gdino
-        from gdino.model import deformable_triton as m
+        from gdino.model.ops import deformable_triton as m
         from gdino.model.deformable import ms_deform_attn
         assert m.triton is None and not m.triton_available("cuda")
         try:
@@ -259,7 +259,7 @@ def test_package_imports_without_triton() -> None:
 def _child(cases_path: str, results_path: str) -> None:
     """Runs in the child process (TRITON_INTERPRET=1 set before anything imported triton)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from gdino.model import deformable_triton
+    from gdino.model.ops import deformable_triton
 
     assert deformable_triton._INTERPRETED
     torch.set_num_threads(1)

@@ -8,11 +8,11 @@ from torch.overrides import TorchFunctionMode
 from transformers import GroundingDinoForObjectDetection
 from transformers.models.grounding_dino import modeling_grounding_dino as hf
 
+from gdino.checkpoint.convert import hf_to_ours
 from gdino.config import SPECIAL_TOKEN_IDS, GroundingDinoConfig
-from gdino.convert import hf_to_ours
+from gdino.model import fusion
 from gdino.model.deformable import MultiScaleDeformableAttention, ms_deform_attn
 from gdino.model.encoder import FeatureEnhancer, encoder_reference_points
-from gdino.model import fusion
 from gdino.model.fusion import FusionLayer
 from reference import small_reference_config
 

@@ -40,7 +40,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gdino.evaluate import METRICS, evaluate_coco
+from gdino.apps.evaluate import METRICS, evaluate_coco
 
 
 def _box(x, y, w, h):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from gdino.exports import coco_dataset, export, jsonl, yolo_labels
+from gdino.apps.exports import coco_dataset, export, jsonl, yolo_labels
 
 CLASSES = ["cat", 'dog: "the good one"']
 RECORDS = [

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from gdino import CheckpointError, GroundingDinoForObjectDetection, GroundingDinoProcessor, PromptError
-from gdino.label import LabelError, parse_classes
+from gdino.apps.label import LabelError, parse_classes
 from reference import prefill_hub_cache
 
 REPO = "IDEA-Research/grounding-dino-tiny"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gdino.label import Settings, label_folder
+from gdino.apps.label import Settings, label_folder
 
 CLASSES = "cat,remote control,rocket"
 THRESHOLD = "0.5"
@@ -224,7 +224,7 @@ def test_a_failing_image_does_not_lose_its_batch(folder, tmp_path):
 
 
 def test_one_run_per_output_folder(tmp_path):
-    from gdino.label import Journal, LabelError
+    from gdino.apps.label import Journal, LabelError
 
     settings = Settings(("cat",), "fake", 0.5, None)
     first = Journal(tmp_path / "journal.jsonl", settings)
@@ -260,7 +260,7 @@ def _fail(message: str):
 
 def label_main(capsys, *args: str | Path) -> tuple[int, str]:
     """``gdino label ARGS`` in this process: (exit status, stderr)."""
-    from gdino.cli import main
+    from gdino.apps.cli import main
 
     try:
         status = main(["label", *map(str, args)])
@@ -387,7 +387,7 @@ def test_unusable_device(photos, fast_dir, tmp_path, capsys, device):
 
 @pytest.mark.parametrize("option", ["--out", "--detections"])
 def test_eval_unwritable_output_is_refused_before_the_run(photos, fast_dir, tmp_path, capsys, option):
-    from gdino.cli import main
+    from gdino.apps.cli import main
 
     (tmp_path / "a-file").write_text("x")
     target = tmp_path / "a-file" / "metrics.json"

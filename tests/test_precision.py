@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from agreement import MAX_SCORE_DIFF, MIN_IOU, match_top_queries, selection_overlap
 from PIL import Image
 
+from agreement import MAX_SCORE_DIFF, MIN_IOU, match_top_queries, selection_overlap
 from gdino import AutoModelForZeroShotObjectDetection
 
 pytestmark = pytest.mark.slow  # the full-size model in float32 and bfloat16

@@ -10,14 +10,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from gdino.weights import CheckpointError
 import torch
 from PIL import Image
 
-from gdino.image import ImageError, load_image, resized_size
-from gdino.processing import BatchEncoding, GroundingDinoProcessor, resolve_files
-from gdino.text import PromptError, packaged_vocab_path, phrase_for_tokens, phrase_scores, phrase_spans
+from gdino.checkpoint.loading import CheckpointError
+from gdino.processing.image import ImageError, load_image, resized_size
+from gdino.processing.processor import BatchEncoding, GroundingDinoProcessor, resolve_files
+from gdino.processing.text import PromptError, packaged_vocab_path, phrase_for_tokens, phrase_scores, phrase_spans
 
 DATA = Path(__file__).parent / "data"
 PROMPT = "a cat. a remote control."
@@ -88,7 +87,7 @@ def test_per_image_prompts_padded_like_transformers(hf, proc):
 def test_labels_are_tokenised_as_detect_writes_them(hf, proc):
     """A label goes into the prompt as ``detect`` writes it ("traffic_light" -> "traffic light");
     transformers keeps "_" as a token of its own, the one documented difference."""
-    from gdino.classes import label_query
+    from gdino.processing.classes import label_query
 
     labels = ["traffic_light", "cat"]
     ours = proc(text=labels)["input_ids"]
@@ -358,7 +357,7 @@ def test_png_bytes_roundtrip_is_lossless(proc):
 
 
 def test_too_elongated_image_is_an_image_error(proc):
-    from gdino.image import ImageError
+    from gdino.processing.image import ImageError
 
     with pytest.raises(ImageError, match="too elongated"):
         proc(images=Image.new("RGB", (5000, 1)), text="a cat.")

@@ -27,8 +27,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gdino import GroundingDinoForObjectDetection  # noqa: E402
-from gdino.server.app import Settings, create_app, serve_in_thread  # noqa: E402
-from gdino.server.batching import Batcher, Job, QueueFull, run_group  # noqa: E402
+from gdino.apps.server.app import Settings, create_app, serve_in_thread  # noqa: E402
+from gdino.apps.server.batching import Batcher, Job, QueueFull, run_group  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 PROMPT = "a cat. a remote control."

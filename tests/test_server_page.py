@@ -24,7 +24,7 @@ pytest.importorskip("fastapi", reason="the server extra is not installed: pip in
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 
 from gdino import GroundingDinoForObjectDetection  # noqa: E402
-from gdino.server.app import Settings, create_app, serve_in_thread  # noqa: E402
+from gdino.apps.server.app import Settings, create_app, serve_in_thread  # noqa: E402
 from test_server import load_bench  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

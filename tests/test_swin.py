@@ -8,8 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd  # noqa: E402
 
+from gdino.checkpoint.convert import hf_to_ours  # noqa: E402
 from gdino.config import GroundingDinoConfig  # noqa: E402
-from gdino.convert import hf_to_ours  # noqa: E402
 from gdino.model.position import coordinate_sine_embedding, sine_position_embedding  # noqa: E402
 from gdino.model.swin import SwinBackbone, shift_window_mask  # noqa: E402
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gdino.config import SPECIAL_TOKEN_IDS
-from gdino.text import TextTokenizer, phrase_spans
+from gdino.processing.text import TextTokenizer, phrase_spans
 from gdino.training.captions import CaptionBuilder
 from gdino.training.samples import Phrase, Sample
 

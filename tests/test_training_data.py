@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gdino.exports import clipped_boxes, export
+from gdino.apps.exports import clipped_boxes, export
 from gdino.training.datasets import DataError, read_coco, read_dataset, read_odvg, read_yolo
 
 

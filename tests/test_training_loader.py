@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from gdino.config import SPECIAL_TOKEN_IDS
-from gdino.image import ImageSettings
-from gdino.processing import GroundingDinoProcessor
-from gdino.text import TextTokenizer, phrase_spans
+from gdino.processing.image import ImageSettings
+from gdino.processing.processor import GroundingDinoProcessor
+from gdino.processing.text import TextTokenizer, phrase_spans
 from gdino.training.augment import Augment, AugmentSettings
 from gdino.training.captions import CaptionBuilder
 from gdino.training.datasets import read_coco

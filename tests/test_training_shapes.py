@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from gdino.training.datasets import read_coco
-from gdino.training.shapes import (COLOURS, SHAPES, ShapesSettings, find_photos, load_photos, pair_names, render,
-                                   write_shapes_dataset)
+from gdino.training.shapes import (
+    COLOURS,
+    SHAPES,
+    ShapesSettings,
+    find_photos,
+    load_photos,
+    pair_names,
+    render,
+    write_shapes_dataset,
+)
 
 DATA = Path(__file__).parent / "data"
 

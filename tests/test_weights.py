@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdino import weights
-from gdino.convert import hf_to_ours, original_to_ours, ours_to_hf, ours_to_original
+from gdino.checkpoint import loading as weights
+from gdino.checkpoint.convert import hf_to_ours, original_to_ours, ours_to_hf, ours_to_original
 from reference import DATA, prefill_hub_cache
 
 OPTIONAL = ("relative_position_index", "position_ids")  # recomputable buffers, present or not in real files
@@ -112,7 +112,7 @@ def test_strict_loading_names_what_is_wrong(small_dir, tmp_path):
 def test_differing_shared_box_head_copies_are_refused(small_dir):
     from safetensors.torch import load_file
 
-    from gdino.convert import ConversionError
+    from gdino.checkpoint.convert import ConversionError
 
     sd = load_file(small_dir / "model.safetensors")
     sd["model.decoder.bbox_embed.1.layers.0.bias"] = sd["bbox_embed.0.layers.0.bias"] + 1
@@ -145,7 +145,7 @@ def test_unreachable_hub_gives_a_short_clear_error(tmp_path, data_dir):
 
 
 def test_emulated_reduced_precision_on_cpu_warns(tmp_path):
-    from gdino.weights import _warn_if_emulated
+    from gdino.checkpoint.loading import _warn_if_emulated
 
     plain = tmp_path / "cpuinfo-avx2"
     plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")

@@ -3,12 +3,12 @@
     from gdino import AutoProcessor, AutoModelForZeroShotObjectDetection
 """
 
+from .checkpoint.loading import CheckpointError
 from .config import GroundingDinoConfig
 from .detector import Detections, GroundingDinoForObjectDetection
-from .image import ImageError
-from .processing import GroundingDinoProcessor
-from .text import PromptError
-from .weights import CheckpointError
+from .processing.image import ImageError
+from .processing.processor import GroundingDinoProcessor
+from .processing.text import PromptError
 
 # The names the model card's snippet uses.
 AutoProcessor = GroundingDinoProcessor

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from .boxes import cxcywh_to_xyxy
+from .checkpoint.loading import DEFAULT_MODEL_ID, load_model
 from .checks import check_fraction
-from .chunking import Candidates, best_per_query, class_nms, score_chunks
-from .classes import ClassQuery, TokenSpans, queries_for_images
-from .image import ImageLike, images_to_list, load_image
+from .detections import Candidates, best_per_query, class_nms, score_chunks
 from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, stack_images
-from .processing import GroundingDinoProcessor
-from .text import PromptError, TextInput, phrase_for_tokens, phrase_spans
-from .weights import DEFAULT_MODEL_ID, load_model
+from .processing.classes import ClassQuery, TokenSpans, queries_for_images
+from .processing.image import ImageLike, images_to_list, load_image
+from .processing.processor import GroundingDinoProcessor
+from .processing.text import PromptError, TextInput, phrase_for_tokens, phrase_spans
 
 
 @dataclass(frozen=True)

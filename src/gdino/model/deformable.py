@@ -76,7 +76,7 @@ def ms_deform_attn(
         (B, Q, nH * hd)
     """
     if value.is_cuda and _use_triton(value):  # the fused kernels when triton is installed
-        from .deformable_triton import ms_deform_attn_triton
+        from .ops.deformable_triton import ms_deform_attn_triton
 
         return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
     b, s, n_heads, head_dim = value.shape
@@ -252,7 +252,7 @@ def _use_triton(value: Tensor) -> bool:
 
     Imported here, not with this module: importing triton costs CPU-only users start-up time.
     """
-    from .deformable_triton import supported_head_dim, triton_available
+    from .ops.deformable_triton import supported_head_dim, triton_available
 
     opted_out = os.environ.get("GDINO_NO_TRITON", "") not in ("", "0")
     return not opted_out and triton_available(value.device) and supported_head_dim(value.shape[-1])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from gdino.image import resized_size
+from gdino.processing.image import resized_size
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gdino.classes import prompt_text
-from gdino.text import PromptError, TextTokenizer
+from gdino.processing.classes import prompt_text
+from gdino.processing.text import PromptError, TextTokenizer
 
 from .samples import Sample
 

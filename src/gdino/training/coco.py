@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from gdino.image import ImageError
+from gdino.processing.image import ImageError
 
 from .samples import DataError, Dataset, Problem, Sample, as_boxes, check_box, check_image
 

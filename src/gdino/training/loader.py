@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gdino.image import ImageError, pad_batch, preprocess_image
-from gdino.processing import BatchEncoding, GroundingDinoProcessor
+from gdino.processing.image import ImageError, pad_batch, preprocess_image
+from gdino.processing.processor import BatchEncoding, GroundingDinoProcessor
 
 from .augment import Augment
 from .captions import Caption, CaptionBuilder

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gdino.image import ImageError
+from gdino.processing.image import ImageError
 
 from .samples import DataError, Dataset, Phrase, Problem, Sample, as_boxes, check_box, check_image
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from gdino.image import ImageError, to_rgb
+from gdino.processing.image import ImageError, to_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from gdino.image import ImageError
+from gdino.processing.image import ImageError
 
 from .samples import DataError, Dataset, Problem, Sample, as_boxes, check_box, check_image
 

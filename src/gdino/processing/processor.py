@@ -18,9 +18,17 @@ import torch
 
 from gdino.boxes import cxcywh_to_xyxy
 from gdino.checks import check_fraction
-from gdino.image import ImageError, ImageLike, ImageSettings, images_to_list, load_image, pad_batch, preprocess_image
-from gdino.prompts import processor_prompts, prompts_for_images
-from gdino.text import PromptError, TextInput, TextTokenizer, as_id_list, phrase_spans, read_tokenizer_config
+from gdino.processing.image import (
+    ImageError,
+    ImageLike,
+    ImageSettings,
+    images_to_list,
+    load_image,
+    pad_batch,
+    preprocess_image,
+)
+from gdino.processing.prompts import processor_prompts, prompts_for_images
+from gdino.processing.text import PromptError, TextInput, TextTokenizer, as_id_list, phrase_spans, read_tokenizer_config
 
 __all__ = ["BatchEncoding", "GroundingDinoProcessor", "ImageError", "ProcessorFiles", "PromptError",
            "grounded_detections", "resolve_files"]
@@ -103,7 +111,7 @@ def _resolve(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
     Resolved exactly as the model's weights are (``gdino.weights.resolve``: hub cache, download,
     local directory). An original ``.pth`` alone has no processor files: None, meaning defaults.
     """
-    from .weights import resolve  # imported here: weights imports the model, processing does not need it
+    from ..checkpoint.loading import resolve  # imported here: weights imports the model, processing does not need it
 
     path = Path(path_or_id).expanduser()
     if path.is_dir():  # a processor-only directory (no weights) is fine here

@@ -1,0 +1,1 @@
+"""Applications on top of the detector: the command line, labelling, exports, evaluation, the server."""

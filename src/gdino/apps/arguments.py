@@ -1,0 +1,147 @@
+"""Checks of command-line values shared by ``gdino detect``, ``label``, ``eval`` and ``serve``.
+
+The ``argparse`` types (``fraction``, ``positive_int``, ...) refuse a value outside its range while
+the arguments are parsed (usage and the reason on stderr, exit status 2). The other checks run
+before any model work and raise ``UsageError``, which the commands print as one line (exit 2):
+the device, and whether an output file or folder can be written. Standard library only at
+import time (``check_device`` imports torch when called).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot be used: reported as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- argparse types
+
+
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (thresholds, IoU)."""
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of 1 or more (batch sizes, counts, limits)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (sizes in MB)."""
+    value = _number(text, float)
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of 0 or more (waiting times)."""
+    value = _number(text, float)
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 (any free port) to 65535."""
+    value = _number(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return value
+
+
+def _number(text: str, kind: type[int] | type[float]) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- checks before the model
+
+
+def check_device(name: str | None) -> str:
+    """The device to run on: ``name`` if torch can use it here, else ``UsageError``; None -> cuda or cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data; use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except Exception as exc:  # noqa: BLE001 (whatever the backend raises, it cannot be used)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"--device {name} cannot be used here: {reason}") from None
+    return name
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Raises ``UsageError`` unless ``path`` can be written (its folder is created; the file is not changed)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    _make_folder(path.parent, f"the folder of {option} {path}")
+    try:
+        if path.exists():
+            with open(path, "ab"):  # opened for writing, not changed
+                pass
+        else:
+            with open(path, "xb"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write {option} {path}: {exc.strerror or exc}") from None
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """Raises ``UsageError`` unless ``path`` is (or can be made) a folder that files can be written in."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a folder")
+    _make_folder(path, f"{option} {path}")
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".gdino-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write in {option} {path}: {exc.strerror or exc}") from None
+
+
+def _make_folder(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"cannot create {what}: a file is in the way") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {what}: {exc.strerror or exc}") from None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same existing file (through links, relative paths or hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

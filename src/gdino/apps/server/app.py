@@ -1,0 +1,377 @@
+"""The HTTP application: ``POST /v1/detect``, ``GET /healthz``, the page at ``/``, OpenAPI at ``/docs``.
+
+``create_app(model)`` builds it around a loaded model; ``serve`` is ``gdino serve``. Every user
+error is a JSON answer ``{"error": kind, "detail": message}`` with a 4xx status; 500 means a bug.
+Every route that answers GET answers HEAD too, and every answer has ``X-Content-Type-Options: nosniff``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ... import __version__
+from ...detector import GroundingDinoForObjectDetection
+from ...processing.classes import ClassQuery, queries_for_images
+from ...processing.image import ImageError
+from ...processing.text import PromptError, TextInput
+from . import MB
+from .batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
+from .requests import FORM_SLACK, check_resizable, decode_image, limited, read_json, read_multipart
+from .schema import ERRORS, REQUEST_BODY, DetectResponse
+from .settings import ApiError, Settings
+
+__all__ = ["ApiError", "Settings", "create_app", "serve", "serve_in_thread"]
+
+log = logging.getLogger("gdino.server")
+
+
+# --------------------------------------------------------------------------- app
+
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never seen by the client
+
+
+def _error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {**(headers or {}), "X-Content-Type-Options": "nosniff"}  # also for a 500, outside the middleware
+    return JSONResponse({"error": kind, "detail": message}, status_code=status, headers=headers)
+
+
+class HeadAndNosniff:
+    """ASGI middleware: HEAD is answered as GET without the body; every answer gets ``nosniff``.
+
+    Uptime checks use HEAD; FastAPI's routes answer only the methods they name.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = dict(scope, method="GET")  # a copy: the server still knows it answers HEAD
+
+        async def send_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != NOSNIFF[0]]
+                message = {**message, "headers": [*headers, NOSNIFF]}
+            elif message["type"] == "http.response.body" and head:
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(scope, receive, send_headers)
+
+
+def _key_given(request: Request) -> str | None:
+    """The API key of ``X-API-Key`` or ``Authorization: Bearer``, if any."""
+    key = request.headers.get("x-api-key")
+    if key is not None:
+        return key
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+
+
+def _key_matches(given: str | None, key: str | None) -> bool:
+    """True when no key is set, or ``given`` is it (compared in constant time)."""
+    return key is None or (given is not None and hmac.compare_digest(given.encode(), key.encode()))
+
+
+def _auth(key: str | None) -> list[Any]:
+    """The dependency that checks the API key, or none when no key is set."""
+    if key is None:
+        return []
+    expected = key.encode()
+    header = APIKeyHeader(name="X-API-Key", auto_error=False)
+    bearer = HTTPBearer(auto_error=False)
+
+    def check(
+        api_key: str | None = Depends(header), credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> None:
+        given = api_key if api_key is not None else (credentials.credentials if credentials else None)
+        if given is None or not hmac.compare_digest(given.encode(), expected):
+            message = "a valid API key is needed: Authorization: Bearer KEY or X-API-Key: KEY"
+            raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+    return [Depends(check)]
+
+
+def create_app(
+    model: GroundingDinoForObjectDetection, settings: Settings | None = None, model_name: str = "model"
+) -> FastAPI:
+    """The application around a loaded model (loaded once, used by the batcher's one thread)."""
+    settings = settings or Settings()
+    batcher = Batcher(model, settings.max_queue, settings.max_batch, settings.batch_wait_ms / 1000)
+    static = resources.files("gdino.apps.server").joinpath("static")
+    page = static.joinpath("index.html").read_text(encoding="utf-8")
+    favicon = static.joinpath("favicon.svg").read_bytes()
+
+    def check_prompt(prompt: TextInput) -> None:
+        """Tokenises the prompt (a thread's work, never the event loop's): 422 if malformed, 413 past max_chunks."""
+        budget = model.processor.tokenizer.max_text_len - 2  # tokens of a chunk without [CLS] and [SEP]
+        if isinstance(prompt, list) and -(-2 * len(prompt) // budget) > settings.max_chunks:
+            _too_many_chunks(-(-2 * len(prompt) // budget), settings.max_chunks)  # a label and its "." at least
+        try:
+            query = queries_for_images(prompt, 1, model.processor.tokenizer)[0]
+            if isinstance(query, ClassQuery):
+                if len(query.prompts) > settings.max_chunks:
+                    _too_many_chunks(len(query.prompts), settings.max_chunks)
+            else:
+                model.phrases(query)  # refuses a phrase-less prompt such as ". . ."
+        except PromptError as exc:
+            raise ApiError(422, "invalid_prompt", str(exc)) from None
+
+    def prepare(data: bytes) -> tuple[Image.Image, bytes]:
+        """Decoded, checked image and the key under which equal uploads share their encoding (a thread's work)."""
+        image = decode_image(data, settings.max_upload_bytes, settings.max_pixels)
+        check_resizable(image, model.processor.image_settings)
+        return image, hashlib.blake2b(data, digest_size=16).digest()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        batcher.shutdown()  # whatever is still queued is answered 503, not run
+        batcher.stop(settings.shutdown_seconds)
+
+    app = FastAPI(
+        title="gdino",
+        summary="Zero-shot object detection with Grounding DINO",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,  # served below from the swagger-ui-bundle package, not a CDN
+        redoc_url=None,
+    )
+    app.state.batcher = batcher
+    app.state.settings = settings
+    app.add_middleware(HeadAndNosniff)
+    _add_docs(app)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc.status, exc.kind, exc.message, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return _error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("%s %s: the client disconnected before it sent the whole request", request.method, request.url.path)
+        return Response(status_code=CLIENT_GONE)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(422, "invalid_request", str(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(500, "internal", "internal server error (a bug in gdino; see the server log)")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        csp = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+               "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+        return HTMLResponse(page, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def icon() -> Response:
+        return Response(favicon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        """Liveness and the batcher's state (no API key needed; the model's name or path only with the key, if one is set)."""
+        s = batcher.stats
+        answer: dict[str, Any] = {"status": "ok"}
+        if _key_matches(_key_given(request), settings.api_key):
+            answer["model"] = model_name
+        return {
+            **answer,
+            "device": str(model.device),
+            "queue": {"pending": batcher.pending, "max": batcher.max_queue},
+            "batches": {"groups": s.groups, "requests": s.requests, "images_encoded": s.images_encoded,
+                        "largest_group": s.largest_group, "dropped": s.dropped},
+        }  # fmt: skip
+
+    @app.post(
+        "/v1/detect",
+        response_model=None,
+        dependencies=_auth(settings.api_key),
+        openapi_extra={"requestBody": REQUEST_BODY},
+        responses={200: {"model": DetectResponse}, **ERRORS},
+    )
+    async def detect(request: Request) -> JSONResponse:
+        """Finds the prompt's phrases (or the labels) in the image.
+
+        Send multipart/form-data (an ``image`` file field) or JSON (``image`` as base64). The
+        answer is the command line's JSON: ``image``, ``width``, ``height`` and ``detections``,
+        each with ``box`` (x0, y0, x1, y1 pixels), ``score``, ``label`` and ``label_id``.
+        """
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            req = await read_multipart(limited(request, settings.max_upload_bytes + FORM_SLACK), settings)
+        elif content_type == "application/json":
+            req = await read_json(limited(request, settings.max_upload_bytes * 4 // 3 + FORM_SLACK), settings)
+        else:
+            raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
+        try:
+            with batcher.reserve():
+                await run_in_threadpool(check_prompt, req.prompt)  # tokenising a long list takes seconds
+                image, key = await run_in_threadpool(prepare, req.data)
+                job = Job(image, key, req.prompt, req.box_threshold, req.text_threshold)
+                found = await batcher.run(job, request.is_disconnected)
+        except QueueFull as exc:
+            raise ApiError(503, "busy", str(exc), {"Retry-After": str(batcher.retry_after())}) from None
+        except ShuttingDown as exc:
+            raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5", "Connection": "close"}) from None
+        except Abandoned:
+            log.info("POST /v1/detect: the client went away before its answer; its job was dropped")
+            return Response(status_code=CLIENT_GONE)
+        except PromptError as exc:  # checked above; kept a user error should the model find more
+            raise ApiError(422, "invalid_prompt", str(exc)) from None
+        except ImageError as exc:
+            raise ApiError(400, "invalid_image", str(exc)) from None
+        width, height = found.image_size
+        return JSONResponse({"image": req.name, "width": width, "height": height, "detections": found.to_list()})
+
+    return app
+
+
+def _too_many_chunks(chunks: int, limit: int) -> None:
+    raise ApiError(413, "too_many_chunks",
+                   f"the labels need {chunks} chunks (one pass of the encoder and decoder each, at most 256 "
+                   f"tokens); the server runs at most {limit} per request (--max-chunks)")  # fmt: skip
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at ``/docs`` with its scripts from the ``swagger-ui-bundle`` package: it works offline."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+    if swagger_ui_path is not None:
+        app.mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        if swagger_ui_path is None:
+            text = "Swagger UI needs the swagger-ui-bundle package: pip install 'gdino[serve]'. The API is at openapi.json."
+            return HTMLResponse(f"<!doctype html><title>gdino API</title><p>{text}</p>", status_code=404)
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=root + (app.openapi_url or "/openapi.json"), title="gdino API",
+            swagger_js_url=root + "/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url=root + "/docs/assets/swagger-ui.css", swagger_favicon_url=root + "/favicon.ico",
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _server(app: FastAPI, config: Any) -> Any:
+    """A ``uvicorn.Server`` that, when told to exit (SIGTERM, Ctrl-C), first stops the batcher.
+
+    uvicorn waits for the requests in flight before it shuts the application down; stopping the
+    batcher first answers the queued ones 503 at once and ends a running label list at its next
+    chunk, so shutting down takes about one pass, not the whole queue (at most ``shutdown_seconds``).
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.batcher.shutdown()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Runs ``app`` with uvicorn in a background thread; yields its base URL (``port=0``: a free port)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    grace = getattr(getattr(app.state, "settings", None), "shutdown_seconds", 10.0)
+    server = _server(app, uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=grace))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server did not start")
+            threading.Event().wait(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.handle_exit(signal.SIGTERM, None)  # as on SIGTERM
+        thread.join(grace + 10)
+        sock.close()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``gdino serve``: loads the model once and runs the application with uvicorn."""
+    import torch
+    import uvicorn
+
+    from ...checkpoint.loading import DEFAULT_MODEL_ID, CheckpointError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = Settings(
+        max_upload_bytes=int(args.max_upload_mb * MB),
+        max_pixels=args.max_pixels,
+        max_prompt_chars=args.max_prompt_chars,
+        max_labels=args.max_labels,
+        max_chunks=args.max_chunks,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        api_key=args.api_key or None,
+        shutdown_seconds=args.shutdown_seconds,
+    )
+    name = str(args.model or DEFAULT_MODEL_ID)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    try:
+        model = GroundingDinoForObjectDetection.from_pretrained(name, device=device, dtype=dtype).eval()
+    except CheckpointError as exc:
+        print(f"gdino: error: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"gdino: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
+              file=sys.stderr)
+    app = create_app(model, settings, name)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=settings.shutdown_seconds)  # fmt: skip
+    _server(app, config).run()
+    return 0

@@ -1,0 +1,215 @@
+"""Reading a detection request: multipart or JSON bodies, prompts, thresholds and image bytes.
+
+Every user error raises ``ApiError`` with a 4xx status; nothing here lets a bad upload through to
+the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.types import Message
+
+from ...processing.image import ImageError, ImageSettings, load_image, resized_size
+from ...processing.text import TextInput
+from .settings import ApiError, Settings
+
+log = logging.getLogger("gdino.server")
+
+# Decoders the server accepts (those this Pillow has); the others (EPS, ICO, PSD, ...) are refused
+# to keep the attack surface small. JPEG includes MPO (phone cameras' multi-picture JPEG).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM")
+FORM_SLACK = 64 * 1024  # room for the prompt and other fields next to the image in a request body
+
+
+@dataclass
+class DetectRequest:
+    data: bytes
+    name: str
+    prompt: TextInput
+    box_threshold: float
+    text_threshold: float
+
+
+def prompt_from_text(text: str) -> TextInput:
+    """The command line's rule: a prompt with "." separates phrases; one without but with commas is a label list."""
+    if "." not in text and "," in text:
+        return [label.strip() for label in text.split(",") if label.strip()]
+    return text
+
+
+def _threshold(value: Any, name: str, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_threshold", f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if isinstance(value, bool) or not (math.isfinite(number) and 0.0 <= number <= 1.0):
+        raise ApiError(422, "invalid_threshold", f"{name} must be between 0 and 1, got {value!r}")
+    return number
+
+
+def _utf8(text: str, what: str) -> str:
+    """``text`` when it can be written as UTF-8 (no lone surrogates such as JSON's "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "invalid_prompt", f"the {what} is not valid Unicode (a lone surrogate?)") from None
+    return text
+
+
+def _prompt(prompt: Any, labels: Any, settings: Settings) -> TextInput:
+    """The request's prompt or label list, checked for type and size (not yet tokenised).
+
+    Sizes past the server's limits are 413 (a setting can raise them); a malformed prompt is 422.
+    """
+    max_chars = settings.max_prompt_chars
+    if prompt is not None and labels is not None:
+        raise ApiError(422, "invalid_prompt", "give either prompt or labels, not both")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ApiError(422, "invalid_prompt", "labels must be a list of strings")
+        if sum(len(x) for x in labels) > 16 * max_chars:
+            raise ApiError(413, "prompt_too_long", f"the labels have more than {16 * max_chars} characters in all "
+                           "(the server's --max-prompt-chars x 16)")  # fmt: skip
+        return _label_count([_utf8(x.strip(), "labels") for x in labels], settings.max_labels)
+    if prompt is None:
+        raise ApiError(422, "invalid_prompt", "give a prompt (e.g. 'a cat. a remote control.') or labels")
+    if not isinstance(prompt, str):
+        raise ApiError(422, "invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
+    if len(prompt) > max_chars:
+        raise ApiError(413, "prompt_too_long",
+                       f"the prompt has {len(prompt)} characters; the server takes at most {max_chars} (--max-prompt-chars)")
+    text = prompt_from_text(_utf8(prompt, "prompt"))
+    return text if isinstance(text, str) else _label_count(text, settings.max_labels)
+
+
+def _label_count(labels: list[str], max_labels: int) -> list[str]:
+    """``labels`` when there are at most ``max_labels`` of them, else 413 (before any tokenising)."""
+    if len(labels) > max_labels:
+        raise ApiError(413, "too_many_labels",
+                       f"{len(labels)} labels; the server takes at most {max_labels} per request (--max-labels)")
+    return labels
+
+
+def limited(request: Request, limit: int) -> Request:
+    """The request, reading at most ``limit`` body bytes (413 past it, also without Content-Length)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, "too_large", f"the request body has {int(length)} bytes; at most {limit} accepted")
+    received = 0
+    receive = request.receive
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise ApiError(413, "too_large", f"the request body is larger than {limit} bytes")
+        return message
+
+    return Request(request.scope, limited_receive)
+
+
+async def read_multipart(request: Request, settings: Settings) -> DetectRequest:
+    form = await request.form(max_files=1, max_fields=32, max_part_size=settings.max_upload_bytes)
+    try:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "missing_image", "send the image as a file field named 'image'")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        labels = form.getlist("labels")
+        split = [p for x in labels if isinstance(x, str) for p in x.split(",") if p.strip()] if labels else None
+        return DetectRequest(
+            data=data,
+            name=(upload.filename or "upload").encode("utf-8", "replace").decode(),
+            prompt=_prompt(form.get("prompt"), split, settings),
+            box_threshold=_threshold(form.get("box_threshold"), "box_threshold", 0.35),
+            text_threshold=_threshold(form.get("text_threshold"), "text_threshold", 0.25),
+        )
+    finally:
+        await form.close()
+
+
+async def read_json(request: Request, settings: Settings) -> DetectRequest:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}"[:300]) from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_json", "the body must be a JSON object with image and prompt")
+    image = body.get("image")
+    if not isinstance(image, str) or not image:
+        raise ApiError(422, "missing_image", "give the image as a base64 string (or a data: URL) in 'image'")
+    if image.startswith("data:"):
+        image = image.partition(",")[2]
+    try:
+        data = base64.b64decode("".join(image.split()), validate=True)  # line breaks allowed
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_image", "'image' is not valid base64") from None
+    name = body.get("name")
+    return DetectRequest(
+        data=data,
+        name=name.encode("utf-8", "replace").decode() if isinstance(name, str) else "upload",
+        prompt=_prompt(body.get("prompt"), body.get("labels"), settings),
+        box_threshold=_threshold(body.get("box_threshold"), "box_threshold", 0.35),
+        text_threshold=_threshold(body.get("text_threshold"), "text_threshold", 0.25),
+    )
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Upload bytes -> RGB image, refusing files and images over the limits before decoding them.
+
+    Raises:
+        ApiError: 413 over ``max_bytes`` or ``max_pixels`` (decompression bombs included), 400
+            for data that is not an image of a supported format or is corrupt.
+    """
+    if len(data) > max_bytes:
+        raise ApiError(413, "too_large", f"the image file is larger than {max_bytes} bytes")
+    if not data:
+        raise ApiError(400, "invalid_image", "the image is empty (0 bytes)")
+    too_many = ApiError(413, "too_many_pixels", f"the image has more than {max_pixels} pixels")
+    Image.init()
+    formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]
+    try:
+        img = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
+        width, height = img.size
+        if width * height > max_pixels:
+            raise too_many
+        img.load()
+        return load_image(img)  # EXIF orientation, RGB
+    except ApiError:
+        raise
+    except Image.DecompressionBombError:
+        raise too_many from None
+    except Image.UnidentifiedImageError:
+        raise ApiError(400, "invalid_image", f"not an image, or not one of {', '.join(formats)}") from None
+    except ImageError as exc:
+        raise ApiError(400, "invalid_image", str(exc)) from None
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, EOFError ... on corrupt data
+        log.info("undecodable upload: %r", exc)
+        raise ApiError(400, "invalid_image", f"cannot decode the image (truncated or corrupt?): {exc}") from None
+
+
+def check_resizable(image: Image.Image, settings: ImageSettings) -> None:
+    """Refuses (422) an image so thin that the processor would resize its short side to 0 pixels.
+
+    ``detect`` raises a bare ValueError for such an image (e.g. 1x5000); this keeps it a user error.
+    """
+    if not settings.do_resize:
+        return
+    height, width = resized_size(image.height, image.width, settings.shortest_edge, settings.longest_edge)
+    if min(height, width) < 1:
+        raise ApiError(422, "invalid_image", f"the image ({image.width}x{image.height}) is too thin to resize "
+                       f"for the model (longest side at most {settings.longest_edge}); crop or pad it")  # fmt: skip

@@ -1,0 +1,74 @@
+"""What ``POST /v1/detect`` answers and accepts, as the OpenAPI document (``/openapi.json``) shows it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class Detection(BaseModel):
+    box: list[float]  # x0, y0, x1, y1 in pixels of the original image
+    score: float
+    label: str
+    label_id: int
+
+
+class DetectResponse(BaseModel):
+    image: str
+    width: int
+    height: int
+    detections: list[Detection]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+THRESHOLDS = {
+    "box_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.35},
+    "text_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.25},
+}
+PROMPT = {"type": "string", "description": '"a cat. a remote control."; without "." but with commas, a label list'}
+REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary"},
+                    "prompt": PROMPT,
+                    "labels": {"type": "array", "items": {"type": "string"}, "description": "instead of prompt"},
+                    **THRESHOLDS,
+                },
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "description": "base64 of the file, or a data: URL"},
+                    "name": {"type": "string", "description": "echoed as the answer's image"},
+                    "prompt": PROMPT,
+                    "labels": {"type": "array", "items": {"type": "string"}, "description": "instead of prompt"},
+                    **THRESHOLDS,
+                },
+            }
+        },
+    },
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "not an image, or a malformed request",
+        401: "missing or wrong API key",
+        413: "upload or image too large",
+        415: "neither multipart/form-data nor application/json",
+        422: "empty or over-long prompt, thresholds outside [0, 1]",
+        503: "queue full; retry after the Retry-After header's seconds",
+    }.items()
+}

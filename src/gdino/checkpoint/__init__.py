@@ -1,0 +1,1 @@
+"""Checkpoints: hub and local resolution, key conversion, strict loading."""

@@ -1,0 +1,1 @@
+"""Kernels of the model: multi-scale deformable attention in PyTorch and in Triton."""

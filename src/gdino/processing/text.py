@@ -1,0 +1,244 @@
+"""Text side of the processor: prompt normalisation, BERT tokenisation and phrase spans.
+
+A Grounding DINO prompt is a list of phrases separated by ``"."``, e.g. ``"a cat. a remote
+control."``: one lower-case string ending in ``"."``, tokenised with the BERT-base-uncased
+WordPiece vocabulary into ``[CLS] ... [SEP]``. How strings, label lists and per-image prompts
+become such strings is ``gdino.prompts``' rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from gdino.config import SPECIAL_TOKEN_IDS
+
+CLS, SEP, PAD, UNK, MASK = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
+
+TextInput = str | Sequence[str] | Sequence[str | Sequence[str]]
+
+
+class PromptError(ValueError):
+    """A text prompt is empty, malformed or too long for the model."""
+
+
+def packaged_vocab_path() -> Path:
+    """Path of the BERT-base-uncased ``vocab.txt`` shipped inside the package."""
+    return Path(str(resources.files("gdino") / "data" / "bert-base-uncased-vocab.txt"))
+
+
+# --------------------------------------------------------------------------- prompt normalisation
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Lower-cases ``prompt``, strips surrounding whitespace and makes it end with ``"."``.
+
+    Raises:
+        PromptError: if ``prompt`` is not a string or is empty / whitespace only.
+    """
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
+    text = prompt.strip().lower()
+    if not text:
+        raise PromptError("the text prompt is empty; give e.g. 'a cat. a remote control.'")
+    return text if text.endswith(".") else text + "."
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    """Padded token ids of a batch of prompts, each ``(B, L)`` int64 with ``L`` the longest."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def _bert_tokenizer(vocab_file: str | os.PathLike, lowercase: bool = True, strip_accents: bool | None = None,
+                    tokenize_chinese_chars: bool = True) -> Tokenizer:
+    """Builds the BERT WordPiece tokenizer (``[CLS] text [SEP]``) from a ``vocab.txt``."""
+    vocab = models.WordPiece.read_file(str(vocab_file))
+    for token in (CLS, SEP, PAD, UNK):
+        if token not in vocab:
+            raise ValueError(f"vocabulary {vocab_file} has no {token} token; is it a BERT vocab.txt?")
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
+    tokenizer.add_special_tokens([t for t in (PAD, UNK, CLS, SEP, MASK) if t in vocab])
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=tokenize_chinese_chars, strip_accents=strip_accents,
+        lowercase=lowercase,
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+class TextTokenizer:
+    """BERT WordPiece tokenizer with Grounding DINO's length limit and batch padding.
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer`` that adds ``[CLS]``/``[SEP]`` itself.
+        max_text_len: most tokens (``[CLS]`` and ``[SEP]`` included) the model accepts.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_text_len: int = 256) -> None:
+        self._tok = tokenizer
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.max_text_len = max_text_len
+        pad_id = tokenizer.token_to_id(PAD)
+        self.pad_token_id = 0 if pad_id is None else pad_id
+
+    @classmethod
+    def from_vocab(cls, vocab_file: str | os.PathLike | None = None, max_text_len: int = 256,
+                   **normalizer: bool | None) -> TextTokenizer:
+        """From a ``vocab.txt`` (the packaged BERT-base-uncased one when ``None``)."""
+        path = packaged_vocab_path() if vocab_file is None else Path(vocab_file)
+        return cls(_bert_tokenizer(path, **normalizer), max_text_len)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike, max_text_len: int = 256) -> TextTokenizer:
+        """From a Hugging Face ``tokenizer.json``."""
+        try:
+            return cls(Tokenizer.from_file(str(path)), max_text_len)
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"cannot read tokenizer file {path}: {exc}") from exc
+
+    def offsets(self, prompt: str) -> list[tuple[int, int]]:
+        """Character (start, end) of each token of ``encode([prompt])`` in ``prompt``; (0, 0) for [CLS]/[SEP]."""
+        return [tuple(o) for o in self._tok.encode(prompt).offsets]
+
+    def encode(self, prompts: Sequence[str]) -> TokenizedText:
+        """Tokenises prompts (already normalised) and pads them to the longest.
+
+        Raises:
+            PromptError: if a prompt is longer than ``max_text_len`` tokens.
+        """
+        encodings = self._tok.encode_batch(list(prompts))
+        for prompt, enc in zip(prompts, encodings):
+            if len(enc.ids) > self.max_text_len:
+                raise PromptError(
+                    f"the prompt has {len(enc.ids)} tokens ([CLS] and [SEP] included) but the model "
+                    f"accepts at most {self.max_text_len}; shorten it (starts {prompt[:60]!r})"
+                )
+        length = max(len(e.ids) for e in encodings)
+        ids = torch.full((len(encodings), length), self.pad_token_id, dtype=torch.long)
+        types = torch.zeros((len(encodings), length), dtype=torch.long)
+        mask = torch.zeros((len(encodings), length), dtype=torch.long)
+        for row, enc in enumerate(encodings):
+            n = len(enc.ids)
+            ids[row, :n] = torch.tensor(enc.ids, dtype=torch.long)
+            types[row, :n] = torch.tensor(enc.type_ids, dtype=torch.long)
+            mask[row, :n] = 1
+        return TokenizedText(ids, types, mask)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Token ids -> text, WordPiece pieces joined (``[SEP]`` etc. kept by default)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        """Decodes each id list of ``batch``; see :meth:`decode`."""
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+
+def read_tokenizer_config(path: Path | None) -> dict[str, bool | None]:
+    """The normaliser options (``do_lower_case`` ...) of a ``tokenizer_config.json``, if any."""
+    if path is None:
+        return {}
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    options: dict[str, bool | None] = {}
+    if "do_lower_case" in cfg:
+        options["lowercase"] = bool(cfg["do_lower_case"])
+    if "strip_accents" in cfg:
+        options["strip_accents"] = cfg["strip_accents"]
+    if "tokenize_chinese_chars" in cfg:
+        options["tokenize_chinese_chars"] = bool(cfg["tokenize_chinese_chars"])
+    return options
+
+
+# --------------------------------------------------------------------------- phrases
+
+
+def as_id_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    """A 1-D tensor or sequence of token ids -> a list of ints."""
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.ndim != 1:
+            raise ValueError(f"expected a 1-D sequence of token ids, got shape {tuple(token_ids.shape)}")
+        return token_ids.tolist()
+    return [int(i) for i in token_ids]
+
+
+def phrase_spans(input_ids: Sequence[int] | torch.Tensor,
+                 separator_ids: Sequence[int] = SPECIAL_TOKEN_IDS, pad_token_id: int = 0) -> list[tuple[int, int]]:
+    """Token ranges of the phrases of one tokenised prompt.
+
+    ``[CLS] a cat . a remote control . [SEP]`` -> ``[(1, 3), (4, 7)]``.
+
+    Args:
+        input_ids: ``(L,)`` token ids of one prompt (padding allowed).
+        separator_ids: ids that end a phrase: ``[CLS]``, ``[SEP]``, ``"."``, ``"?"``.
+        pad_token_id: id of padding, also a separator.
+
+    Returns:
+        ``(start, end)`` half-open token index ranges, one per non-empty phrase, in order.
+    """
+    ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+    if ids and isinstance(ids[0], list):
+        raise ValueError(f"phrase_spans takes the ids of one prompt (L,), got a batch of {len(ids)}")
+    stops = set(int(s) for s in separator_ids) | {pad_token_id}
+    spans, start = [], None
+    for i, tok in enumerate(ids):
+        if int(tok) in stops:
+            if start is not None:
+                spans.append((start, i))
+            start = None
+        elif start is None:
+            start = i
+    if start is not None:
+        spans.append((start, len(ids)))
+    return spans
+
+
+def phrase_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Score of each phrase: the max over its tokens.
+
+    Args:
+        token_scores: ``(..., T)`` per-token scores (probabilities or logits), ``T >= max end``.
+        spans: phrase ranges from :func:`phrase_spans`.
+
+    Returns:
+        ``(..., P)`` with ``P = len(spans)``.
+    """
+    if len(spans) == 0:
+        raise PromptError("the prompt has no phrase (only separators such as '.')")
+    if spans[-1][1] > token_scores.shape[-1]:
+        raise ValueError(f"span {spans[-1]} is beyond the {token_scores.shape[-1]} token scores")
+    return torch.stack([token_scores[..., s:e].amax(dim=-1) for s, e in spans], dim=-1)
+
+
+def phrase_for_tokens(token_scores: torch.Tensor,
+                      spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one phrase each box belongs to: the phrase holding its best-scoring token.
+
+    Args:
+        token_scores: ``(..., T)`` per-token scores of each box (e.g. ``sigmoid(logits)``).
+        spans: phrase ranges from :func:`phrase_spans`.
+
+    Returns:
+        ``(index, score)``, both ``(...)``: the phrase index (int64, into ``spans``) and the
+        phrase's score. Ties go to the earlier phrase.
+    """
+    score, index = phrase_scores(token_scores, spans).max(dim=-1)
+    return index, score
