@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdino.model import deformable
+from gdino.model.ops import deformable
 from gdino.model.deformable import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_reference
 
 SHAPES = [(6, 7), (1, 5), (4, 1), (3, 3), (1, 1)]  # (H, W): 1xN, Nx1 and 1x1 levels included
@@ -64,7 +64,7 @@ def test_chunks_straddling_the_batch_boundary(monkeypatch: pytest.MonkeyPatch) -
     args = _inputs(b=2, q=9)
     expected = ms_deform_attn(*args)
     k = 3 * len(SHAPES) * 2  # samples per query row
-    monkeypatch.setattr(deformable, "_CHUNK_ELEMENTS", 4 * k)  # 18 rows in chunks of 4: one spans both images
+    monkeypatch.setattr(deformable, "STEP_ELEMENTS", 4 * k)  # 18 rows in steps of 4: one spans both images
     torch.testing.assert_close(ms_deform_attn(*args), expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ms_deform_attn(*args), ms_deform_attn_reference(*args), atol=1e-5, rtol=1e-5)
 
@@ -72,7 +72,7 @@ def test_chunks_straddling_the_batch_boundary(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize("chunk_rows", [None, 4])
 def test_gradients_match_reference(monkeypatch: pytest.MonkeyPatch, chunk_rows: int | None) -> None:
     if chunk_rows:
-        monkeypatch.setattr(deformable, "_CHUNK_ELEMENTS", chunk_rows * 3 * len(SHAPES) * 2)
+        monkeypatch.setattr(deformable, "STEP_ELEMENTS", chunk_rows * 3 * len(SHAPES) * 2)
     value, shapes, locations, weights = _inputs(b=2)
     upstream = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(3))
     grads = []

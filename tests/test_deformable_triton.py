@@ -227,10 +227,10 @@ def test_availability_and_no_dispatch_on_cpu(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert triton_available("cpu")
     # ms_deform_attn keeps its PyTorch path for CPU tensors, even in interpreter mode.
-    fake = ModuleType("gdino.model.deformable_triton")
+    fake = ModuleType("gdino.model.ops.deformable_triton")
     fake.triton_available = fake.supported_head_dim = lambda *_: True  # type: ignore[attr-defined]
     fake.ms_deform_attn_triton = lambda *_: pytest.fail("dispatched CPU tensors")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gdino.model.deformable_triton", fake)
+    monkeypatch.setitem(sys.modules, "gdino.model.ops.deformable_triton", fake)
     args = _inputs(q=2)
     torch.testing.assert_close(ms_deform_attn(*args), ms_deform_attn_reference(*args), atol=1e-5, rtol=1e-5)
 

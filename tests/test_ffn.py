@@ -13,7 +13,7 @@ def _plain(x, l1, l2):
 
 
 def test_chunked_equals_plain_and_autograd_path_too(monkeypatch):
-    monkeypatch.setattr(ffn, "CHUNK_ROWS", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(ffn, "ROWS_PER_STEP", 7)  # several steps, the last one partial
     torch.manual_seed(0)
     l1, l2 = nn.Linear(16, 40), nn.Linear(40, 16)
     x = torch.randn(2, 25, 16)
@@ -33,7 +33,7 @@ def test_chunked_equals_plain_and_autograd_path_too(monkeypatch):
 
 
 def test_chunked_with_another_activation_and_residual(monkeypatch):
-    monkeypatch.setattr(ffn, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(ffn, "ROWS_PER_STEP", 5)
     torch.manual_seed(1)
     l1, l2 = nn.Linear(8, 32), nn.Linear(32, 8)
     x, r = torch.randn(3, 4, 4, 8), torch.randn(3, 4, 4, 8)

@@ -4,6 +4,8 @@
 """
 
 from .checkpoint.loading import CheckpointError
+from importlib.metadata import PackageNotFoundError, version
+
 from .config import GroundingDinoConfig
 from .detector import Detections, GroundingDinoForObjectDetection
 from .processing.image import ImageError
@@ -14,7 +16,10 @@ from .processing.text import PromptError
 AutoProcessor = GroundingDinoProcessor
 AutoModelForZeroShotObjectDetection = GroundingDinoForObjectDetection
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("gdino")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AutoModelForZeroShotObjectDetection",

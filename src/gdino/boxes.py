@@ -1,4 +1,4 @@
-"""Box formats and overlap, shared by detection, post-processing, NMS and evaluation."""
+"""Box formats, overlap and non-maximum suppression, shared by detection, post-processing and evaluation."""
 
 from __future__ import annotations
 
@@ -12,6 +12,18 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
 
+def to_pixels(boxes: Tensor, width: float | Tensor, height: float | Tensor) -> Tensor:
+    """(..., 4) (cx, cy, w, h) relative to an image -> (x0, y0, x1, y1) in its pixels.
+
+    ``width`` and ``height`` are numbers, or tensors that broadcast against ``boxes[..., 0]``
+    (``(B, 1)`` for a batch of ``(B, Q, 4)`` boxes of images of different sizes).
+    """
+    xyxy = cxcywh_to_xyxy(boxes)
+    w = torch.as_tensor(width, device=xyxy.device)
+    h = torch.as_tensor(height, device=xyxy.device)
+    return xyxy * torch.stack([w, h, w, h], -1)
+
+
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """(N, M) intersection over union of (N, 4) and (M, 4) xyxy boxes; 0 where the union is empty."""
     area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
@@ -21,3 +33,30 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     inter = (bottom_right - top_left).clamp(min=0).prod(-1)
     union = area_a[:, None] + area_b[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression; the kept indices, best score first.
+
+    A box is dropped when its IoU with a better kept box is above ``iou_threshold``. Equal
+    scores keep the earlier box.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    overlaps = (box_iou(boxes[order], boxes[order]) > iou_threshold).triu(1).cpu()  # (N, N)
+    dropped = torch.zeros(len(order), dtype=torch.bool)
+    for i in range(len(order)):
+        if not dropped[i]:
+            dropped |= overlaps[i]
+    return order[~dropped.to(order.device)]
+
+
+def class_nms(boxes: Tensor, scores: Tensor, ids: Tensor, iou_threshold: float) -> Tensor:
+    """``nms`` within each label id: boxes of different labels never suppress each other.
+
+    Returns:
+        The kept indices, best score first.
+    """
+    kept = [torch.nonzero(ids == label).flatten() for label in ids.unique()]
+    kept = [group[nms(boxes[group], scores[group], iou_threshold)] for group in kept]
+    index = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=boxes.device)
+    return index[scores[index].argsort(descending=True, stable=True)]

@@ -1,9 +1,9 @@
 """Model configuration: frozen dataclasses, read from the published ``config.json``.
 
 ``GroundingDinoConfig.tiny()`` is the published *grounding-dino-tiny* architecture (Swin-T,
-BERT-base); ``GroundingDinoConfig.small_test()`` is a narrow, shallow variant that builds in
-milliseconds, for tests of the apps; ``GroundingDinoConfig.shapes()`` is the small model trained
-from scratch on the synthetic shapes data (``gdino.training.shapes``).
+BERT-base), the one ``DEFAULT_MODEL_ID`` names on the Hugging Face Hub;
+``GroundingDinoConfig.shapes()`` is the small model trained from scratch on the synthetic shapes
+data (``gdino.training.shapes``).
 ``GroundingDinoConfig.from_hf_dict`` reads the Hugging Face ``config.json`` layout.
 """
 
@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# The checkpoint loaded when none is named: the published weights on the Hugging Face Hub.
+DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
 
 # Token ids that split a prompt into phrases: [CLS], [SEP], "." and "?" (BERT-uncased vocabulary).
 SPECIAL_TOKEN_IDS: tuple[int, ...] = (101, 102, 1012, 1029)
@@ -98,29 +101,12 @@ class GroundingDinoConfig:
         return cls()
 
     @classmethod
-    def small_test(cls) -> GroundingDinoConfig:
-        """A narrow, shallow configuration for fast tests of everything around the model."""
-        return cls(
-            swin=SwinConfig(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-            text=BertConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128),
-            d_model=64,
-            num_queries=50,
-            encoder_layers=1,
-            encoder_ffn_dim=128,
-            encoder_heads=4,
-            decoder_layers=2,
-            decoder_ffn_dim=128,
-            decoder_heads=4,
-        )
-
-    @classmethod
     def shapes(cls) -> GroundingDinoConfig:
         """The shapes model: small enough to train from scratch on 2 CPU cores at a short side of 256.
 
         The same family as ``tiny`` (Swin, BERT on the BERT-base-uncased vocabulary, feature
         enhancer, language-guided query selection, deformable decoder, 4 feature levels), narrower
-        and shallower: about 4.3M parameters, 2.0M of them BERT's word embeddings. Unlike
-        ``small_test`` it has two BERT layers, two encoder and three decoder layers and 100
+        and shallower: about 4.3M parameters, 2.0M of them BERT's word embeddings. It has two BERT layers, two encoder and three decoder layers and 100
         queries, for a model that learns rather than one that merely runs.
         """
         return cls(
@@ -146,37 +132,9 @@ class GroundingDinoConfig:
         _require(d, "position_embedding_type", "sine")
         _require(d, "activation_function", "relu")
         _require(d, "query_dim", 4)
-        b = d.get("backbone_config") or {}
-        if b.get("model_type", "swin") != "swin":
-            raise ValueError(f"only a Swin backbone is supported, config has {b.get('model_type')!r}")
-        # HF counts the stem as stage 0, so its out_indices [2, 3, 4] are our stages 1, 2, 3.
-        out_indices = tuple(i - 1 for i in b.get("out_indices", (2, 3, 4)))
-        swin = SwinConfig(
-            embed_dim=b.get("embed_dim", 96),
-            depths=tuple(b.get("depths", (2, 2, 6, 2))),
-            num_heads=tuple(b.get("num_heads", (3, 6, 12, 24))),
-            window_size=b.get("window_size", 7),
-            mlp_ratio=float(b.get("mlp_ratio", 4.0)),
-            patch_size=b.get("patch_size", 4),
-            in_channels=b.get("num_channels", 3),
-            out_indices=out_indices,
-            layer_norm_eps=b.get("layer_norm_eps", 1e-5),
-        )
-        t = d.get("text_config") or {}
-        text = BertConfig(
-            vocab_size=t.get("vocab_size", 30522),
-            hidden_size=t.get("hidden_size", 768),
-            num_layers=t.get("num_hidden_layers", 12),
-            num_heads=t.get("num_attention_heads", 12),
-            intermediate_size=t.get("intermediate_size", 3072),
-            max_position_embeddings=t.get("max_position_embeddings", 512),
-            type_vocab_size=t.get("type_vocab_size", 2),
-            layer_norm_eps=t.get("layer_norm_eps", 1e-12),
-            pad_token_id=t.get("pad_token_id", 0) or 0,
-        )
         return cls(
-            swin=swin,
-            text=text,
+            swin=_swin_from_hf(d.get("backbone_config") or {}),
+            text=_bert_from_hf(d.get("text_config") or {}),
             d_model=d.get("d_model", 256),
             num_feature_levels=d.get("num_feature_levels", 4),
             num_queries=d.get("num_queries", 900),
@@ -256,3 +214,37 @@ def _require(d: dict[str, Any], key: str, value: Any) -> None:
         raise ValueError(
             f"config.json has {key}={d[key]!r}; gdino implements the published architecture, which has {value!r}"
         )
+
+
+def _swin_from_hf(b: dict[str, Any]) -> SwinConfig:
+    """The ``backbone_config`` of a Hugging Face ``config.json``."""
+    if b.get("model_type", "swin") != "swin":
+        raise ValueError(f"only a Swin backbone is supported, config has {b.get('model_type')!r}")
+    # HF counts the stem as stage 0, so its out_indices [2, 3, 4] are our stages 1, 2, 3.
+    out_indices = tuple(i - 1 for i in b.get("out_indices", (2, 3, 4)))
+    return SwinConfig(
+        embed_dim=b.get("embed_dim", 96),
+        depths=tuple(b.get("depths", (2, 2, 6, 2))),
+        num_heads=tuple(b.get("num_heads", (3, 6, 12, 24))),
+        window_size=b.get("window_size", 7),
+        mlp_ratio=float(b.get("mlp_ratio", 4.0)),
+        patch_size=b.get("patch_size", 4),
+        in_channels=b.get("num_channels", 3),
+        out_indices=out_indices,
+        layer_norm_eps=b.get("layer_norm_eps", 1e-5),
+    )
+
+
+def _bert_from_hf(t: dict[str, Any]) -> BertConfig:
+    """The ``text_config`` of a Hugging Face ``config.json``."""
+    return BertConfig(
+        vocab_size=t.get("vocab_size", 30522),
+        hidden_size=t.get("hidden_size", 768),
+        num_layers=t.get("num_hidden_layers", 12),
+        num_heads=t.get("num_attention_heads", 12),
+        intermediate_size=t.get("intermediate_size", 3072),
+        max_position_embeddings=t.get("max_position_embeddings", 512),
+        type_vocab_size=t.get("type_vocab_size", 2),
+        layer_norm_eps=t.get("layer_norm_eps", 1e-12),
+        pad_token_id=t.get("pad_token_id", 0) or 0,
+    )

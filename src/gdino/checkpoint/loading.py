@@ -11,18 +11,15 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import GroundingDinoConfig
+from ..config import DEFAULT_MODEL_ID, GroundingDinoConfig
 from ..model.grounding_dino import GroundingDino
 from .convert import StateDict, hf_to_ours, original_to_ours
 
-DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
 _HUB_FILES = ["config.json", "model.safetensors", "*.json", "vocab.txt"]
 _ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name"
@@ -205,8 +202,8 @@ def load_model(
                          force_download=force_download)
     config = read_config(checkpoint)
     state_dict = read_state_dict(checkpoint)
-    with torch.device("meta"), _skip_init():  # no random init; the file's tensors are assigned
-        net = model_class(config)
+    with torch.device("meta"):  # no memory and no random init: the file's tensors are assigned
+        net = model_class(config, init_weights=False)
     load_strict(net, state_dict, str(checkpoint.weights))
     for module in net.modules():
         if hasattr(module, "reset_buffers"):
@@ -251,24 +248,6 @@ def _warn_if_emulated(dtype: torch.dtype, device: torch.device, cpuinfo: str = "
         stacklevel=3,
     )
     return True
-
-
-@contextmanager
-def _skip_init() -> Iterator[None]:
-    """Makes ``torch.nn.init`` a no-op while the model is built for loading.
-
-    The weights are about to be replaced, and ``normal_`` on the meta device imports torch's
-    Python meta kernels (~1 s). Scoped to the construction; not for use across threads.
-    """
-    names = ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "constant_", "zeros_", "ones_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
 
 
 def _names(names: list[str], limit: int = 12) -> str:

@@ -53,14 +53,18 @@ def phrase_masks(input_ids: Tensor, special_token_ids: tuple[int, ...]) -> tuple
 
 
 class BertEmbeddings(nn.Module):
-    """Sum of word, position and token-type embeddings, then LayerNorm."""
+    """Sum of word, position and token-type embeddings, then LayerNorm.
+
+    The embedding tables are left uninitialised (``gdino.model.init``): a checkpoint fills them,
+    or ``GroundingDino.init_weights`` draws them.
+    """
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         h = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
+        self.word_embeddings = embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
+        self.position_embeddings = embedding(config.max_position_embeddings, h)
+        self.token_type_embeddings = embedding(config.type_vocab_size, h)
         self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, position_ids: Tensor) -> Tensor:

@@ -18,51 +18,13 @@ from torch import Tensor, nn
 
 from ..config import GroundingDinoConfig
 from .bert import BertEncoder, phrase_masks
-from .decoder import Decoder
-from .encoder import FeatureEnhancer
+from .features import ImageFeatures, TextFeatures, pad_levels, stack_images
 from .heads import MLP, contrastive_logits, refine_boxes
-from .position import sine_position_embedding
-from .query_selection import select_queries
+from .init import init_weights
 from .swin import SwinBackbone
+from .transformer import Transformer
 
-
-@dataclass
-class TextFeatures:
-    """The encoded prompt.
-
-    Attributes:
-        features: (B, T, D) BERT output projected to the detector's width.
-        padding_mask: (B, T) True on padding tokens.
-        self_attention: (B, T, T) True where a token may attend another (within its phrase).
-        position_ids: (B, T) positions restarting in each phrase.
-    """
-
-    features: Tensor
-    padding_mask: Tensor
-    self_attention: Tensor
-    position_ids: Tensor
-
-
-@dataclass
-class ImageFeatures:
-    """The multi-scale image features, before the feature enhancer.
-
-    Attributes:
-        maps: per level, (B, D, H_l, W_l) projected feature maps, zero past each image's extent.
-        masks: per level, (B, H_l, W_l) True on the image, False on padding.
-    """
-
-    maps: list[Tensor]
-    masks: list[Tensor]
-
-    def crop(self, i: int) -> ImageFeatures:
-        """Image ``i`` alone, cut to its own extent: (1, D, h_l, w_l) maps, as if encoded by itself."""
-        maps, masks = [], []
-        for m, mask in zip(self.maps, self.masks):
-            h, w = int(mask[i, :, 0].sum()), int(mask[i, 0, :].sum())
-            maps.append(m[i : i + 1, :, :h, :w])
-            masks.append(mask[i : i + 1, :h, :w])
-        return ImageFeatures(maps, masks)
+__all__ = ["GroundingDino", "GroundingDinoOutput", "ImageFeatures", "TextFeatures", "Transformer", "stack_images"]
 
 
 @dataclass
@@ -87,27 +49,16 @@ class GroundingDinoOutput:
         return getattr(self, key)
 
 
-class Transformer(nn.Module):
-    """Feature enhancer, language-guided query selection and decoder (the original ``transformer``)."""
-
-    def __init__(self, config: GroundingDinoConfig) -> None:
-        super().__init__()
-        d = config.d_model
-        self.config = config
-        self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, d))
-        self.tgt_embed = nn.Embedding(config.num_queries, d)
-        self.enc_output = nn.Linear(d, d)
-        self.enc_output_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.enc_out_bbox_embed = MLP(d, d, 4, 3)
-        self.encoder = FeatureEnhancer(config)
-        self.decoder = Decoder(config)
-        nn.init.normal_(self.level_embed)
-
-
 class GroundingDino(nn.Module):
-    """The detector. Parameter names follow the original checkpoint (see ``gdino.convert``)."""
+    """The detector. Parameter names follow the original checkpoint (see ``gdino.checkpoint.convert``).
 
-    def __init__(self, config: GroundingDinoConfig) -> None:
+    Args:
+        config: the architecture.
+        init_weights: draw random weights (``gdino.model.init``); loading a checkpoint passes
+            False, as every tensor is about to be replaced.
+    """
+
+    def __init__(self, config: GroundingDinoConfig, init_weights: bool = True) -> None:
         super().__init__()
         self.config = config
         d = config.d_model
@@ -125,6 +76,12 @@ class GroundingDino(nn.Module):
         self.input_proj = nn.ModuleList(projections)
         self.transformer = Transformer(config)
         self.bbox_embed = MLP(d, d, 4, 3)  # shared by every decoder layer
+        if init_weights:
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """Random weights for what the constructor leaves uninitialised (see ``gdino.model.init``)."""
+        init_weights(self)
 
     def set_precision(self, dtype: torch.dtype) -> GroundingDino:
         """Runs Swin, BERT and the feature enhancer (nearly all the arithmetic) in ``dtype``.
@@ -173,7 +130,7 @@ class GroundingDino(nn.Module):
             self._project(self.backbone(pixel_values[i : i + 1, :, :h, :w]))
             for i, (h, w) in enumerate(zip(heights, widths))
         ]
-        return _pad_levels(per_image)
+        return pad_levels(per_image)
 
     def _project(self, stages: list[Tensor]) -> list[Tensor]:
         maps = [proj(x.to(_dtype(proj))) for proj, x in zip(self.input_proj, stages)]
@@ -189,42 +146,16 @@ class GroundingDino(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Feature enhancer, query selection, decoder and heads.
 
-        ``query_index`` (B, num_queries) forces the selected image tokens (see ``select_queries``).
+        ``query_index`` (B, num_queries) forces the selected image tokens (see ``Transformer.forward``).
 
         Returns:
             logits (B, num_queries, max_text_len), boxes (B, num_queries, 4) as cx, cy, w, h, and
             the selected image tokens (B, num_queries).
         """
-        t = self.transformer
-        shapes = [tuple(m.shape[-2:]) for m in image.maps]
-        source = torch.cat([m.flatten(2).transpose(1, 2) for m in image.maps], 1)  # (B, S, D)
-        valid = torch.cat([m.flatten(1) for m in image.masks], 1)  # (B, S)
-        pos = torch.cat(
-            [
-                sine_position_embedding(m, self.config.d_model // 2, self.config.position_temperature)
-                .to(source.dtype)
-                .flatten(2)
-                .transpose(1, 2)
-                + t.level_embed[lvl]
-                for lvl, m in enumerate(image.masks)
-            ],
-            1,
-        )  # (B, S, D)
-        ratios = _valid_ratios(image.masks, torch.float32)  # (B, nL, 2), float32 in any precision
-        low = _dtype(t.encoder)  # see set_precision
-        memory, memory_text = t.encoder(
-            source.to(low), pos.to(low), shapes, ratios, ~valid,
-            text.features.to(low), text.padding_mask, text.self_attention, text.position_ids,
-        )  # fmt: skip
-        memory, memory_text = memory.to(t.enc_output.weight.dtype), memory_text.to(t.enc_output.weight.dtype)
-        queries, references, index = select_queries(
-            t, memory, ~valid, shapes, memory_text, text.padding_mask, query_index
-        )
-        hidden, refs = t.decoder(
-            queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
-        )
-        logits = contrastive_logits(hidden[-1], memory_text, text.padding_mask, self.config.max_text_len)
-        return logits, refine_boxes(self.bbox_embed(hidden[-1]), refs[-1]), index
+        decoded = self.transformer(image, text, self.bbox_embed, query_index)
+        hidden, references = decoded.hidden[-1], decoded.references[-1]
+        logits = contrastive_logits(hidden, decoded.memory_text, text.padding_mask, self.config.max_text_len)
+        return logits, refine_boxes(self.bbox_embed(hidden), references), decoded.index
 
     def forward(
         self,
@@ -248,36 +179,5 @@ class GroundingDino(nn.Module):
         return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
 
 
-def stack_images(images: list[ImageFeatures]) -> ImageFeatures:
-    """Single-image features (batch 1 each) -> one zero-padded batch with masks."""
-    return _pad_levels([f.maps for f in images])
-
-
-def _pad_levels(per_image: list[list[Tensor]]) -> ImageFeatures:
-    """Stacks per-image level maps (1, D, h, w) into zero-padded (B, D, H, W) maps with masks."""
-    maps, masks = [], []
-    for level in zip(*per_image):
-        height = max(x.shape[-2] for x in level)
-        width = max(x.shape[-1] for x in level)
-        out = level[0].new_zeros(len(level), level[0].shape[1], height, width)
-        mask = torch.zeros(len(level), height, width, dtype=torch.bool, device=out.device)
-        for i, x in enumerate(level):
-            out[i, :, : x.shape[-2], : x.shape[-1]] = x[0]
-            mask[i, : x.shape[-2], : x.shape[-1]] = True
-        maps.append(out)
-        masks.append(mask)
-    return ImageFeatures(maps, masks)
-
-
 def _dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def _valid_ratios(masks: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """(B, levels, 2): the fraction of each level's width and height covered by the image."""
-    ratios = []
-    for m in masks:
-        h = m[:, :, 0].sum(1).to(dtype) / m.shape[1]
-        w = m[:, 0, :].sum(1).to(dtype) / m.shape[2]
-        ratios.append(torch.stack([w, h], -1))
-    return torch.stack(ratios, 1)

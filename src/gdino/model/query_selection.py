@@ -8,15 +8,23 @@ image selects the same queries as the same image alone.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..config import GroundingDinoConfig
 from .heads import contrastive_logits
 
-if TYPE_CHECKING:
-    from .grounding_dino import Transformer
+
+class SelectionParts(Protocol):
+    """What query selection uses of the transformer (``gdino.model.transformer.Transformer``)."""
+
+    config: GroundingDinoConfig
+    enc_output: nn.Linear
+    enc_output_norm: nn.LayerNorm
+    enc_out_bbox_embed: nn.Module
+    tgt_embed: nn.Embedding
 
 
 def token_proposals(padding_mask: Tensor, spatial_shapes: list[tuple[int, int]], dtype: torch.dtype) -> Tensor:
@@ -52,7 +60,7 @@ def token_proposals(padding_mask: Tensor, spatial_shapes: list[tuple[int, int]],
 
 
 def proposal_scores(
-    transformer: Transformer,
+    transformer: SelectionParts,
     memory: Tensor,
     padding_mask: Tensor,
     proposals: Tensor,
@@ -78,7 +86,7 @@ def proposal_scores(
 
 
 def select_queries(
-    transformer: Transformer,
+    transformer: SelectionParts,
     memory: Tensor,
     padding_mask: Tensor,
     spatial_shapes: list[tuple[int, int]],

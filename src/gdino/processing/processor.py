@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gdino.boxes import cxcywh_to_xyxy
+from gdino.boxes import cxcywh_to_xyxy, to_pixels
 from gdino.checks import check_fraction
+from gdino.config import DEFAULT_MODEL_ID
 from gdino.processing.image import (
     ImageError,
     ImageLike,
@@ -33,7 +34,6 @@ from gdino.processing.text import PromptError, TextInput, TextTokenizer, as_id_l
 __all__ = ["BatchEncoding", "GroundingDinoProcessor", "ImageError", "ProcessorFiles", "PromptError",
            "grounded_detections", "resolve_files"]
 
-DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
 _HUB_KWARGS = frozenset({"revision", "cache_dir", "token", "local_files_only", "force_download"})
 
 
@@ -108,10 +108,10 @@ def resolve_files(directory: str | os.PathLike) -> ProcessorFiles:
 def _resolve(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
     """The directory holding the processor files for a hub id, directory or checkpoint file.
 
-    Resolved exactly as the model's weights are (``gdino.weights.resolve``: hub cache, download,
+    Resolved exactly as the model's weights are (``gdino.checkpoint.loading.resolve``: hub cache, download,
     local directory). An original ``.pth`` alone has no processor files: None, meaning defaults.
     """
-    from ..checkpoint.loading import resolve  # imported here: weights imports the model, processing does not need it
+    from ..checkpoint.loading import resolve  # imported here: loading imports the model, processing does not need it
 
     path = Path(path_or_id).expanduser()
     if path.is_dir():  # a processor-only directory (no weights) is fine here
@@ -136,13 +136,12 @@ def _image_settings(path: Path | None) -> ImageSettings:
 # --------------------------------------------------------------------------- post-processing
 
 
-def _scale(boxes: torch.Tensor, target_sizes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
-    """Scales ``(B, Q, 4)`` relative boxes by per-image ``(height, width)``."""
+def _sizes(target_sizes: torch.Tensor | Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``(height, width)`` -> heights and widths, each ``(B, 1)``."""
     sizes = torch.as_tensor(target_sizes)
     if sizes.ndim != 2 or sizes.shape[1] != 2:
         raise ValueError(f"target_sizes must be (height, width) per image, shape (B, 2); got {tuple(sizes.shape)}")
-    h, w = sizes.unbind(1)
-    return boxes * torch.stack([w, h, w, h], dim=1).to(boxes.device)[:, None, :]
+    return sizes[:, :1], sizes[:, 1:]
 
 
 def grounded_detections(
@@ -177,9 +176,11 @@ def grounded_detections(
         raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} images")
     probs = torch.sigmoid(logits)
     scores = probs.max(dim=-1).values
-    boxes = cxcywh_to_xyxy(pred_boxes)
-    if target_sizes is not None:
-        boxes = _scale(boxes, target_sizes)
+    if target_sizes is None:
+        boxes = cxcywh_to_xyxy(pred_boxes)
+    else:
+        heights, widths = _sizes(target_sizes)
+        boxes = to_pixels(pred_boxes, widths, heights)
     results = []
     for b in range(len(logits)):
         keep = scores[b] > box_threshold

@@ -1,1 +1,2 @@
-"""Kernels of the model: multi-scale deformable attention in PyTorch and in Triton."""
+"""Kernels of the model: multi-scale deformable attention in plain PyTorch (``deformable``) and as
+fused Triton kernels for CUDA (``deformable_triton``, optional)."""

@@ -1,6 +1,6 @@
 """Multi-scale deformable attention as fused Triton kernels (forward and backward), for CUDA GPUs.
 
-Optional: the package imports and runs without ``triton``; ``ms_deform_attn`` in ``deformable.py``
+Optional: the package imports and runs without ``triton``; ``ms_deform_attn`` in ``gdino.model.ops.deformable``
 dispatches here only for CUDA tensors when ``triton_available`` says so (and ``GDINO_NO_TRITON`` is
 not set). Same contract as ``deformable.ms_deform_attn_reference``: bilinear sampling exactly as
 ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`` of the grid
