@@ -94,7 +94,7 @@ def cases(n: int) -> list[Case]:
 
 def expected_answers(model, all_cases: list[Case]) -> dict[Case, dict]:
     """What ``detect()`` gives for each distinct case, as the server's JSON."""
-    from gdino.apps.server.requests import prompt_from_text
+    from gdino.processing.prompts import prompt_from_text
 
     answers = {}
     for case in dict.fromkeys(c for c in all_cases):

@@ -3,9 +3,9 @@
     from gdino import AutoProcessor, AutoModelForZeroShotObjectDetection
 """
 
-from .checkpoint.loading import CheckpointError
 from importlib.metadata import PackageNotFoundError, version
 
+from .checkpoint.loading import CheckpointError
 from .config import GroundingDinoConfig
 from .detector import Detections, GroundingDinoForObjectDetection
 from .processing.image import ImageError

@@ -23,7 +23,8 @@ from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, st
 from .processing.classes import ClassQuery, TokenSpans, queries_for_images
 from .processing.image import ImageLike, images_to_list, load_image
 from .processing.processor import GroundingDinoProcessor
-from .processing.text import PromptError, TextInput, phrase_for_tokens, phrase_spans
+from .processing.prompts import TextInput
+from .processing.text import PromptError, phrase_for_tokens, phrase_spans
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,11 @@ class GroundingDinoForObjectDetection(GroundingDino):
     ) -> Detections | list[Detections]:
         """Finds the prompt's phrases, or the labels of a label list, in one image or a list of images.
 
-        What the text means follows one rule (``gdino.prompts``), by type only: a string is a
+        What the text means follows one rule (``gdino.processing.prompts``), by type only: a string is a
         phrase prompt, a list of strings is one label list for every image, a list of lists one
         label list per image. A string prompt is scored phrase by phrase: a box's score is its
         best token's. A label list (any length: over 256 tokens it is run in chunks on the same
-        image features) and ``token_spans`` are scored label by label (``gdino.classes``): a
+        image features) and ``token_spans`` are scored label by label (``gdino.processing.classes``): a
         box's label is the one whose tokens' mean probability is highest, its score is that
         mean, and ``label_ids`` index the list. Everything is checked before any image is read.
 

@@ -1,4 +1,7 @@
-"""Checks of command-line values shared by ``gdino detect``, ``label``, ``eval`` and ``serve``.
+"""Command-line options and checks shared by ``gdino detect``, ``label``, ``eval`` and ``serve``.
+
+``add_model_arguments`` defines ``--model``, ``--device`` and ``--dtype`` once for every command,
+and ``load_detector`` turns them into a loaded model.
 
 The ``argparse`` types (``fraction``, ``positive_int``, ...) refuse a value outside its range while
 the arguments are parsed (usage and the reason on stderr, exit status 2). The other checks run
@@ -12,12 +15,62 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import DEFAULT_MODEL_ID
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..detector import GroundingDinoForObjectDetection
+
+EXIT_BAD_INPUT = 2
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class UsageError(ValueError):
     """A command-line value that cannot be used: reported as one line, exit status 2."""
+
+
+def error(message: str) -> int:
+    """Prints ``gdino: error: message`` on stderr; returns the exit status for bad input (2)."""
+    print(f"gdino: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+# --------------------------------------------------------------------------- the model options
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device`` and ``--dtype``, the same for every command."""
+    parser.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """``--model``, or the published checkpoint when it is not given."""
+    return str(args.model or DEFAULT_MODEL_ID)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``--dtype``'s value (fp32, bf16, fp16) as a torch dtype."""
+    import torch
+
+    dtype: torch.dtype = getattr(torch, DTYPES[name])
+    return dtype
+
+
+def load_detector(args: argparse.Namespace) -> GroundingDinoForObjectDetection:
+    """The model the options name, in eval mode (``--device`` already checked by ``check_device``)."""
+    from ..detector import GroundingDinoForObjectDetection
+
+    return GroundingDinoForObjectDetection.from_pretrained(
+        model_name(args), device=args.device, dtype=torch_dtype(args.dtype)
+    ).eval()
 
 
 # --------------------------------------------------------------------------- argparse types

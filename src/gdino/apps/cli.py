@@ -18,43 +18,70 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .arguments import UsageError, check_device, check_output_file, check_output_folder, fraction, positive_int
-from .commands import add_arguments as add_task_arguments  # label, eval; standard library only
+from .arguments import (
+    EXIT_BAD_INPUT,
+    UsageError,
+    add_model_arguments,
+    check_device,
+    check_output_file,
+    check_output_folder,
+    error,
+    fraction,
+    load_detector,
+    positive_int,
+)
+from .exports import FORMATS  # standard library only
 from .server import add_arguments as add_serve_arguments  # standard library only; FastAPI is imported by serve
 
-EXIT_BAD_INPUT = 2
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DRAWN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def _parser() -> argparse.ArgumentParser:
+    """``gdino``'s one parser: detect, label, eval and serve, with the model options defined once."""
     parser = argparse.ArgumentParser(prog="gdino", description="Zero-shot object detection with Grounding DINO.")
     commands = parser.add_subparsers(dest="command", required=True)
-    detect = commands.add_parser("detect", help="detect the prompt's phrases in images")
-    detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    detect.add_argument("--prompt", required=True, help='"a cat. a remote control." or labels "cat,remote control"')
-    detect.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
-    detect.add_argument("--box-threshold", type=fraction, default=0.35, help="0 to 1 (default 0.35)")
-    detect.add_argument("--text-threshold", type=fraction, default=0.25, help="0 to 1 (default 0.25)")
-    detect.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    detect.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    detect.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
-    detect.add_argument("--output", type=Path, help="write JSON Lines here instead of stdout")
-    detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
-    add_serve_arguments(commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])"))
-    add_task_arguments(commands)
+    _add_detect(commands.add_parser("detect", help="detect the prompt's phrases in images"))
+    _add_label(commands.add_parser("label", help="pre-label a folder of images (COCO, YOLO, VOC or JSON Lines)"))
+    evaluate = commands.add_parser("eval", help="zero-shot evaluation on a labelled dataset")
+    datasets = evaluate.add_subparsers(dest="dataset", required=True)
+    _add_eval_coco(datasets.add_parser("coco", help="COCO-format dataset: the original repository's zero-shot protocol"))
+    serve = commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])")
+    add_serve_arguments(serve)
     return parser
 
 
-def _error(message: str) -> None:
-    print(f"gdino: error: {message}", file=sys.stderr, flush=True)
+def _add_detect(detect: argparse.ArgumentParser) -> None:
+    detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    detect.add_argument("--prompt", required=True, help='"a cat. a remote control." or labels "cat,remote control"')
+    detect.add_argument("--box-threshold", type=fraction, default=0.35, help="0 to 1 (default 0.35)")
+    detect.add_argument("--text-threshold", type=fraction, default=0.25, help="0 to 1 (default 0.25)")
+    detect.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
+    detect.add_argument("--output", type=Path, help="write JSON Lines here instead of stdout")
+    detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
+    add_model_arguments(detect)
 
 
-def _prompt(text: str) -> str | list[str]:
-    """A prompt with "." separates phrases; one without but with commas is a label list."""
-    if "." not in text and "," in text:
-        return [label.strip() for label in text.split(",") if label.strip()]
-    return text
+def _add_label(label: argparse.ArgumentParser) -> None:
+    label.add_argument("folder", type=Path, metavar="DIR", help="folder of images, searched recursively")
+    label.add_argument("--classes", required=True, help='"cat,dog", or a file with one class a line')
+    label.add_argument("--format", choices=FORMATS, default="coco")
+    label.add_argument("--out", type=Path, required=True, help="output folder (started again, it resumes)")
+    label.add_argument("--box-threshold", type=fraction, default=0.35,
+                       help="keep boxes whose class scores above this, 0 to 1 (default 0.35)")
+    label.add_argument("--nms", type=fraction, default=None, metavar="IOU",
+                       help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)")
+    label.add_argument("--batch-size", type=positive_int, default=4, help="images per call (default 4)")
+    add_model_arguments(label)
+
+
+def _add_eval_coco(coco: argparse.ArgumentParser) -> None:
+    coco.add_argument("--images", type=Path, required=True, help="folder the annotations' file names are in")
+    coco.add_argument("--annotations", type=Path, required=True, help="instances_*.json")
+    coco.add_argument("--out", type=Path, default=None, help="write the 12 numbers here as JSON")
+    coco.add_argument("--detections", type=Path, default=None, help="write the detections here (COCO results)")
+    coco.add_argument("--max-dets", type=positive_int, default=300, help="detections kept per image (default 300)")
+    coco.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    add_model_arguments(coco)
 
 
 # --------------------------------------------------------------------------- where the outputs go
@@ -139,33 +166,26 @@ def detect(args: argparse.Namespace) -> int:
     """Runs ``gdino detect``; returns the exit status (2 when anything given could not be used)."""
     try:
         targets = check_outputs(args.images, args.output, args.annotate)
-        device = check_device(args.device)
+        args.device = check_device(args.device)
     except UsageError as e:
-        _error(str(e))
-        return EXIT_BAD_INPUT
-    import torch
+        return error(str(e))
+    from ..checkpoint.loading import CheckpointError
+    from ..processing.prompts import prompt_from_text
+    from ..processing.text import PromptError
 
-    from .. import CheckpointError, PromptError
-    from ..checkpoint.loading import DEFAULT_MODEL_ID
-    from ..detector import GroundingDinoForObjectDetection
-
-    prompt = _prompt(args.prompt)
+    prompt = prompt_from_text(args.prompt)
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(
-            args.model or DEFAULT_MODEL_ID, device=device, dtype=getattr(torch, DTYPES[args.dtype])
-        )
+        model = load_detector(args)
         model.phrases(prompt)  # validates the prompt (length, at least one phrase) before any image is read
     except (CheckpointError, PromptError) as e:
-        _error(str(e))
-        return EXIT_BAD_INPUT
+        return error(str(e))
     status = 0
     with _sink(args.output) as out:
         for batch in _batches(args.images, args.batch_size):
             for i, image, found in _detect_batch(model, batch, prompt, args):
                 path = args.images[i]
                 if isinstance(found, str):
-                    _error(found)
-                    status = EXIT_BAD_INPUT
+                    status = error(found)
                     continue
                 record = {"image": path, "width": image.width, "height": image.height, "detections": found.to_list()}
                 out.write(json.dumps(record) + "\n")
@@ -214,7 +234,7 @@ def _annotate(image: Any, found: Any, target: Path) -> bool:
     try:
         draw_detections(image, found).save(target)
     except OSError as e:
-        _error(f"cannot write {target}: {e.strerror or e}")
+        error(f"cannot write {target}: {e.strerror or e}")
         return False
     return True
 

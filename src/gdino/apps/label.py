@@ -62,7 +62,7 @@ def parse_classes(text: str) -> list[str]:
     """``"cat, dog"`` -> ["cat", "dog"]; the name of an existing file -> its lines (blank ones skipped).
 
     Raises:
-        LabelError: no classes, or one given twice (``gdino.prompts.check_labels``: "Cat" and
+        LabelError: no classes, or one given twice (``gdino.processing.prompts.check_labels``: "Cat" and
             "cat" count as the same class).
     """
     path = Path(text)
@@ -276,7 +276,7 @@ def label_folder(
     Args:
         root: the folder of images.
         out: the output folder (journal, export, errors.txt).
-        fmt: one of ``gdino.exports.FORMATS``.
+        fmt: one of ``gdino.apps.exports.FORMATS``.
         settings: classes, model and thresholds (a journal is resumed only with the same ones).
         make_detector: builds the detect function (images -> Detections); called only once an
             image that is not in the journal yet has been read.

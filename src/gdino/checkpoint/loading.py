@@ -1,7 +1,7 @@
 """Finding and loading checkpoints: a hub id, a local Hugging Face directory, or the original .pth.
 
 Loading is strict: every tensor the model expects must be in the file with the right shape, and
-every tensor in the file must be used or be one that is knowingly ignored (see ``gdino.convert``).
+every tensor in the file must be used or be one that is knowingly ignored (see ``gdino.checkpoint.convert``).
 The original checkpoint is read with ``torch.load(weights_only=True)``, so no code is unpickled.
 """
 

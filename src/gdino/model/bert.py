@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gdino.config import BertConfig
+from ..config import BertConfig
+from .init import embedding
 
 
 def phrase_masks(input_ids: Tensor, special_token_ids: tuple[int, ...]) -> tuple[Tensor, Tensor]:

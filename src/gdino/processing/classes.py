@@ -9,10 +9,10 @@ A list longer than the model's 256 tokens is split into chunks (``ClassPrompt``)
 a label; each chunk is one pass of the detector over the same image features.
 
 Labels keep their text as given (``Detections.labels[i] == labels[label_ids[i]]``). In the prompt
-they are written by ``gdino.prompts.prompt_text``: lower-cased, and ``"."``, ``"?"`` (which end a
+they are written by ``gdino.processing.prompts.prompt_text``: lower-cased, and ``"."``, ``"?"`` (which end a
 phrase inside the model) and ``"_"`` become spaces: ``"st. bernard"`` is prompted as
 ``"st bernard"``, ``"traffic_light"`` as ``"traffic light"``. Which inputs are label lists is
-``gdino.prompts``' rule.
+``gdino.processing.prompts``' rule.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .prompts import label_texts, prompt_text, read_prompts
-from .text import PromptError, TextTokenizer, normalize_prompt
+from .prompts import label_texts, normalize_prompt, prompt_text, read_prompts
+from .text import PromptError, TextTokenizer
 
 __all__ = ["ClassPrompt", "ClassQuery", "TokenSpans", "label_query", "prompt_text", "queries_for_images", "span_query"]
 
@@ -72,7 +72,7 @@ def label_query(labels: Sequence[str], tokenizer: TextTokenizer) -> ClassQuery:
 
     Labels are packed in order, greedily: a chunk holds ``[CLS] l1 . l2 . ... [SEP]`` up to
     ``tokenizer.max_text_len`` tokens. Duplicates are not checked here (``detect`` refuses them
-    through ``gdino.prompts.check_labels``; an evaluation takes a data set's names as they are).
+    through ``gdino.processing.prompts.check_labels``; an evaluation takes a data set's names as they are).
 
     Raises:
         PromptError: an empty list, a label that is not a string, has no words, or alone is
@@ -172,7 +172,7 @@ def queries_for_images(
     labels: object = None,
     prompts: object = None,
 ) -> list[str | ClassQuery]:
-    """One query per image, read by ``gdino.prompts.read_prompts``: a phrase prompt or a ``ClassQuery``.
+    """One query per image, read by ``gdino.processing.prompts.read_prompts``: a phrase prompt or a ``ClassQuery``.
 
     A phrase prompt is a normalised string (scored phrase by phrase); a label list, or a string
     with ``token_spans``, is a ``ClassQuery``. A label list shared by all images is split once.

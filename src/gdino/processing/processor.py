@@ -28,8 +28,8 @@ from gdino.processing.image import (
     pad_batch,
     preprocess_image,
 )
-from gdino.processing.prompts import processor_prompts, prompts_for_images
-from gdino.processing.text import PromptError, TextInput, TextTokenizer, as_id_list, phrase_spans, read_tokenizer_config
+from gdino.processing.prompts import TextInput, processor_prompts, prompts_for_images
+from gdino.processing.text import PromptError, TextTokenizer, as_id_list, phrase_spans, read_tokenizer_config
 
 __all__ = ["BatchEncoding", "GroundingDinoProcessor", "ImageError", "ProcessorFiles", "PromptError",
            "grounded_detections", "resolve_files"]
@@ -263,7 +263,7 @@ class GroundingDinoProcessor:
 
         Args:
             images: one image or a list (PIL image, uint8 numpy ``(H, W[, 3|4])``, file path).
-            text: read as transformers reads it (``gdino.prompts.processor_prompts``): a prompt
+            text: read as transformers reads it (``gdino.processing.prompts.processor_prompts``): a prompt
                 (``"a cat. a remote control."``), a list of labels (``["cat", "remote control"]``,
                 no string holding ``"."``), or a list of those, one per image. One prompt is
                 used for every image. Lower-cased, and given a final ``"."`` if it lacks one.
@@ -335,7 +335,7 @@ class GroundingDinoProcessor:
     def phrase_texts(self, input_ids: Sequence[int] | torch.Tensor) -> list[str]:
         """The phrases of one tokenised prompt, in order: ``"a cat. dog."`` -> ``["a cat", "dog"]``.
 
-        Indices match :func:`gdino.text.phrase_spans` of the same ``(L,)`` ids.
+        Indices match :func:`gdino.processing.text.phrase_spans` of the same ``(L,)`` ids.
         """
         ids = as_id_list(input_ids)
         return [self.tokenizer.decode(ids[s:e]) for s, e in phrase_spans(ids, pad_token_id=self.tokenizer.pad_token_id)]

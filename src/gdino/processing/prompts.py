@@ -33,11 +33,38 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .text import PromptError, normalize_prompt
+from .text import PromptError
+
+TextInput = str | Sequence[str] | Sequence[str | Sequence[str]]  # what detect and the processor take
 
 Prompt = str | tuple[str, ...]  # a normalised phrase prompt, or a checked label list
 
 _PROMPT_BREAKERS = re.compile(r"[.?_]")
+
+
+# --------------------------------------------------------------------------- phrase prompts
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Lower-cases ``prompt``, strips surrounding whitespace and makes it end with ``"."``.
+
+    Raises:
+        PromptError: if ``prompt`` is not a string or is empty / whitespace only.
+    """
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
+    text = prompt.strip().lower()
+    if not text:
+        raise PromptError("the text prompt is empty; give e.g. 'a cat. a remote control.'")
+    return text if text.endswith(".") else text + "."
+
+
+def prompt_from_text(text: str) -> TextInput:
+    """The command line's and the server's rule for one line of text: with "." it is a phrase
+    prompt; without "." but with commas, a label list (``"cat, remote control"`` -> two labels)."""
+    if "." not in text and "," in text:
+        return [label.strip() for label in text.split(",") if label.strip()]
+    return text
 
 
 # --------------------------------------------------------------------------- labels

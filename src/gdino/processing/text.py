@@ -1,9 +1,8 @@
-"""Text side of the processor: prompt normalisation, BERT tokenisation and phrase spans.
+"""Text side of the processor: BERT tokenisation and phrase spans.
 
-A Grounding DINO prompt is a list of phrases separated by ``"."``, e.g. ``"a cat. a remote
-control."``: one lower-case string ending in ``"."``, tokenised with the BERT-base-uncased
-WordPiece vocabulary into ``[CLS] ... [SEP]``. How strings, label lists and per-image prompts
-become such strings is ``gdino.prompts``' rule.
+A normalised prompt (``gdino.processing.prompts``: lower case, ending in ``"."``) is tokenised
+with the BERT-base-uncased WordPiece vocabulary into ``[CLS] ... [SEP]``; its phrases are the
+token runs between ``"."``, ``"?"``, ``[CLS]`` and ``[SEP]``.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from gdino.config import SPECIAL_TOKEN_IDS
 
 CLS, SEP, PAD, UNK, MASK = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
 
-TextInput = str | Sequence[str] | Sequence[str | Sequence[str]]
 
 
 class PromptError(ValueError):
@@ -32,23 +30,6 @@ class PromptError(ValueError):
 def packaged_vocab_path() -> Path:
     """Path of the BERT-base-uncased ``vocab.txt`` shipped inside the package."""
     return Path(str(resources.files("gdino") / "data" / "bert-base-uncased-vocab.txt"))
-
-
-# --------------------------------------------------------------------------- prompt normalisation
-
-
-def normalize_prompt(prompt: str) -> str:
-    """Lower-cases ``prompt``, strips surrounding whitespace and makes it end with ``"."``.
-
-    Raises:
-        PromptError: if ``prompt`` is not a string or is empty / whitespace only.
-    """
-    if not isinstance(prompt, str):
-        raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
-    text = prompt.strip().lower()
-    if not text:
-        raise PromptError("the text prompt is empty; give e.g. 'a cat. a remote control.'")
-    return text if text.endswith(".") else text + "."
 
 
 # --------------------------------------------------------------------------- tokenizer

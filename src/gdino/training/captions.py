@@ -3,7 +3,7 @@
 Detection data (a label list): as the original training builds them (Open-GroundingDino's
 ``ODVGDataset``), the image's positive labels and negatives sampled from the rest of the list,
 shuffled together, joined as the project's prompts are (``"red circle. blue square."``, labels
-written by :func:`gdino.classes.prompt_text`). Unlike the original, which joins ``max_labels``
+written by :func:`gdino.processing.classes.prompt_text`). Unlike the original, which joins ``max_labels``
 labels and lets the tokenizer truncate at 256 tokens (cutting a label, and sometimes a
 positive), labels are added whole while they fit: positives first (a positive that cannot fit
 is left out with its boxes), then negatives until ``max_labels`` or the token limit.

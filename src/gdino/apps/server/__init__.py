@@ -1,7 +1,7 @@
 """``gdino serve``: detection over HTTP and a page to try prompts (needs ``pip install 'gdino[serve]'``).
 
 This module imports nothing beyond the standard library, so the command line can register the
-``serve`` options without FastAPI installed; ``gdino.server.app`` holds the application.
+``serve`` options without FastAPI installed; ``gdino.apps.server.app`` holds the application.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from ... import __version__
 from ...detector import GroundingDinoForObjectDetection
 from ...processing.classes import ClassQuery, queries_for_images
 from ...processing.image import ImageError
-from ...processing.text import PromptError, TextInput
+from ...processing.prompts import TextInput
+from ...processing.text import PromptError
 from . import MB
 from .batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
 from .requests import FORM_SLACK, check_resizable, decode_image, limited, read_json, read_multipart
@@ -45,7 +46,7 @@ from .settings import ApiError, Settings
 
 __all__ = ["ApiError", "Settings", "create_app", "serve", "serve_in_thread"]
 
-log = logging.getLogger("gdino.server")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- app

@@ -33,9 +33,9 @@ from PIL import Image
 
 from ...detections import on_chunk
 from ...detector import Detections, EncodedImages, GroundingDinoForObjectDetection
-from ...processing.text import TextInput
+from ...processing.prompts import TextInput
 
-log = logging.getLogger("gdino.server")
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):

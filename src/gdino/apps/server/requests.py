@@ -21,10 +21,10 @@ from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from ...processing.image import ImageError, ImageSettings, load_image, resized_size
-from ...processing.text import TextInput
+from ...processing.prompts import TextInput, prompt_from_text
 from .settings import ApiError, Settings
 
-log = logging.getLogger("gdino.server")
+log = logging.getLogger(__name__)
 
 # Decoders the server accepts (those this Pillow has); the others (EPS, ICO, PSD, ...) are refused
 # to keep the attack surface small. JPEG includes MPO (phone cameras' multi-picture JPEG).
@@ -39,13 +39,6 @@ class DetectRequest:
     prompt: TextInput
     box_threshold: float
     text_threshold: float
-
-
-def prompt_from_text(text: str) -> TextInput:
-    """The command line's rule: a prompt with "." separates phrases; one without but with commas is a label list."""
-    if "." not in text and "," in text:
-        return [label.strip() for label in text.split(",") if label.strip()]
-    return text
 
 
 def _threshold(value: Any, name: str, default: float) -> float:
