@@ -135,24 +135,38 @@ def evaluate_coco(
     """
     log = log if log is not None else sys.stderr
     COCO, COCOeval = _coco()
-    if not Path(annotations).is_file():
-        raise EvalError(f"annotation file not found: {annotations}")
-    with contextlib.redirect_stdout(log):
-        try:
-            truth = COCO(str(annotations))
-        except (ValueError, KeyError, TypeError) as e:
-            raise EvalError(f"cannot read {annotations} as COCO annotations: {type(e).__name__}: {e}") from None
+    truth = _read_annotations(annotations, COCO, log)
     categories = sorted(truth.loadCats(truth.getCatIds()), key=lambda c: c["id"])
     if not categories:
         raise EvalError(f"{annotations} has no categories")
     detector = make_detector([c["name"] for c in categories])
     category_ids = np.array([c["id"] for c in categories])
     image_ids = sorted(truth.getImgIds())[:limit]
-    infos = truth.loadImgs(image_ids)
+    results, failed = _detect_all(Path(images), truth.loadImgs(image_ids), detector, category_ids, max_dets, log)
+    metrics, table = _score(truth, results, image_ids, COCO, COCOeval, log)
+    return CocoEvaluation(metrics, table, results, len(image_ids), failed)
+
+
+def _read_annotations(annotations: Path, COCO: Any, log: IO[str]) -> Any:
+    """The annotation file as a ``pycocotools`` COCO object (its messages go to ``log``)."""
+    if not Path(annotations).is_file():
+        raise EvalError(f"annotation file not found: {annotations}")
+    with contextlib.redirect_stdout(log):
+        try:
+            return COCO(str(annotations))
+        except (ValueError, KeyError, TypeError) as e:
+            raise EvalError(f"cannot read {annotations} as COCO annotations: {type(e).__name__}: {e}") from None
+
+
+def _detect_all(
+    images: Path, infos: list[dict[str, Any]], detector: Detector, category_ids: np.ndarray, max_dets: int,
+    log: IO[str],
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Every image's detections in the COCO results format, and the images that could not be used."""
 
     def load(info: dict[str, Any]) -> tuple[np.ndarray | None, str | None]:
         try:
-            return read_image(Path(images) / info["file_name"], info), None
+            return read_image(images / info["file_name"], info), None
         except ImageError as e:
             return None, str(e)
 
@@ -169,8 +183,7 @@ def evaluate_coco(
                 failed.append((info["file_name"], error))
                 print(f"eval: skipped {info['file_name']}: {error}", file=log, flush=True)
             progress.update()
-    metrics, table = _score(truth, results, image_ids, COCO, COCOeval, log)
-    return CocoEvaluation(metrics, table, results, len(image_ids), failed)
+    return results, failed
 
 
 def _results(image_id: int, found: Found, category_ids: np.ndarray, max_dets: int) -> list[dict[str, Any]]:

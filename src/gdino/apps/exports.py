@@ -198,8 +198,24 @@ def export(
         path = out / "detections.jsonl"
         write_atomic(path, jsonl(records))
         return [path]
+    written = _per_image(records, classes, fmt, out, root, warn)
+    if fmt == "yolo":
+        for name, text in (("classes.txt", "".join(f"{c}\n" for c in classes)),
+                           ("data.yaml", yolo_data_yaml(classes, out.resolve()))):
+            write_atomic(out / name, text)
+            written.append(out / name)
+    return written
+
+
+def _per_image(
+    records: Sequence[Record], classes: Sequence[str], fmt: str, out: Path, root: Path,
+    warn: Callable[[str], None] | None,
+) -> list[Path]:
+    """The YOLO or VOC file of each record (and YOLO's image links); the first of two that would
+    share a file wins."""
     label_path = yolo_label_path if fmt == "yolo" else voc_label_path
-    written, seen = [], {}
+    written: list[Path] = []
+    seen: dict[Path, str] = {}
     for record in records:
         target = out / label_path(record["image"])
         if target in seen:
@@ -213,9 +229,4 @@ def export(
         else:
             write_atomic(target, voc_xml(record, classes, root / record["image"]))
         written.append(target)
-    if fmt == "yolo":
-        for name, text in (("classes.txt", "".join(f"{c}\n" for c in classes)),
-                           ("data.yaml", yolo_data_yaml(classes, out.resolve()))):
-            write_atomic(out / name, text)
-            written.append(out / name)
     return written

@@ -284,11 +284,7 @@ def label_folder(
         log: where progress and warnings go (stderr when None).
     """
     log = log if log is not None else sys.stderr
-    if fmt not in FORMATS:
-        raise LabelError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    for name in settings.classes:
-        if "\n" in name or "\r" in name:
-            raise LabelError(f"class {name!r} has a line break")
+    _check(fmt, settings)
     names = find_images(root, exclude=out)
     if not names:
         raise LabelError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -303,16 +299,7 @@ def label_folder(
         if resumed:
             print(f"label: resuming, {resumed} of {len(names)} images already done", file=log, flush=True)
         if todo:
-            detect = None  # the model is loaded once an image needs it (not for retrying broken files)
-            with Progress(len(todo), "label", stream=log) as progress:
-                for batch in _batches(root, todo, max(1, batch_size)):
-                    failed = [{"image": n, "error": err} for n, _, err in batch if err is not None]
-                    loaded = [(n, img) for n, img, err in batch if err is None]
-                    if loaded and detect is None:
-                        detect = make_detector()
-                    records = _detect_batch(detect, loaded) if loaded else []
-                    journal.add(records + failed)
-                    progress.update(len(batch))
+            _detect_into(journal, root, todo, make_detector, batch_size, log)
         records = [journal.records[n] for n in names if n in journal.records]
         errors = [(n, journal.errors[n]) for n in names if n in journal.errors]
     finally:
@@ -321,3 +308,29 @@ def label_folder(
     write_atomic(out / ERRORS, "".join(f"{n}\t{' '.join(reason.split())}\n" for n, reason in errors))
     boxes = sum(len(r["detections"]) for r in records)
     return Summary(len(names), resumed, len(errors), boxes, tuple(files))
+
+
+def _check(fmt: str, settings: Settings) -> None:
+    """Refuses (``LabelError``) an unknown format and class names that a line-based export cannot hold."""
+    if fmt not in FORMATS:
+        raise LabelError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    for name in settings.classes:
+        if "\n" in name or "\r" in name:
+            raise LabelError(f"class {name!r} has a line break")
+
+
+def _detect_into(
+    journal: Journal, root: Path, todo: Sequence[str], make_detector: Callable[[], Detect], batch_size: int,
+    log: IO[str],
+) -> None:
+    """Reads and detects the images ``todo`` in batches, each batch's records journaled before the next."""
+    detect = None  # the model is loaded once an image needs it (not for retrying broken files)
+    with Progress(len(todo), "label", stream=log) as progress:
+        for batch in _batches(root, todo, max(1, batch_size)):
+            failed: list[Record] = [{"image": n, "error": err} for n, _, err in batch if err is not None]
+            loaded = [(n, img) for n, img, err in batch if img is not None]
+            if loaded and detect is None:
+                detect = make_detector()
+            records = _detect_batch(detect, loaded) if detect is not None and loaded else []
+            journal.add(records + failed)
+            progress.update(len(batch))
