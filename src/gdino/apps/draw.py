@@ -18,7 +18,8 @@ def draw_detections(image: Image.Image, detections: Detections, width: int | Non
     draw = ImageDraw.Draw(out)
     line = width or max(2, round(min(out.size) / 250))
     font = ImageFont.load_default(size=max(12, round(min(out.size) / 40)))
-    for box, score, label, label_id in zip(detections.boxes, detections.scores, detections.labels, detections.label_ids):
+    found = zip(detections.boxes, detections.scores, detections.labels, detections.label_ids)
+    for box, score, label, label_id in found:
         colour = _PALETTE[int(label_id) % len(_PALETTE)]
         x0, y0, x1, y1 = (float(v) for v in box)
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)

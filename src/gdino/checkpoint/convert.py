@@ -47,7 +47,8 @@ _RULES: list[tuple[str, str]] = [
     (_SWIN + "embeddings.norm.", "backbone.patch_embed.norm."),
     (_BLOCK + "layernorm_before.", "backbone.layers.{0}.blocks.{1}.norm1."),
     (_BLOCK + "layernorm_after.", "backbone.layers.{0}.blocks.{1}.norm2."),
-    (_BLOCK + "attention.self.relative_position_bias_table$", "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$"),
+    (_BLOCK + "attention.self.relative_position_bias_table$",
+     "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$"),
     (_BLOCK + "attention.output.dense.", "backbone.layers.{0}.blocks.{1}.attn.proj."),
     (_BLOCK + "intermediate.dense.", "backbone.layers.{0}.blocks.{1}.mlp.fc1."),
     (_BLOCK + "output.dense.", "backbone.layers.{0}.blocks.{1}.mlp.fc2."),
@@ -109,7 +110,8 @@ _ALIASES: list[tuple[str, str]] = [
     (_SWIN + "swin.embeddings.norm.", "backbone.patch_embed.norm."),
     (_BLOCK5 + "layernorm_before.", "backbone.layers.{0}.blocks.{1}.norm1."),
     (_BLOCK5 + "layernorm_after.", "backbone.layers.{0}.blocks.{1}.norm2."),
-    (_BLOCK5 + "attention.relative_position_bias.relative_position_bias_table$", "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$"),
+    (_BLOCK5 + "attention.relative_position_bias.relative_position_bias_table$",
+     "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$"),
     (_BLOCK5 + "attention.o_proj.", "backbone.layers.{0}.blocks.{1}.attn.proj."),
     (_BLOCK5 + "mlp.", "backbone.layers.{0}.blocks.{1}.mlp."),
     (_SWIN + "swin.encoder.layers.{0}.downsample.", "backbone.layers.{0}.downsample."),
@@ -120,11 +122,15 @@ _ALIASES: list[tuple[str, str]] = [
 _QKV = ("query", "key", "value")
 _PACKED: list[tuple[str, tuple[str, str, str], str, str, str]] = [
     (_BLOCK + "attention.self.", _QKV, "backbone.layers.{0}.blocks.{1}.attn.", "qkv.weight", "qkv.bias"),
-    (_ENC + "text_enhancer_layer.self_attn.", _QKV, "transformer.encoder.text_layers.{0}.self_attn.", "in_proj_weight", "in_proj_bias"),
+    (_ENC + "text_enhancer_layer.self_attn.", _QKV, "transformer.encoder.text_layers.{0}.self_attn.",
+     "in_proj_weight", "in_proj_bias"),
     (_DEC + "self_attn.", _QKV, "transformer.decoder.layers.{0}.self_attn.", "in_proj_weight", "in_proj_bias"),
     (_DEC + "encoder_attn_text.", _QKV, "transformer.decoder.layers.{0}.ca_text.", "in_proj_weight", "in_proj_bias"),
 ]
-_PACKED_ALIASES = [(_BLOCK5 + "attention.", ("q_proj", "k_proj", "v_proj"), "backbone.layers.{0}.blocks.{1}.attn.", "qkv.weight", "qkv.bias")]
+_PACKED_ALIASES = [
+    (_BLOCK5 + "attention.", ("q_proj", "k_proj", "v_proj"), "backbone.layers.{0}.blocks.{1}.attn.",
+     "qkv.weight", "qkv.bias"),
+]
 
 
 _HF_BOX_HEAD = re.compile(r"^(?:model\.decoder\.)?bbox_embed\.(\d+)\.(layers\..*)$")
@@ -177,7 +183,9 @@ def _merge_box_head(copies_by_suffix: dict[str, list[tuple[str, torch.Tensor]]])
     differing = []
     for suffix, copies in copies_by_suffix.items():
         first_name, first = copies[0]
-        differing += [f"{n} != {first_name}" for n, t in copies[1:] if t.shape != first.shape or not torch.equal(t, first)]
+        differing += [
+            f"{n} != {first_name}" for n, t in copies[1:] if t.shape != first.shape or not torch.equal(t, first)
+        ]
         out["bbox_embed." + suffix] = first
     if differing:
         raise ConversionError(

@@ -69,7 +69,7 @@ def resolve(
     if path.is_dir():
         return _from_directory(path)
     text = str(model)
-    if not _HUB_ID.match(text) or text.endswith(_ORIGINAL_SUFFIXES + (".safetensors",)):
+    if not _HUB_ID.match(text) or text.endswith((*_ORIGINAL_SUFFIXES, ".safetensors")):
         raise CheckpointError(f"no such file or directory: {text} (nor is it a hub id like {DEFAULT_MODEL_ID!r})")
     options = HubOptions(cache_dir, revision, token, local_files_only, force_download)
     return _from_directory(_download(text, options))
@@ -111,12 +111,12 @@ def _download(repo_id: str, options: HubOptions) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=options.local_files_only,
                                       force_download=options.force_download, **fixed))
-    except Exception as first:  # no network, hub down, or offline mode: fall back to the cache
+    except Exception as first:  # noqa: BLE001 (no network, hub down, or offline mode: fall back to the cache)
         failure = first
         if not (options.local_files_only or options.force_download):
             try:
                 return Path(snapshot_download(repo_id, local_files_only=True, **fixed))
-            except Exception:
+            except Exception:  # noqa: BLE001 (not in the cache either, whatever the hub's error type)
                 pass
     at = f" at revision {options.revision!r}" if options.revision else ""
     where = ("is not in the local cache (local_files_only=True)" if options.local_files_only else
@@ -138,7 +138,7 @@ def read_state_dict(checkpoint: Checkpoint) -> StateDict:
             raw = load_file(str(file))
         else:
             raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (safetensors and torch.load raise many types for a bad file)
         raise CheckpointError(f"cannot read {file}: {e}") from None
     if checkpoint.layout == "original" and isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         raw = raw["model"]

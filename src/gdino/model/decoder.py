@@ -8,9 +8,9 @@ Each layer runs, in this order, with a post-norm residual around each step:
 4. a ReLU feed-forward block.
 
 The query position is a sine embedding of the query's reference box (the reference scales it by the
-first level's valid ratio, see ``query_position``) passed through ``ref_point_head``. After every layer the shared box head, which
-the detector owns, refines the reference boxes (iterative box refinement); the refined boxes are
-the next layer's references.
+first level's valid ratio, see ``query_position``) passed through ``ref_point_head``. After every
+layer the shared box head, which the detector owns, refines the reference boxes (iterative box
+refinement); the refined boxes are the next layer's references.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+ImageLike = Image.Image | np.ndarray | str | os.PathLike
 
 
 class ImageError(ValueError):
@@ -178,7 +178,7 @@ def resized_size(height: int, width: int, shortest_edge: int, longest_edge: int 
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > longest_edge:
             raw = longest_edge * short / long
-            size = int(round(raw))
+            size = round(raw)
     if (height <= width and height == size) or (width <= height and width == size):
         return height, width
     scale = raw if raw is not None else size

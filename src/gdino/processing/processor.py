@@ -328,7 +328,9 @@ class GroundingDinoProcessor:
         """Token ids -> text (special tokens kept unless ``skip_special_tokens``)."""
         return self.tokenizer.decode(as_id_list(token_ids), skip_special_tokens)
 
-    def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(
+        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> list[str]:
         """Decodes each row of ``batch``; see :meth:`decode`."""
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 

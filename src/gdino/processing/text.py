@@ -178,7 +178,7 @@ def phrase_spans(input_ids: Sequence[int] | torch.Tensor,
     ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
     if ids and isinstance(ids[0], list):
         raise ValueError(f"phrase_spans takes the ids of one prompt (L,), got a batch of {len(ids)}")
-    stops = set(int(s) for s in separator_ids) | {pad_token_id}
+    stops = {int(s) for s in separator_ids} | {pad_token_id}
     spans, start = [], None
     for i, tok in enumerate(ids):
         if int(tok) in stops:

@@ -79,7 +79,7 @@ def ms_deform_attn(
 
         return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
     b, s, n_heads, head_dim = value.shape
-    _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
+    _, n_queries, _, n_levels, _, _ = sampling_locations.shape
     if len(spatial_shapes) != n_levels or sum(h * w for h, w in spatial_shapes) != s:
         raise ValueError(f"spatial_shapes {spatial_shapes} do not match {n_levels} levels of {s} values in all")
     rows = b * n_queries

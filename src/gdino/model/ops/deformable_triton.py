@@ -128,7 +128,7 @@ if triton is not None:
         b = bq // Q
         row = bq * N_HEADS + h  # (b, q, h) row of the (B * Q * nH, ...) views
         d = tl.arange(0, HD)
-        k, lane_mask, sample, h_lvl, w_lvl, row_base, x0, y0, fx, fy, attn = _lanes(
+        _k, lane_mask, _sample, h_lvl, w_lvl, row_base, x0, y0, fx, fy, attn = _lanes(
             shapes_ptr, starts_ptr, loc_ptr, attn_ptr, row, b, S, LP, NP, BLOCK_LP, ACC
         )
         acc = tl.zeros((BLOCK_LP, HD), dtype=ACC)
@@ -136,7 +136,7 @@ if triton is not None:
             wy = fy if dy == 1 else 1.0 - fy
             for dx in tl.static_range(2):
                 wx = fx if dx == 1 else 1.0 - fx
-                v, inside, offs = _corner(
+                v, _inside, _offs = _corner(
                     value_ptr, row_base, h, x0 + dx, y0 + dy, w_lvl, h_lvl, lane_mask, d, N_HEADS, HD, ACC
                 )
                 acc += v * (attn * wx * wy)[:, None]
@@ -157,7 +157,7 @@ if triton is not None:
         b = bq // Q
         row = bq * N_HEADS + h
         d = tl.arange(0, HD)
-        k, lane_mask, sample, h_lvl, w_lvl, row_base, x0, y0, fx, fy, attn = _lanes(
+        _k, lane_mask, sample, h_lvl, w_lvl, row_base, x0, y0, fx, fy, attn = _lanes(
             shapes_ptr, starts_ptr, loc_ptr, attn_ptr, row, b, S, LP, NP, BLOCK_LP, ACC
         )
         g = tl.load(grad_out_ptr + row * HD + d).to(ACC)  # (HD,)
