@@ -17,8 +17,9 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..config import DEFAULT_MODEL_ID
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..detector import GroundingDinoForObjectDetection
+
+N = TypeVar("N", int, float)
 
 EXIT_BAD_INPUT = 2
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -116,7 +119,7 @@ def port(text: str) -> int:
     return value
 
 
-def _number(text: str, kind: type[int] | type[float]) -> float:
+def _number(text: str, kind: Callable[[str], N]) -> N:
     try:
         return kind(text)
     except ValueError:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .arguments import (
     EXIT_BAD_INPUT,
@@ -33,6 +33,9 @@ from .arguments import (
 from .exports import FORMATS  # standard library only
 from .server import add_arguments as add_serve_arguments  # standard library only; FastAPI is imported by serve
 
+if TYPE_CHECKING:
+    from ..processing.prompts import TextInput
+
 DRAWN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -44,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_label(commands.add_parser("label", help="pre-label a folder of images (COCO, YOLO, VOC or JSON Lines)"))
     evaluate = commands.add_parser("eval", help="zero-shot evaluation on a labelled dataset")
     datasets = evaluate.add_subparsers(dest="dataset", required=True)
-    _add_eval_coco(datasets.add_parser("coco", help="COCO-format dataset: the original repository's zero-shot protocol"))
+    coco = datasets.add_parser("coco", help="COCO-format dataset: the original repository's zero-shot protocol")
+    _add_eval_coco(coco)
     serve = commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])")
     add_serve_arguments(serve)
     return parser
@@ -118,7 +122,7 @@ def check_outputs(images: Sequence[str], output: Path | None, annotate: Path | N
             raise UsageError(f"--output {output} is one of the input images; it would be overwritten")
         if targets is not None and any(output.resolve() == t.resolve() for t in targets):
             raise UsageError(f"--output {output} is also where --annotate draws an image; choose another file")
-    if targets is not None:
+    if targets is not None and annotate is not None:
         clashes = [(t, images[i]) for i, t in enumerate(targets) if _file_id(t) in inputs]
         if clashes:
             more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
@@ -195,7 +199,7 @@ def detect(args: argparse.Namespace) -> int:
     return status
 
 
-def _detect_batch(model: Any, indices: list[int], prompt: str | list[str],
+def _detect_batch(model: Any, indices: list[int], prompt: TextInput,
                   args: argparse.Namespace) -> list[tuple[int, Any, Any]]:
     """(index, image, Detections) per image of the batch, or (index, None, error message) for an
     image that cannot be read or that the model refuses (e.g. too elongated to resize)."""
@@ -212,7 +216,7 @@ def _detect_batch(model: Any, indices: list[int], prompt: str | list[str],
     return sorted(results, key=lambda r: r[0])
 
 
-def _run_model(model: Any, loaded: list[tuple[int, Any]], prompt: str | list[str],
+def _run_model(model: Any, loaded: list[tuple[int, Any]], prompt: TextInput,
                args: argparse.Namespace) -> list[tuple[int, Any, Any]]:
     """Detects a batch of loaded images; if the model refuses it, image by image, the refused reported."""
     if not loaded:

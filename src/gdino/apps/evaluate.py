@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..boxes import cxcywh_to_xyxy
+from ..boxes import to_pixels
 from ..detections import score_chunks, top_k
 from ..processing.classes import label_query
 from ..processing.image import ImageError, to_rgb
@@ -73,22 +73,31 @@ def _coco() -> Any:
     return COCO, COCOeval
 
 
-def model_detector(model: GroundingDinoForObjectDetection, names: Sequence[str], max_dets: int = 300) -> Detector:
-    """The original protocol with ``model``: all names prompted, top ``max_dets`` (box, name) pairs."""
-    query = label_query(names, model.processor.tokenizer)
+class ModelDetector:
+    """The original protocol with a model: all names prompted, the top ``max_dets`` (box, name) pairs.
 
-    def detect(image: np.ndarray, info: dict[str, Any]) -> Found:
+    Attributes:
+        chunks: the prompts (encoder and decoder passes) each image needs for the names.
+    """
+
+    def __init__(self, model: GroundingDinoForObjectDetection, names: Sequence[str], max_dets: int = 300) -> None:
+        self.model, self.max_dets = model, max_dets
+        self.query = label_query(names, model.processor.tokenizer)
+        self.chunks = len(self.query.prompts)
+
+    def __call__(self, image: np.ndarray, info: dict[str, Any]) -> Found:
         del info
         with torch.inference_mode():
-            encoded = model.encode_image(image)  # the image side once, for every chunk
-            found = top_k(score_chunks(model, encoded.features.crop(0), query.prompts), max_dets)
+            encoded = self.model.encode_image(image)  # the image side once, for every chunk
+            found = top_k(score_chunks(self.model, encoded.features.crop(0), self.query.prompts), self.max_dets)
         height, width = image.shape[:2]
-        scale = torch.tensor([width, height, width, height], device=found.boxes.device)
-        boxes = cxcywh_to_xyxy(found.boxes) * scale
+        boxes = to_pixels(found.boxes, width, height)
         return boxes.cpu().numpy(), found.scores.cpu().numpy(), found.ids.cpu().numpy()
 
-    detect.chunks = len(query.prompts)  # type: ignore[attr-defined]
-    return detect
+
+def model_detector(model: GroundingDinoForObjectDetection, names: Sequence[str], max_dets: int = 300) -> ModelDetector:
+    """``ModelDetector(model, names, max_dets)``: the ``Detector`` ``gdino eval coco`` runs."""
+    return ModelDetector(model, names, max_dets)
 
 
 def read_image(path: Path, info: dict[str, Any]) -> np.ndarray:

@@ -65,7 +65,8 @@ def clipped_boxes(record: Record) -> list[tuple[float, float, float, float, int,
 
 def coco_dataset(records: Sequence[Record], classes: Sequence[str]) -> dict[str, Any]:
     """A COCO detection dataset (``pycocotools.coco.COCO`` loads it), one image per record."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, record in enumerate(records, start=1):
         images.append({"id": image_id, "file_name": record["image"], "width": record["width"],
                        "height": record["height"]})

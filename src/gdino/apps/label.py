@@ -105,7 +105,8 @@ def find_images(root: Path, exclude: Path | None = None) -> list[str]:
 
 def _link_hops(path: Path) -> list[Path]:
     """Where ``path`` leads, resolved: each link of a chain of links, and the file at its end."""
-    hops, seen = [], set()
+    hops: list[Path] = []
+    seen: set[Path] = set()
     while path.is_symlink() and path not in seen and len(seen) < 40:
         seen.add(path)
         path = path.parent / os.readlink(path)

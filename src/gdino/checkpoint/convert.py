@@ -221,11 +221,11 @@ def hf_to_ours(sd: StateDict) -> tuple[StateDict, list[str]]:
                 unknown.append(name)
             else:
                 out[new] = t
-    for target, parts in packed.items():
-        if len(parts) != 3:
-            unknown.append(f"{target} (has only {', '.join(sorted(parts))} of query, key, value)")
+    for target, found in packed.items():
+        if len(found) != 3:
+            unknown.append(f"{target} (has only {', '.join(sorted(found))} of query, key, value)")
             continue
-        out[target] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)  # (3 * dim, ...)
+        out[target] = torch.cat([found["query"], found["key"], found["value"]], 0)  # (3 * dim, ...)
     out.update(_merge_box_head(boxes))
     return out, unknown
 

@@ -13,6 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -131,6 +132,7 @@ def _download(repo_id: str, options: HubOptions) -> Path:
 def read_state_dict(checkpoint: Checkpoint) -> StateDict:
     """Reads the weights file and converts its names to ours (no model needed)."""
     file = checkpoint.weights
+    raw: Any
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -205,9 +207,10 @@ def load_model(
     with torch.device("meta"):  # no memory and no random init: the file's tensors are assigned
         net = model_class(config, init_weights=False)
     load_strict(net, state_dict, str(checkpoint.weights))
-    for module in net.modules():
-        if hasattr(module, "reset_buffers"):
-            module.reset_buffers()
+    for module in net.modules():  # buffers computed from the config, not stored in checkpoints
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
     net.eval()
     if device is not None:
         net = net.to(device=device)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import GroundingDinoConfig
-from .heads import contrastive_logits
+from .heads import MLP, contrastive_logits
 
 
 class SelectionParts(Protocol):
@@ -23,7 +23,7 @@ class SelectionParts(Protocol):
     config: GroundingDinoConfig
     enc_output: nn.Linear
     enc_output_norm: nn.LayerNorm
-    enc_out_bbox_embed: nn.Module
+    enc_out_bbox_embed: MLP
     tgt_embed: nn.Embedding
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -142,9 +143,9 @@ def span_query(prompt: str, token_spans: TokenSpans, tokenizer: TextTokenizer) -
     return ClassQuery(tuple(names), (ClassPrompt(text, tuple(range(len(names))), tuple(tokens)),))
 
 
-def _span(span: object, length: int, label: int) -> tuple[int, int]:
+def _span(span: Any, length: int, label: int) -> tuple[int, int]:
     try:
-        start, end = (int(v) for v in span)  # type: ignore[union-attr]
+        start, end = (int(v) for v in span)
     except (TypeError, ValueError):
         raise PromptError(f"token_spans[{label}]: each span must be (start, end), got {span!r}") from None
     if not 0 <= start < end <= length:

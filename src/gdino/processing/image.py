@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -33,8 +33,8 @@ class ImageSettings:
 
     shortest_edge: int = 800
     longest_edge: int | None = 1333
-    image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_STD
+    image_mean: tuple[float, ...] = IMAGENET_MEAN  # per channel, R G B
+    image_std: tuple[float, ...] = IMAGENET_STD
     rescale_factor: float = 1 / 255
     resample: int = Image.Resampling.BILINEAR
     do_resize: bool = True
@@ -240,4 +240,4 @@ def images_to_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
         if len(images) == 0:
             raise ImageError("the list of images is empty")
         return list(images)
-    return [images]
+    return [cast(ImageLike, images)]  # anything but a list or tuple is one image

@@ -44,9 +44,13 @@ class TokenizedText:
     attention_mask: torch.Tensor
 
 
-def _bert_tokenizer(vocab_file: str | os.PathLike, lowercase: bool = True, strip_accents: bool | None = None,
-                    tokenize_chinese_chars: bool = True) -> Tokenizer:
-    """Builds the BERT WordPiece tokenizer (``[CLS] text [SEP]``) from a ``vocab.txt``."""
+def _bert_tokenizer(vocab_file: str | os.PathLike, lowercase: bool | None = True, strip_accents: bool | None = None,
+                    tokenize_chinese_chars: bool | None = True) -> Tokenizer:
+    """Builds the BERT WordPiece tokenizer (``[CLS] text [SEP]``) from a ``vocab.txt``.
+
+    The normaliser options are ``tokenizer_config.json``'s (``read_tokenizer_config``); a None
+    ``lowercase`` or ``tokenize_chinese_chars`` means the default, True.
+    """
     vocab = models.WordPiece.read_file(str(vocab_file))
     for token in (CLS, SEP, PAD, UNK):
         if token not in vocab:
@@ -54,8 +58,8 @@ def _bert_tokenizer(vocab_file: str | os.PathLike, lowercase: bool = True, strip
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
     tokenizer.add_special_tokens([t for t in (PAD, UNK, CLS, SEP, MASK) if t in vocab])
     tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=tokenize_chinese_chars, strip_accents=strip_accents,
-        lowercase=lowercase,
+        clean_text=True, handle_chinese_chars=tokenize_chinese_chars is not False, strip_accents=strip_accents,
+        lowercase=lowercase is not False,
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -99,7 +103,7 @@ class TextTokenizer:
 
     def offsets(self, prompt: str) -> list[tuple[int, int]]:
         """Character (start, end) of each token of ``encode([prompt])`` in ``prompt``; (0, 0) for [CLS]/[SEP]."""
-        return [tuple(o) for o in self._tok.encode(prompt).offsets]
+        return [(start, end) for start, end in self._tok.encode(prompt).offsets]
 
     def encode(self, prompts: Sequence[str]) -> TokenizedText:
         """Tokenises prompts (already normalised) and pads them to the longest.

@@ -224,7 +224,7 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 class _MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         value: Tensor,  # (B, S, nH, hd)
         shapes: Tensor,  # (nL, 2) int32 (H, W)
@@ -248,7 +248,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         value, shapes, starts, sampling_locations, attention_weights = ctx.saved_tensors
         b, s, n_heads, head_dim = value.shape
         _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
