@@ -11,7 +11,7 @@ from PIL import Image
 from gdino import GroundingDinoForObjectDetection
 from gdino.apps.cli import main as cli
 from gdino.apps.progress import ChunkProgress
-from gdino.detections import MANY_CHUNKS, _warn_cost, on_chunk
+from gdino.detector import MANY_CHUNKS, _warn_cost, on_chunk
 
 LABELS = [chr(0x4E00 + i) for i in range(1100)]  # one token each: 127 a chunk, 9 chunks
 

@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 from gdino import GroundingDinoForObjectDetection, PromptError
-from gdino.boxes import box_iou
-from gdino.detections import class_nms, nms
+from gdino.boxes import box_iou, class_nms, nms
 from gdino.processing.classes import ClassQuery, label_query, prompt_text, queries_for_images
 
 DOT = 1012

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdino.model.ops import deformable
 from gdino.model.deformable import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_reference
+from gdino.model.ops import deformable
 
 SHAPES = [(6, 7), (1, 5), (4, 1), (3, 3), (1, 1)]  # (H, W): 1xN, Nx1 and 1x1 levels included
 

@@ -7,7 +7,6 @@ slider re-filters them without a new request. Skipped only when /usr/bin/chromiu
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path

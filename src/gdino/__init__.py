@@ -7,7 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .checkpoint.loading import CheckpointError
 from .config import GroundingDinoConfig
-from .detector import Detections, GroundingDinoForObjectDetection
+from .detections import Detections
+from .detector import GroundingDinoForObjectDetection
 from .processing.image import ImageError
 from .processing.processor import GroundingDinoProcessor
 from .processing.text import PromptError

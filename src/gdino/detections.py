@@ -1,57 +1,60 @@
-"""Running a ``ClassQuery`` on one image, chunk by chunk, and merging what the chunks find.
+"""What detection returns and how candidates become it: ``Detections``, and the merging of label chunks.
 
-The image side (Swin and the input projections) is computed once by the caller; each chunk is a
-pass of the feature enhancer and decoder over the same features with its own prompt. A chunk's
-queries are its own boxes, so merging keeps every (query, chunk) pair as a candidate, with the
-label ids of the full list. ``nms`` and ``top_k`` are small, dependency-free torch functions.
+``Detections`` is one image's result (immutable, best first, pixel boxes). A label list longer
+than one prompt is scored in chunks (``ChunkScores``, one per pass of the encoder and decoder over
+the same image features; the detector runs them); a chunk's queries are its own boxes, so
+merging keeps every (query, chunk) pair as a candidate (``Candidates``), with the label ids of the
+full list: its best label (``best_per_query``, for ``detect``) or the k best (query, label) pairs
+(``top_k``, the COCO protocol). Thresholds, class-wise NMS and pixel boxes then give the
+``Detections``. Nothing here runs the model.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .boxes import box_iou
-from .processing.classes import ClassPrompt
-
-if TYPE_CHECKING:
-    from .detector import GroundingDinoForObjectDetection
-    from .model.grounding_dino import ImageFeatures
-
-log = logging.getLogger(__name__)
-
-MANY_CHUNKS = 8  # from this many passes per image on, ``detect`` warns of the cost
-ChunkCallback = Callable[[int, int], None]
-_on_chunk: ContextVar[ChunkCallback | None] = ContextVar("gdino_on_chunk", default=None)
+from .boxes import class_nms, to_pixels
+from .processing.text import phrase_for_tokens
 
 
-@contextmanager
-def on_chunk(callback: ChunkCallback) -> Iterator[None]:
-    """Calls ``callback(done, total)`` before each chunk of a label list and once after the last.
+@dataclass(frozen=True)
+class Detections:
+    """What was found in one image, best first.
 
-    It holds in this thread (or task) only. For progress (the command line) and for stopping between chunks (the server): an exception
-    raised by the callback ends ``detect`` before the next pass.
+    Attributes:
+        boxes: (N, 4) float32 (x0, y0, x1, y1) in pixels of the original image.
+        scores: (N,) float32 in [0, 1].
+        labels: N phrases of the prompt, e.g. "a remote control".
+        label_ids: (N,) int64 index of each label's phrase in the prompt (of the label in a label list).
+        image_size: (width, height) of the original image.
     """
-    token = _on_chunk.set(callback)
-    try:
-        yield
-    finally:
-        _on_chunk.reset(token)
 
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: tuple[str, ...]
+    label_ids: np.ndarray
+    image_size: tuple[int, int]
 
-@lru_cache(maxsize=64)
-def _warn_cost(chunks: int, labels: int) -> None:
-    """Says once per list size what a huge label list costs."""
-    log.warning("%d labels need %d passes of the encoder and decoder per image (each up to 256 tokens); "
-                "a shorter list is faster", labels, chunks)  # fmt: skip
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to_list(self, decimals: int = 2) -> list[dict[str, Any]]:
+        """JSON-ready detections: ``[{"box": [x0, y0, x1, y1], "score", "label", "label_id"}]``."""
+        return [
+            {
+                "box": [round(float(v), decimals) for v in box],
+                "score": round(float(score), 4),
+                "label": label,
+                "label_id": int(label_id),
+            }
+            for box, score, label, label_id in zip(self.boxes, self.scores, self.labels, self.label_ids)
+        ]
 
 
 @dataclass(frozen=True)
@@ -81,32 +84,6 @@ class Candidates:
         return Candidates(self.boxes[index], self.scores[index], self.ids[index])
 
 
-def score_chunks(
-    model: GroundingDinoForObjectDetection, features: ImageFeatures, prompts: Sequence[ClassPrompt]
-) -> list[ChunkScores]:
-    """Class scores of every query for each chunk; ``features`` is one image (``ImageFeatures.crop``)."""
-    callback = _on_chunk.get()
-    if len(prompts) >= MANY_CHUNKS:
-        _warn_cost(len(prompts), sum(len(p.ids) for p in prompts))
-    out = []
-    for done, prompt in enumerate(prompts):
-        if callback is not None:
-            callback(done, len(prompts))
-        tokens = model.processor.tokenizer.encode([prompt.text])
-        text = model.text_features(
-            tokens.input_ids.to(model.device), tokens.attention_mask.to(model.device),
-            tokens.token_type_ids.to(model.device),
-        )  # fmt: skip
-        logits, boxes, _ = model.detect_features(features, text)
-        probs = logits[0].float().sigmoid()  # (Q, T), 0 past the prompt
-        scores = probs @ prompt.positive_map(probs.shape[-1], probs.device).T  # (Q, C)
-        ids = torch.tensor(prompt.ids, dtype=torch.long, device=probs.device)
-        out.append(ChunkScores(scores, boxes[0].float(), ids))
-    if callback is not None:
-        callback(len(prompts), len(prompts))
-    return out
-
-
 def best_per_query(chunks: Sequence[ChunkScores]) -> Candidates:
     """Each query of each chunk with its best label (ties to the earlier label)."""
     scores, columns = zip(*(c.scores.max(-1) for c in chunks))
@@ -134,31 +111,67 @@ def top_k(chunks: Sequence[ChunkScores], k: int) -> Candidates:
     return merged.select(order)
 
 
-# --------------------------------------------------------------------------- boxes
+# --------------------------------------------------------------------------- to Detections
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression; the kept indices, best score first.
+def phrase_detections(
+    logits: Tensor,
+    boxes: Tensor,
+    spans: list[tuple[int, int]],
+    names: list[str],
+    size: tuple[int, int],
+    box_threshold: float,
+    text_threshold: float,
+) -> Detections:
+    """One image's queries for a phrase prompt -> thresholded, labelled, sorted detections in pixels.
 
-    A box is dropped when its IoU with a better kept box is above ``iou_threshold``. Equal
-    scores keep the earlier box.
+    Args:
+        logits: (Q, T) the queries' token logits; boxes: (Q, 4) relative (cx, cy, w, h).
+        spans: the phrases' token ranges; names: their texts.
+        size: (width, height) of the image.
     """
-    order = scores.argsort(descending=True, stable=True)
-    overlaps = (box_iou(boxes[order], boxes[order]) > iou_threshold).triu(1).cpu()  # (N, N)
-    dropped = torch.zeros(len(order), dtype=torch.bool)
-    for i in range(len(order)):
-        if not dropped[i]:
-            dropped |= overlaps[i]
-    return order[~dropped.to(order.device)]
+    probs = logits.float().sigmoid()  # (Q, T), 0 past the prompt (logits -inf there)
+    best = probs.max(-1).values
+    phrase, phrase_score = phrase_for_tokens(probs, spans)
+    keep = (best > box_threshold) & (phrase_score >= text_threshold)
+    order = best[keep].argsort(descending=True)
+    width, height = size
+    xyxy = to_pixels(boxes[keep][order].float(), width, height)
+    label_ids = phrase[keep][order].cpu().numpy().astype(np.int64)
+    return Detections(
+        boxes=xyxy.cpu().numpy().astype(np.float32),
+        scores=best[keep][order].cpu().numpy().astype(np.float32),
+        labels=tuple(names[i] for i in label_ids),
+        label_ids=label_ids,
+        image_size=(width, height),
+    )
 
 
-def class_nms(boxes: Tensor, scores: Tensor, ids: Tensor, iou_threshold: float) -> Tensor:
-    """``nms`` within each label id: boxes of different labels never suppress each other.
+def class_detections(
+    found: Candidates, names: tuple[str, ...], size: tuple[int, int], box_threshold: float, nms_threshold: float | None
+) -> Detections:
+    """Candidates with label-level scores -> thresholded, optionally NMS-ed, sorted detections in pixels."""
+    found = found.select(torch.nonzero(found.scores > box_threshold).flatten())
+    width, height = size
+    xyxy = to_pixels(found.boxes, width, height)
+    if nms_threshold is None:
+        order = found.scores.argsort(descending=True, stable=True)
+    else:
+        order = class_nms(xyxy, found.scores, found.ids, nms_threshold)
+    label_ids = found.ids[order].cpu().numpy().astype(np.int64)
+    return Detections(
+        boxes=xyxy[order].cpu().numpy().astype(np.float32),
+        scores=found.scores[order].cpu().numpy().astype(np.float32),
+        labels=tuple(names[i] for i in label_ids),
+        label_ids=label_ids,
+        image_size=(width, height),
+    )
 
-    Returns:
-        The kept indices, best score first.
-    """
-    kept = [torch.nonzero(ids == label).flatten() for label in ids.unique()]
-    kept = [group[nms(boxes[group], scores[group], iou_threshold)] for group in kept]
-    index = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=boxes.device)
-    return index[scores[index].argsort(descending=True, stable=True)]
+
+def nms_detections(found: Detections, nms_threshold: float) -> Detections:
+    """``found`` less the boxes that overlap a better box of the same label by more than the threshold."""
+    keep = class_nms(
+        torch.from_numpy(found.boxes), torch.from_numpy(found.scores), torch.from_numpy(found.label_ids), nms_threshold
+    ).numpy()
+    return Detections(found.boxes[keep], found.scores[keep], tuple(found.labels[i] for i in keep),
+                      found.label_ids[keep], found.image_size)

@@ -1,64 +1,63 @@
 """The one-call API: ``GroundingDinoForObjectDetection.from_pretrained(...).detect(image, prompt)``.
 
 The class is the model (``model(**inputs)`` returns logits and boxes as transformers' does) plus
-loading and a processor, so the model card's snippet runs with only its import line changed.
+loading and a processor, so the model card's snippet runs with only its import line changed. It
+also runs a label list's chunks (``score_label_chunks``, one encoder and decoder pass each, which
+``on_chunk`` callbacks follow); ``gdino.detections`` turns what they find into ``Detections``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 
-from .boxes import cxcywh_to_xyxy
-from .checkpoint.loading import DEFAULT_MODEL_ID, load_model
+from .checkpoint.loading import load_model
 from .checks import check_fraction
-from .detections import Candidates, best_per_query, class_nms, score_chunks
+from .config import DEFAULT_MODEL_ID
+from .detections import ChunkScores, Detections, best_per_query, class_detections, nms_detections, phrase_detections
 from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, stack_images
-from .processing.classes import ClassQuery, TokenSpans, queries_for_images
+from .processing.classes import ClassPrompt, ClassQuery, TokenSpans, queries_for_images
 from .processing.image import ImageLike, images_to_list, load_image
 from .processing.processor import GroundingDinoProcessor
 from .processing.prompts import TextInput
-from .processing.text import PromptError, phrase_for_tokens, phrase_spans
+from .processing.text import PromptError, phrase_spans
+
+log = logging.getLogger(__name__)
+
+MANY_CHUNKS = 8  # from this many passes per image on, ``detect`` warns of the cost
+ChunkCallback = Callable[[int, int], None]
+_on_chunk: ContextVar[ChunkCallback | None] = ContextVar("gdino_on_chunk", default=None)
 
 
-@dataclass(frozen=True)
-class Detections:
-    """What was found in one image, best first.
+@contextmanager
+def on_chunk(callback: ChunkCallback) -> Iterator[None]:
+    """Calls ``callback(done, total)`` before each chunk of a label list and once after the last.
 
-    Attributes:
-        boxes: (N, 4) float32 (x0, y0, x1, y1) in pixels of the original image.
-        scores: (N,) float32 in [0, 1].
-        labels: N phrases of the prompt, e.g. "a remote control".
-        label_ids: (N,) int64 index of each label's phrase in the prompt (of the label in a label list).
-        image_size: (width, height) of the original image.
+    It holds in this thread (or task) only. For progress (the command line) and for stopping
+    between chunks (the server): an exception raised by the callback ends ``detect`` before the
+    next pass.
     """
+    token = _on_chunk.set(callback)
+    try:
+        yield
+    finally:
+        _on_chunk.reset(token)
 
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: tuple[str, ...]
-    label_ids: np.ndarray
-    image_size: tuple[int, int]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def to_list(self, decimals: int = 2) -> list[dict[str, Any]]:
-        """JSON-ready detections: ``[{"box": [x0, y0, x1, y1], "score", "label", "label_id"}]``."""
-        return [
-            {
-                "box": [round(float(v), decimals) for v in box],
-                "score": round(float(score), 4),
-                "label": label,
-                "label_id": int(label_id),
-            }
-            for box, score, label, label_id in zip(self.boxes, self.scores, self.labels, self.label_ids)
-        ]
+@lru_cache(maxsize=64)
+def _warn_cost(chunks: int, labels: int) -> None:
+    """Says once per list size what a huge label list costs."""
+    log.warning("%d labels need %d passes of the encoder and decoder per image (each up to 256 tokens); "
+                "a shorter list is faster", labels, chunks)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -190,16 +189,42 @@ class GroundingDinoForObjectDetection(GroundingDino):
             # 1e-7 differences between batched and single matrix products can swap two of them,
             # so only the single-image computation guarantees batch-independent detections.
             if isinstance(query, ClassQuery):
-                found = best_per_query(score_chunks(self, encoded.features.crop(i), query.prompts))
-                results.append(_class_detections(found, query.names, size, box_threshold, nms_threshold))
+                found = best_per_query(self.score_label_chunks(encoded.features.crop(i), query.prompts))
+                results.append(class_detections(found, query.names, size, box_threshold, nms_threshold))
                 continue
             text, spans, names = query
             tokens = self.processor(text=[text]).to(self.device)
             features = self.text_features(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
             logits, boxes, _ = self.detect_features(encoded.features.crop(i), features)
-            found = self._detections(logits[0], boxes[0], spans, names, size, box_threshold, text_threshold)
-            results.append(found if nms_threshold is None else _nms_detections(found, nms_threshold))
+            found = phrase_detections(logits[0], boxes[0], spans, names, size, box_threshold, text_threshold)
+            results.append(found if nms_threshold is None else nms_detections(found, nms_threshold))
         return results[0] if encoded.single else results
+
+    def score_label_chunks(self, features: ImageFeatures, prompts: Sequence[ClassPrompt]) -> list[ChunkScores]:
+        """Class scores of every query for each label chunk, one encoder and decoder pass each.
+
+        ``features`` is one image (``ImageFeatures.crop``); an ``on_chunk`` callback hears of each pass.
+        """
+        callback = _on_chunk.get()
+        if len(prompts) >= MANY_CHUNKS:
+            _warn_cost(len(prompts), sum(len(p.ids) for p in prompts))
+        out = []
+        for done, prompt in enumerate(prompts):
+            if callback is not None:
+                callback(done, len(prompts))
+            tokens = self.processor.tokenizer.encode([prompt.text])
+            text = self.text_features(
+                tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device),
+                tokens.token_type_ids.to(self.device),
+            )  # fmt: skip
+            logits, boxes, _ = self.detect_features(features, text)
+            probs = logits[0].float().sigmoid()  # (Q, T), 0 past the prompt
+            scores = probs @ prompt.positive_map(probs.shape[-1], probs.device).T  # (Q, C)
+            ids = torch.tensor(prompt.ids, dtype=torch.long, device=probs.device)
+            out.append(ChunkScores(scores, boxes[0].float(), ids))
+        if callback is not None:
+            callback(len(prompts), len(prompts))
+        return out
 
     def _queries(
         self,
@@ -279,35 +304,6 @@ class GroundingDinoForObjectDetection(GroundingDino):
         names = [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]
         return spans, names
 
-    def _detections(
-        self,
-        logits: torch.Tensor,
-        boxes: torch.Tensor,
-        spans: list[tuple[int, int]],
-        names: list[str],
-        size: tuple[int, int],
-        box_threshold: float,
-        text_threshold: float,
-    ) -> Detections:
-        """One image's queries -> thresholded, labelled, sorted detections in pixels."""
-        probs = logits.float().sigmoid()  # (Q, T), 0 past the prompt (logits -inf there)
-        best = probs.max(-1).values
-        phrase, phrase_score = phrase_for_tokens(probs, spans)
-        keep = (best > box_threshold) & (phrase_score >= text_threshold)
-        order = best[keep].argsort(descending=True)
-        kept_boxes = boxes[keep][order].float()
-        width, height = size
-        xyxy = cxcywh_to_xyxy(kept_boxes)
-        xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
-        label_ids = phrase[keep][order].cpu().numpy().astype(np.int64)
-        return Detections(
-            boxes=xyxy.cpu().numpy().astype(np.float32),
-            scores=best[keep][order].cpu().numpy().astype(np.float32),
-            labels=tuple(names[i] for i in label_ids),
-            label_ids=label_ids,
-            image_size=(width, height),
-        )
-
 
 def _pad_text(rows: list[TextFeatures], length: int) -> TextFeatures:
     """Stacks single-prompt text features (1, T_i, ...) into a batch padded to ``length`` tokens.
@@ -349,33 +345,3 @@ def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(found, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype such as torch.bfloat16, or 'auto'; got {value!r}")
     return found
-
-
-def _class_detections(
-    found: Candidates, names: tuple[str, ...], size: tuple[int, int], box_threshold: float, nms_threshold: float | None
-) -> Detections:
-    """Candidates with label-level scores -> thresholded, optionally NMS-ed, sorted detections in pixels."""
-    found = found.select(torch.nonzero(found.scores > box_threshold).flatten())
-    width, height = size
-    xyxy = cxcywh_to_xyxy(found.boxes) * torch.tensor([width, height, width, height], device=found.boxes.device)
-    if nms_threshold is None:
-        order = found.scores.argsort(descending=True, stable=True)
-    else:
-        order = class_nms(xyxy, found.scores, found.ids, nms_threshold)
-    label_ids = found.ids[order].cpu().numpy().astype(np.int64)
-    return Detections(
-        boxes=xyxy[order].cpu().numpy().astype(np.float32),
-        scores=found.scores[order].cpu().numpy().astype(np.float32),
-        labels=tuple(names[i] for i in label_ids),
-        label_ids=label_ids,
-        image_size=(width, height),
-    )
-
-
-def _nms_detections(found: Detections, nms_threshold: float) -> Detections:
-    """``found`` less the boxes that overlap a better box of the same label by more than the threshold."""
-    keep = class_nms(
-        torch.from_numpy(found.boxes), torch.from_numpy(found.scores), torch.from_numpy(found.label_ids), nms_threshold
-    ).numpy()
-    return Detections(found.boxes[keep], found.scores[keep], tuple(found.labels[i] for i in keep),
-                      found.label_ids[keep], found.image_size)

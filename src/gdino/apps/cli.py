@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .commands import main as run_task
 
         return run_task(args)
-    from ..detections import on_chunk
+    from ..detector import on_chunk
     from .progress import ChunkProgress
 
     with on_chunk(ChunkProgress()):  # a long label list runs in passes: show them on stderr

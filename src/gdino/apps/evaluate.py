@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..boxes import to_pixels
-from ..detections import score_chunks, top_k
+from ..detections import top_k
 from ..processing.classes import label_query
 from ..processing.image import ImageError, to_rgb
 from .progress import Progress, read_ahead
@@ -89,7 +89,7 @@ class ModelDetector:
         del info
         with torch.inference_mode():
             encoded = self.model.encode_image(image)  # the image side once, for every chunk
-            found = top_k(score_chunks(self.model, encoded.features.crop(0), self.query.prompts), self.max_dets)
+            found = top_k(self.model.score_label_chunks(encoded.features.crop(0), self.query.prompts), self.max_dets)
         height, width = image.shape[:2]
         boxes = to_pixels(found.boxes, width, height)
         return boxes.cpu().numpy(), found.scores.cpu().numpy(), found.ids.cpu().numpy()

@@ -93,7 +93,7 @@ def _clock(seconds: float | None) -> str:
 
 
 class ChunkProgress:
-    """An ``on_chunk`` callback (``gdino.chunking``) that shows the passes of a long label list.
+    """An ``on_chunk`` callback (``gdino.detector``) that shows the passes of a long label list.
 
     A label list of ``min_chunks`` chunks or more gets a ``detect  12/517 passes`` line per image
     on ``stream`` (stderr when None); shorter lists run quietly.

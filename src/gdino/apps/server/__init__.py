@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from ..arguments import UsageError, check_device, non_negative_float, port, positive_float, positive_int
-
-MB = 1024 * 1024
+from ..arguments import (
+    UsageError,
+    add_model_arguments,
+    check_device,
+    error,
+    non_negative_float,
+    port,
+    positive_float,
+    positive_int,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``gdino serve``."""
-    parser.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=port, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("GDINO_API_KEY"),
                         help="require this key: Authorization: Bearer KEY or X-API-Key: KEY (default: $GDINO_API_KEY)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest image upload (default 20)")
     parser.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="largest image, width x height")
@@ -36,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0, help="wait for more requests to group")
     parser.add_argument("--shutdown-seconds", type=non_negative_float, default=10.0,
                         help="on SIGTERM, how long requests in flight may still take (default 10)")
+    add_model_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,11 +49,9 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as exc:
         if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"):
             raise
-        print(f"gdino: error: gdino serve needs {exc.name}: pip install 'gdino[serve]'", file=sys.stderr)
-        return 2
+        return error(f"gdino serve needs {exc.name}: pip install 'gdino[serve]'")
     try:
         args.device = check_device(args.device)
     except UsageError as exc:
-        print(f"gdino: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
     return serve(args)

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from typing import Any
@@ -38,11 +38,10 @@ from ...processing.classes import ClassQuery, queries_for_images
 from ...processing.image import ImageError
 from ...processing.prompts import TextInput
 from ...processing.text import PromptError
-from . import MB
 from .batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
 from .requests import FORM_SLACK, check_resizable, decode_image, limited, read_json, read_multipart
 from .schema import ERRORS, REQUEST_BODY, DetectResponse
-from .settings import ApiError, Settings
+from .settings import MB, ApiError, Settings
 
 __all__ = ["ApiError", "Settings", "create_app", "serve", "serve_in_thread"]
 
@@ -130,30 +129,6 @@ def create_app(
     """The application around a loaded model (loaded once, used by the batcher's one thread)."""
     settings = settings or Settings()
     batcher = Batcher(model, settings.max_queue, settings.max_batch, settings.batch_wait_ms / 1000)
-    static = resources.files("gdino.apps.server").joinpath("static")
-    page = static.joinpath("index.html").read_text(encoding="utf-8")
-    favicon = static.joinpath("favicon.svg").read_bytes()
-
-    def check_prompt(prompt: TextInput) -> None:
-        """Tokenises the prompt (a thread's work, never the event loop's): 422 if malformed, 413 past max_chunks."""
-        budget = model.processor.tokenizer.max_text_len - 2  # tokens of a chunk without [CLS] and [SEP]
-        if isinstance(prompt, list) and -(-2 * len(prompt) // budget) > settings.max_chunks:
-            _too_many_chunks(-(-2 * len(prompt) // budget), settings.max_chunks)  # a label and its "." at least
-        try:
-            query = queries_for_images(prompt, 1, model.processor.tokenizer)[0]
-            if isinstance(query, ClassQuery):
-                if len(query.prompts) > settings.max_chunks:
-                    _too_many_chunks(len(query.prompts), settings.max_chunks)
-            else:
-                model.phrases(query)  # refuses a phrase-less prompt such as ". . ."
-        except PromptError as exc:
-            raise ApiError(422, "invalid_prompt", str(exc)) from None
-
-    def prepare(data: bytes) -> tuple[Image.Image, bytes]:
-        """Decoded, checked image and the key under which equal uploads share their encoding (a thread's work)."""
-        image = decode_image(data, settings.max_upload_bytes, settings.max_pixels)
-        check_resizable(image, model.processor.image_settings)
-        return image, hashlib.blake2b(data, digest_size=16).digest()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -174,6 +149,15 @@ def create_app(
     app.state.settings = settings
     app.add_middleware(HeadAndNosniff)
     _add_docs(app)
+    _add_error_handlers(app)
+    _add_page(app)
+    _add_health(app, model, batcher, settings, model_name)
+    _add_detect(app, model, batcher, settings)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": kind, "detail": message}``: users' mistakes 4xx, bugs 500."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -198,6 +182,13 @@ def create_app(
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error_response(500, "internal", "internal server error (a bug in gdino; see the server log)")
 
+
+def _add_page(app: FastAPI) -> None:
+    """The page to try prompts at ``/`` and its icon."""
+    static = resources.files("gdino.apps.server").joinpath("static")
+    page = static.joinpath("index.html").read_text(encoding="utf-8")
+    favicon = static.joinpath("favicon.svg").read_bytes()
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         csp = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -207,6 +198,12 @@ def create_app(
     @app.get("/favicon.ico", include_in_schema=False)
     async def icon() -> Response:
         return Response(favicon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
+
+def _add_health(
+    app: FastAPI, model: GroundingDinoForObjectDetection, batcher: Batcher, settings: Settings, model_name: str
+) -> None:
+    """``GET /healthz``."""
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
@@ -222,6 +219,11 @@ def create_app(
             "batches": {"groups": s.groups, "requests": s.requests, "images_encoded": s.images_encoded,
                         "largest_group": s.largest_group, "dropped": s.dropped},
         }  # fmt: skip
+
+
+def _add_detect(app: FastAPI, model: GroundingDinoForObjectDetection, batcher: Batcher, settings: Settings) -> None:
+    """``POST /v1/detect``: the request read and checked off the event loop, then run by the batcher."""
+    check_prompt, prepare = _checks(model, settings)
 
     @app.post(
         "/v1/detect",
@@ -264,7 +266,34 @@ def create_app(
         width, height = found.image_size
         return JSONResponse({"image": req.name, "width": width, "height": height, "detections": found.to_list()})
 
-    return app
+
+def _checks(
+    model: GroundingDinoForObjectDetection, settings: Settings
+) -> tuple[Callable[[TextInput], None], Callable[[bytes], tuple[Image.Image, bytes]]]:
+    """The checks ``/v1/detect`` runs in a thread: of the prompt, and of the image (decoded)."""
+
+    def check_prompt(prompt: TextInput) -> None:
+        """Tokenises the prompt (a thread's work, never the event loop's): 422 if malformed, 413 past max_chunks."""
+        budget = model.processor.tokenizer.max_text_len - 2  # tokens of a chunk without [CLS] and [SEP]
+        if isinstance(prompt, list) and -(-2 * len(prompt) // budget) > settings.max_chunks:
+            _too_many_chunks(-(-2 * len(prompt) // budget), settings.max_chunks)  # a label and its "." at least
+        try:
+            query = queries_for_images(prompt, 1, model.processor.tokenizer)[0]
+            if isinstance(query, ClassQuery):
+                if len(query.prompts) > settings.max_chunks:
+                    _too_many_chunks(len(query.prompts), settings.max_chunks)
+            else:
+                model.phrases(query)  # refuses a phrase-less prompt such as ". . ."
+        except PromptError as exc:
+            raise ApiError(422, "invalid_prompt", str(exc)) from None
+
+    def prepare(data: bytes) -> tuple[Image.Image, bytes]:
+        """Decoded, checked image and the key under which equal uploads share their encoding (a thread's work)."""
+        image = decode_image(data, settings.max_upload_bytes, settings.max_pixels)
+        check_resizable(image, model.processor.image_settings)
+        return image, hashlib.blake2b(data, digest_size=16).digest()
+
+    return check_prompt, prepare
 
 
 def _too_many_chunks(chunks: int, limit: int) -> None:
@@ -344,7 +373,8 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ...checkpoint.loading import DEFAULT_MODEL_ID, CheckpointError
+    from ...checkpoint.loading import CheckpointError
+    from ..arguments import check_device, error, load_detector, model_name
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -360,14 +390,12 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         shutdown_seconds=args.shutdown_seconds,
     )
-    name = str(args.model or DEFAULT_MODEL_ID)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    name = model_name(args)
+    args.device = args.device or check_device(None)  # main() has checked it; the default when called directly
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(name, device=device, dtype=dtype).eval()
+        model = load_detector(args)
     except CheckpointError as exc:
-        print(f"gdino: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"gdino: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ...detections import on_chunk
-from ...detector import Detections, EncodedImages, GroundingDinoForObjectDetection
+from ...detections import Detections
+from ...detector import EncodedImages, GroundingDinoForObjectDetection, on_chunk
 from ...processing.prompts import TextInput
 
 log = logging.getLogger(__name__)

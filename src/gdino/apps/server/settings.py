@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import MB
+MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
