@@ -35,6 +35,22 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
             norm.bias.mul_(NORM_SHRINK)
 
 
+def noised_reference(config, noise: float, seed: int = 0, noise_seed: int = 1):
+    """transformers' ``GroundingDinoForObjectDetection`` (seeded init), in eval mode, with ``noise``
+    times N(0, 1) added to every parameter from its own generator: random init zeroes the box heads'
+    last layers, the sampling offsets and Swin's position tables, and noise makes every weight matter.
+    The component tests compare our modules with it, loaded with the same weights."""
+    from transformers import GroundingDinoForObjectDetection
+
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config).eval()
+    g = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g))
+    return model
+
+
 def build_reference(config=None, seed: int = 0):
     """transformers' GroundingDinoForObjectDetection with test weights, in eval mode."""
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection

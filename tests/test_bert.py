@@ -16,6 +16,8 @@ from gdino.model.bert import BertEncoder, phrase_masks
 transformers = pytest.importorskip("transformers")
 from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd  # noqa: E402
 
+from reference import noised_reference  # noqa: E402
+
 VOCAB = Path(gdino.__file__).parent / "data" / "bert-base-uncased-vocab.txt"
 CLS, SEP, DOT, QUESTION = SPECIAL_TOKEN_IDS
 
@@ -107,7 +109,6 @@ def test_phrase_masks_match_reference_tokenized() -> None:
 
 @pytest.fixture(scope="module")
 def hf_model() -> torch.nn.Module:
-    torch.manual_seed(0)
     config = transformers.GroundingDinoConfig(
         backbone_config=dict(
             model_type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
@@ -120,12 +121,7 @@ def hf_model() -> torch.nn.Module:
         encoder_layers=1, decoder_layers=2, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
         num_queries=50,
     )
-    model = transformers.GroundingDinoForObjectDetection(config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return noised_reference(config, noise=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from gdino.checkpoint.convert import hf_to_ours  # noqa: E402
 from gdino.config import GroundingDinoConfig  # noqa: E402
 from gdino.model.decoder import Decoder  # noqa: E402
 from gdino.model.heads import MLP, contrastive_logits, predict_boxes, refine_boxes  # noqa: E402
-from reference import small_reference_config  # noqa: E402
+from reference import noised_reference, small_reference_config  # noqa: E402
 
 SPATIAL_SHAPES = [(8, 10), (4, 5), (2, 3), (1, 2)]  # not square, to catch (h, w) swaps
 VALID_HW = [(6, 7), (3, 4), (2, 2), (1, 1)]  # unpadded part of each level for the second image
@@ -33,13 +33,8 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def models() -> tuple[torch.nn.Module, Decoder, MLP, GroundingDinoConfig]:
     """HF detector with noise on every parameter; our decoder and box head with its weights."""
-    torch.manual_seed(0)
     hf_config = _hf_config()
-    hf = transformers.GroundingDinoForObjectDetection(hf_config).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in hf.parameters():  # HF zeroes the box heads' last layers and the sampling offsets
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    hf = noised_reference(hf_config, noise=0.1)  # HF zeroes the box heads' last layers and the sampling offsets
     config = GroundingDinoConfig.from_hf_dict(hf_config.to_dict())
     sd, unknown = hf_to_ours(hf.state_dict())
     assert not unknown

@@ -14,7 +14,7 @@ from gdino.model import fusion
 from gdino.model.deformable import MultiScaleDeformableAttention, ms_deform_attn
 from gdino.model.encoder import FeatureEnhancer, encoder_reference_points
 from gdino.model.fusion import FusionLayer
-from reference import small_reference_config
+from reference import noised_reference, small_reference_config
 
 SHAPES = [(16, 20), (8, 10), (4, 5), (2, 3)]
 VALID_2ND = [(12, 15), (6, 8), (3, 4), (2, 2)]  # (rows, cols) of image 2 that are not padding
@@ -26,12 +26,7 @@ def models() -> tuple[GroundingDinoForObjectDetection, GroundingDinoConfig, dict
     """A small HF model with noisy parameters, our config for it, and its state dict in our names."""
     # transformers' default 8 heads, as the published model
     hf_config = small_reference_config(encoder_layers=2, encoder_attention_heads=8, decoder_attention_heads=8)
-    torch.manual_seed(0)
-    model = GroundingDinoForObjectDetection(hf_config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model = noised_reference(hf_config, noise=0.1)
     ours, unknown = hf_to_ours(model.state_dict())
     assert [n for n in unknown if n.startswith("model.encoder.")] == []
     return model, GroundingDinoConfig.from_hf_dict(hf_config.to_dict()), ours

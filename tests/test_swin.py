@@ -12,6 +12,7 @@ from gdino.checkpoint.convert import hf_to_ours  # noqa: E402
 from gdino.config import GroundingDinoConfig  # noqa: E402
 from gdino.model.position import coordinate_sine_embedding, sine_position_embedding  # noqa: E402
 from gdino.model.swin import SwinBackbone, shift_window_mask  # noqa: E402
+from reference import noised_reference  # noqa: E402
 
 try:  # transformers >= 5 renames weights in memory; save_pretrained writes the published names.
     from transformers.core_model_loading import revert_weight_conversion
@@ -38,11 +39,7 @@ def _hf_config() -> transformers.GroundingDinoConfig:
 def models() -> tuple[torch.nn.Module, SwinBackbone]:
     """(HF Swin backbone, ours) holding the same noised weights."""
     hf_config = _hf_config()
-    torch.manual_seed(0)
-    hf = transformers.GroundingDinoForObjectDetection(hf_config).eval()
-    with torch.no_grad():  # HF zeroes e.g. the relative-position tables; make every weight matter
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    hf = noised_reference(hf_config, noise=0.1)  # HF zeroes e.g. the relative-position tables
     converted, unknown = hf_to_ours(revert_weight_conversion(hf, hf.state_dict()))
     assert unknown == []
     ours = SwinBackbone(GroundingDinoConfig.from_hf_dict(hf_config.to_dict()).swin).eval()

@@ -22,7 +22,7 @@ def check_fraction(value: object, name: str) -> float:
         ValueError: not a number, a bool, NaN, infinite, or outside [0, 1].
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(  # noqa: TRY004 (one exception type for every bad setting, mapped to exit 2 or 422)
+        raise ValueError(  # one exception type for every bad setting, mapped to exit 2 or 422
             f"{name} must be a number between 0 and 1, got {value!r} ({type(value).__name__})"
         )
     number = float(value)

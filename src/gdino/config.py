@@ -106,8 +106,9 @@ class GroundingDinoConfig:
 
         The same family as ``tiny`` (Swin, BERT on the BERT-base-uncased vocabulary, feature
         enhancer, language-guided query selection, deformable decoder, 4 feature levels), narrower
-        and shallower: about 4.3M parameters, 2.0M of them BERT's word embeddings. It has two BERT layers, two encoder and three decoder layers and 100
-        queries, for a model that learns rather than one that merely runs.
+        and shallower: about 4.3M parameters, 2.0M of them BERT's word embeddings. It has two BERT
+        layers, two encoder and three decoder layers and 100 queries, for a model that learns
+        rather than one that merely runs.
         """
         return cls(
             swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),

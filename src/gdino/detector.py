@@ -257,7 +257,10 @@ class GroundingDinoForObjectDetection(GroundingDino):
         return next(self.parameters()).dtype
 
     def text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> TextFeatures:
         """BERT for each distinct prompt of the batch, from the cache when it was seen before."""
         if torch.is_grad_enabled() or self.training or (token_type_ids is not None and bool(token_type_ids.any())):

@@ -145,7 +145,8 @@ def read_prompts(
         PromptError: not exactly one of the three given, an empty or malformed prompt, duplicate
             labels, or a number of prompts that does not match the images.
     """
-    given = [name for name, value in (("prompt", prompt), ("labels", labels), ("prompts", prompts)) if value is not None]
+    named = (("prompt", prompt), ("labels", labels), ("prompts", prompts))
+    given = [name for name, value in named if value is not None]
     if len(given) != 1:
         raise PromptError("give a prompt ('a cat. a remote control.'), labels=['cat', 'remote control'] or "
                           f"prompts=[one per image]; got {' and '.join(given) if given else 'none'}")

@@ -88,7 +88,7 @@ def read_odvg(annotations: str | Path, images: str | Path | None = None,
 def _lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` of each non-blank line that is a JSON object."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 (opened apart from the with: its error is the file's)
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
     with handle:
@@ -198,7 +198,9 @@ def _spans(caption: str, phrase: str, given: Any, k: int) -> tuple[tuple[int, in
         except (TypeError, ValueError):
             raise ValueError(f"region {k}: tokens_positive must be [[start, end], ...], got {given!r}") from None
         if not spans or any(not 0 <= s < e <= len(caption) for s, e in spans):
-            raise ValueError(f"region {k}: tokens_positive {given!r} is not inside the {len(caption)}-character caption")
+            raise ValueError(
+                f"region {k}: tokens_positive {given!r} is not inside the {len(caption)}-character caption"
+            )
         return spans
     text = phrase.strip()
     match = re.search(rf"(?<!\w){re.escape(text)}(?!\w)", caption, re.IGNORECASE)

@@ -207,7 +207,10 @@ def _add_health(
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
-        """Liveness and the batcher's state (no API key needed; the model's name or path only with the key, if one is set)."""
+        """Liveness and the batcher's state.
+
+        No API key is needed; the model's name or path is given only with the key, if one is set.
+        """
         s = batcher.stats
         answer: dict[str, Any] = {"status": "ok"}
         if _key_matches(_key_given(request), settings.api_key):
@@ -314,7 +317,8 @@ def _add_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
         if swagger_ui_path is None:
-            text = "Swagger UI needs the swagger-ui-bundle package: pip install 'gdino[serve]'. The API is at openapi.json."
+            text = ("Swagger UI needs the swagger-ui-bundle package: pip install 'gdino[serve]'. "
+                    "The API is at openapi.json.")
             return HTMLResponse(f"<!doctype html><title>gdino API</title><p>{text}</p>", status_code=404)
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(

@@ -98,23 +98,23 @@ def run_group(
         if check is not None:
             try:
                 check(job)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (the request's own answer, e.g. its client went away)
                 job.future.set_exception(exc)
                 continue
         if job.key not in encoded:
             try:
                 encoded[job.key] = model.encode_image(job.image)
-            except Exception as exc:  # reported to this image's requests
+            except Exception as exc:  # noqa: BLE001 (reported to this image's requests, not the worker's end)
                 encoded[job.key] = exc
         features = encoded[job.key]
         try:
             if isinstance(features, BaseException):
                 raise features
-            with on_chunk(lambda done, total: check(job)) if check is not None else nullcontext():
+            with on_chunk(lambda done, total, job=job: check(job)) if check is not None else nullcontext():
                 found = model.detect(
                     features, job.prompt, box_threshold=job.box_threshold, text_threshold=job.text_threshold
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (reported to this request; the worker goes on)
             job.future.set_exception(exc)
         else:
             job.future.set_result(found)

@@ -82,8 +82,8 @@ def _prompt(prompt: Any, labels: Any, settings: Settings) -> TextInput:
     if not isinstance(prompt, str):
         raise ApiError(422, "invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
     if len(prompt) > max_chars:
-        raise ApiError(413, "prompt_too_long",
-                       f"the prompt has {len(prompt)} characters; the server takes at most {max_chars} (--max-prompt-chars)")
+        raise ApiError(413, "prompt_too_long", f"the prompt has {len(prompt)} characters; the server takes at "
+                                               f"most {max_chars} (--max-prompt-chars)")
     text = prompt_from_text(_utf8(prompt, "prompt"))
     return text if isinstance(text, str) else _label_count(text, settings.max_labels)
 
@@ -190,7 +190,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         raise ApiError(400, "invalid_image", f"not an image, or not one of {', '.join(formats)}") from None
     except ImageError as exc:
         raise ApiError(400, "invalid_image", str(exc)) from None
-    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, EOFError ... on corrupt data
+    except Exception as exc:  # noqa: BLE001 (Pillow raises OSError, ValueError, SyntaxError ... on corrupt data)
         log.info("undecodable upload: %r", exc)
         raise ApiError(400, "invalid_image", f"cannot decode the image (truncated or corrupt?): {exc}") from None
 
