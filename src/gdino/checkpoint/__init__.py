@@ -1,1 +1,2 @@
-"""Checkpoints: hub and local resolution, key conversion, strict loading."""
+"""Checkpoints: hub and local resolution, strict loading (``loading``) and the pure key conversion
+between the Hugging Face layout, ours and the original repository's (``convert``)."""

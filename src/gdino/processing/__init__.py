@@ -1,3 +1,9 @@
-"""Moved to ``gdino.processing.processor``; this path stays for code written against it."""
+"""Everything between user input and tensors, and back: ``prompts`` (every prompt and label-list
+rule), ``classes`` (label lists as prompts that fit the model), ``text`` (tokenizer, phrases),
+``image`` (loading, resizing) and ``processor`` (the transformers-compatible processor).
 
-from gdino.processing.processor import *  # noqa: F403 (the moved module's names, under the old path)
+``gdino.processing`` itself re-exports the processor's names: it was that module before the
+processing layer became a package.
+"""
+
+from gdino.processing.processor import *  # noqa: F403 (the processor's names, under the old module path)
