@@ -1,5 +1,6 @@
-"""``gdino detect`` on the small random-weight checkpoint: run as a subprocess, and in-process
-(``main(argv)``) for the checks made before the model is loaded."""
+"""``gdino detect`` on the small random-weight checkpoint: run as a subprocess where the whole
+program matters, and in-process (``main(argv)``) for error paths, where a subprocess would add
+nothing but a torch import."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def gdino(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedPro
         [sys.executable, "-m", "gdino.cli", "detect", *map(str, args)],
         capture_output=True, text=True, timeout=300, cwd=cwd,
     )
+
+
+def gdino_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``gdino detect ARGS`` run by ``main`` in this process: for error paths, where a subprocess
+    would add nothing but a torch import."""
+    from gdino.apps.cli import main
+
+    status = main(["detect", *map(str, args)])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["gdino", "detect", *map(str, args)], status, captured.out, captured.err)
 
 
 def _lines(text: str) -> list[dict]:
@@ -150,17 +161,19 @@ def test_missing_image_no_detections_same_names(small_dir, data_dir, tmp_path):
      (". ".join(["a cat"] * 100), "256"), ("cat,dog,cat", "twice")],
     ids=["empty", "whitespace", "dot", "empty-label-list", "too-long", "duplicate-label"],
 )
-def test_bad_prompt(small_dir, data_dir, tmp_path, prompt, needle):
+def test_bad_prompt(small_dir, data_dir, tmp_path, capsys, prompt, needle):
     output = tmp_path / "out.jsonl"
-    run = gdino(data_dir / "chelsea.png", "--prompt", prompt, "--model", small_dir, "--output", output)
+    run = gdino_in_process(capsys, data_dir / "chelsea.png", "--prompt", prompt, "--model", small_dir,
+                           "--output", output)
     assert run.returncode == 2
     _one_line_error(run.stderr, needle)
     assert run.stdout == ""
     assert not output.exists() or output.read_text() == ""
 
 
-def test_missing_model(data_dir, tmp_path):
-    run = gdino(data_dir / "chelsea.png", "--prompt", PROMPT, "--model", tmp_path / "no-such-model")
+def test_missing_model(data_dir, tmp_path, capsys):
+    run = gdino_in_process(capsys, data_dir / "chelsea.png", "--prompt", PROMPT, "--model",
+                           tmp_path / "no-such-model")
     assert run.returncode == 2
     _one_line_error(run.stderr, "no-such-model")
 
