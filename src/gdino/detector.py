@@ -189,8 +189,8 @@ class GroundingDinoForObjectDetection(GroundingDino):
             # 1e-7 differences between batched and single matrix products can swap two of them,
             # so only the single-image computation guarantees batch-independent detections.
             if isinstance(query, ClassQuery):
-                found = best_per_query(self.score_label_chunks(encoded.features.crop(i), query.prompts))
-                results.append(class_detections(found, query.names, size, box_threshold, nms_threshold))
+                candidates = best_per_query(self.score_label_chunks(encoded.features.crop(i), query.prompts))
+                results.append(class_detections(candidates, query.names, size, box_threshold, nms_threshold))
                 continue
             text, spans, names = query
             tokens = self.processor(text=[text]).to(self.device)

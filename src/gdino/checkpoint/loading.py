@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -107,16 +107,21 @@ def _download(repo_id: str, options: HubOptions) -> Path:
     """
     from huggingface_hub import snapshot_download  # imported here: only the hub path needs it
 
-    fixed = {"allow_patterns": _HUB_FILES, "cache_dir": options.cache_dir, "revision": options.revision,
-             "token": options.token}
+    def fetch(local_files_only: bool, force_download: bool) -> Path:
+        folder = snapshot_download(
+            repo_id, allow_patterns=_HUB_FILES, revision=options.revision, token=options.token,
+            cache_dir=None if options.cache_dir is None else str(options.cache_dir),
+            local_files_only=local_files_only, force_download=force_download,
+        )  # fmt: skip
+        return Path(cast(str, folder))  # a folder's path (a list only for a dry run)
+
     try:
-        return Path(snapshot_download(repo_id, local_files_only=options.local_files_only,
-                                      force_download=options.force_download, **fixed))
+        return fetch(options.local_files_only, options.force_download)
     except Exception as first:  # noqa: BLE001 (no network, hub down, or offline mode: fall back to the cache)
         failure = first
         if not (options.local_files_only or options.force_download):
             try:
-                return Path(snapshot_download(repo_id, local_files_only=True, **fixed))
+                return fetch(local_files_only=True, force_download=False)
             except Exception:  # noqa: BLE001 (not in the cache either, whatever the hub's error type)
                 pass
     at = f" at revision {options.revision!r}" if options.revision else ""

@@ -59,7 +59,7 @@ def normalize_prompt(prompt: str) -> str:
     return text if text.endswith(".") else text + "."
 
 
-def prompt_from_text(text: str) -> TextInput:
+def prompt_from_text(text: str) -> str | list[str]:
     """The command line's and the server's rule for one line of text: with "." it is a phrase
     prompt; without "." but with commas, a label list (``"cat, remote control"`` -> two labels)."""
     if "." not in text and "," in text:

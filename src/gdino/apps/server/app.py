@@ -235,7 +235,7 @@ def _add_detect(app: FastAPI, model: GroundingDinoForObjectDetection, batcher: B
         openapi_extra={"requestBody": REQUEST_BODY},
         responses={200: {"model": DetectResponse}, **ERRORS},
     )
-    async def detect(request: Request) -> JSONResponse:
+    async def detect(request: Request) -> Response:
         """Finds the prompt's phrases (or the labels) in the image.
 
         Send multipart/form-data (an ``image`` file field) or JSON (``image`` as base64). The
@@ -357,7 +357,9 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     grace = getattr(getattr(app.state, "settings", None), "shutdown_seconds", 10.0)
-    server = _server(app, uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=grace))
+    # uvicorn annotates timeout_graceful_shutdown as int but waits any number of seconds
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=grace)  # type: ignore[arg-type]
+    server = _server(app, config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -405,6 +407,6 @@ def serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     app = create_app(model, settings, name)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=settings.shutdown_seconds)  # fmt: skip
+                            timeout_graceful_shutdown=settings.shutdown_seconds)  # type: ignore[arg-type]  # as above
     _server(app, config).run()
     return 0

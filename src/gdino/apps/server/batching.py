@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 from PIL import Image
 
@@ -110,7 +111,8 @@ def run_group(
         try:
             if isinstance(features, BaseException):
                 raise features
-            with on_chunk(lambda done, total, job=job: check(job)) if check is not None else nullcontext():
+            between_chunks = on_chunk(partial(_check_job, check, job)) if check is not None else nullcontext()
+            with between_chunks:
                 found = model.detect(
                     features, job.prompt, box_threshold=job.box_threshold, text_threshold=job.text_threshold
                 )
@@ -120,6 +122,11 @@ def run_group(
             job.future.set_result(found)
     return len(encoded)
 
+
+
+def _check_job(check: Callable[[Job], None], job: Job, done: int, total: int) -> None:
+    """An ``on_chunk`` callback: ``check(job)`` between the passes of a long label list."""
+    check(job)
 
 class Batcher:
     """A bounded queue in front of one worker thread that runs the model.
