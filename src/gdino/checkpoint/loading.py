@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -113,7 +113,7 @@ def _download(repo_id: str, options: HubOptions) -> Path:
             cache_dir=None if options.cache_dir is None else str(options.cache_dir),
             local_files_only=local_files_only, force_download=force_download,
         )  # fmt: skip
-        return Path(cast(str, folder))  # a folder's path (a list only for a dry run)
+        return Path(folder)
 
     try:
         return fetch(options.local_files_only, options.force_download)
