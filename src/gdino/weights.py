@@ -154,10 +154,17 @@ def load_model(
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     model_class: type[GroundingDino] = GroundingDino,
+    box_refinement: str | None = None,
 ) -> tuple[GroundingDino, Checkpoint]:
-    """Builds the model for a checkpoint and loads its weights strictly, in eval mode."""
+    """Builds the model for a checkpoint and loads its weights strictly, in eval mode.
+
+    ``box_refinement`` ("original" or "transformers", see ``config.BOX_REFINEMENTS``) defaults to
+    the checkpoint's layout: "original" for an original ``.pth``, whose weights the original code
+    trained, and "transformers" for the Hugging Face layout, so it gives transformers' outputs.
+    """
     checkpoint = resolve(model, cache_dir)
-    config = read_config(checkpoint)
+    default = "original" if checkpoint.layout == "original" else "transformers"
+    config = read_config(checkpoint).with_box_refinement(box_refinement or default)
     state_dict = read_state_dict(checkpoint)
     with torch.device("meta"), _skip_init():  # no random init; the file's tensors are assigned
         net = model_class(config)
