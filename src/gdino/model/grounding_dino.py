@@ -32,11 +32,11 @@ class GroundingDinoOutput:
     """Model outputs, named and shaped as transformers' ``GroundingDinoObjectDetectionOutput``.
 
     Attributes:
-        logits: (B, num_queries, max_text_len) similarity of each query to each text token;
+        logits: (B, Q, max_text_len) similarity of each query to each text token;
             -inf on padding tokens and past the text.
-        pred_boxes: (B, num_queries, 4) boxes as (cx, cy, w, h), normalised to each image's size.
+        pred_boxes: (B, Q, 4) boxes as (cx, cy, w, h), normalised to each image's size.
         input_ids: (B, T) the token ids the logits refer to.
-        query_index: (B, num_queries) the image token (position in the flattened feature levels)
+        query_index: (B, Q) the image token (position in the flattened feature levels)
             each query was selected from; pass it back as ``query_index`` to decode the same queries.
     """
 
@@ -146,16 +146,23 @@ class GroundingDino(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Feature enhancer, query selection, decoder and heads.
 
-        ``query_index`` (B, num_queries) forces the selected image tokens (see ``Transformer.forward``).
+        ``query_index`` (B, Q) forces the selected image tokens (see ``Transformer.forward``).
 
         Returns:
-            logits (B, num_queries, max_text_len), boxes (B, num_queries, 4) as cx, cy, w, h, and
-            the selected image tokens (B, num_queries).
+            logits (B, Q, max_text_len), boxes (B, Q, 4) as cx, cy, w, h, and the selected image
+            tokens (B, Q). Q is ``num_queries``, or fewer for images with fewer image tokens (see
+            ``query_selection``); queries an image of a padded batch lacks have -inf logits and zero boxes.
         """
         decoded = self.transformer(image, text, self.bbox_embed, query_index)
         hidden, references = decoded.hidden[-1], decoded.references[-1]
         logits = contrastive_logits(hidden, decoded.memory_text, text.padding_mask, self.config.max_text_len)
-        return logits, refine_boxes(self.bbox_embed(hidden), references), decoded.index
+        boxes = refine_boxes(
+            self.bbox_embed(hidden), references, self.config.box_logit_eps, self.config.box_logit_original
+        )
+        if decoded.padded is not None:  # queries on padding tokens (see ``query_selection``)
+            logits = logits.masked_fill(decoded.padded[..., None], float("-inf"))
+            boxes = boxes.masked_fill(decoded.padded[..., None], 0.0)
+        return logits, boxes, decoded.index
 
     def forward(
         self,
@@ -168,8 +175,8 @@ class GroundingDino(nn.Module):
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
 
-        ``query_index`` (B, num_queries), e.g. another run's ``outputs.query_index``, decodes those
-        image tokens instead of the best-scoring ones. Any other argument (a typo such as
+        ``query_index`` (B, Q), e.g. another run's ``outputs.query_index``, decodes those image
+        tokens instead of the best-scoring ones. Any other argument (a typo such as
         ``pixel_masks``, or transformers' ``labels``, ``output_attentions``, ``return_dict``, which
         this model does not implement) raises ``TypeError`` rather than being ignored.
         """

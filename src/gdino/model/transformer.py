@@ -19,7 +19,7 @@ from .features import ImageFeatures, TextFeatures
 from .heads import MLP
 from .init import embedding
 from .position import sine_position_embedding
-from .query_selection import select_queries
+from .query_selection import query_padding, select_queries
 
 
 @dataclass
@@ -31,12 +31,15 @@ class Decoded:
         references: (L, B, Q, 4) the reference box each layer's box prediction refines.
         memory_text: (B, T, D) the enhanced text tokens.
         index: (B, Q) the image token (position in the flattened levels) each query came from.
+        padded: (B, Q) True on queries selected from padding tokens, or None when there are none
+            (see ``query_selection``: images with fewer tokens than queries, in a padded batch).
     """
 
     hidden: Tensor
     references: Tensor
     memory_text: Tensor
     index: Tensor
+    padded: Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -70,7 +73,7 @@ class Transformer(nn.Module):
             image: the projected multi-scale image features.
             text: the encoded prompt.
             box_head: the box head shared by every decoder layer (refines the reference boxes).
-            query_index: (B, num_queries) image tokens to decode instead of the best-scoring ones.
+            query_index: (B, Q) image tokens to decode instead of the best-scoring ones.
         """
         shapes = image.shapes
         source, padding = image.flatten()  # (B, S, D), (B, S) True on padding
@@ -85,10 +88,11 @@ class Transformer(nn.Module):
         queries, references, index = select_queries(
             self, memory, padding, shapes, memory_text, text.padding_mask, query_index
         )
+        padded = query_padding(padding, index)  # (B, Q) or None: queries on padding, see query_selection
         hidden, refs = self.decoder(
-            queries, references, memory, padding, shapes, ratios, memory_text, text.padding_mask, box_head
+            queries, references, memory, padding, shapes, ratios, memory_text, text.padding_mask, box_head, padded
         )
-        return Decoded(hidden, refs, memory_text, index)
+        return Decoded(hidden, refs, memory_text, index, padded)
 
     def _positions(self, image: ImageFeatures, dtype: torch.dtype) -> Tensor:
         """(B, S, D) sine position embedding of every image token plus its level's embedding."""
