@@ -72,6 +72,7 @@ def model(small_dir):
     return GroundingDinoForObjectDetection.from_pretrained(small_dir).eval()
 
 
+@pytest.mark.slow  # the command line in a subprocess
 def test_stdout_and_annotate(small_dir, data_dir, tmp_path, model):
     images = [data_dir / "chelsea.png", data_dir / "astronaut.png"]
     annotated = tmp_path / "annotated"
@@ -264,6 +265,7 @@ def test_output_that_is_an_annotated_file_is_refused(fast_dir, photos, tmp_path,
     _one_line_error(err, "--output", "--annotate")
 
 
+@pytest.mark.slow  # the model loaded and run batch by batch, then image by image
 def test_refused_image_does_not_stop_the_run(fast_dir, photos, tmp_path, monkeypatch, capsys):
     """An image the model refuses (here: too elongated to resize) is reported and skipped; the images
     before and after it, in the same batch and in other batches, are written; exit status 2."""

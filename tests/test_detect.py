@@ -168,6 +168,7 @@ def test_phrases_are_the_prompt_as_written(model):
 # --------------------------------------------------------------------------- batches
 
 
+@pytest.mark.slow  # a batch and each image alone at 800 pixels
 def test_batch_equals_single_images(model, images, singles):
     """All 50 queries compared (boxes relative to the image size, as the raw outputs are)."""
     batch = model.detect([images[name] for name in BATCH], PROMPT, box_threshold=0.0, text_threshold=0.0)
@@ -182,6 +183,7 @@ def test_batch_equals_single_images(model, images, singles):
         np.testing.assert_allclose(det.boxes / scale, alone.boxes / scale, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # a batch and each image alone at 800 pixels
 def test_padded_batch_raw_outputs_equal_single(model, images, raw_singles):
     names = ("chelsea.png", "astronaut.png")  # 800x1202 and 800x800 after resizing
     inputs = model.processor(images=[images[n] for n in names], text=PROMPT)

@@ -149,6 +149,7 @@ def test_a_failing_image_is_reported(dataset):
 # --------------------------------------------------------------------------- the command, small model
 
 
+@pytest.mark.slow  # gdino eval coco in a subprocess
 def test_command_end_to_end(fast_dir, data_dir, tmp_path):
     from gdino import GroundingDinoForObjectDetection
 

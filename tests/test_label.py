@@ -63,6 +63,7 @@ def _journal_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # a killed subprocess run, then two more
 def test_killed_and_started_again_equals_one_run(folder, fast_dir, tmp_path):
     common = ["--classes", CLASSES, "--model", fast_dir, "--box-threshold", THRESHOLD, "--device", "cpu"]
     out = tmp_path / "out"
@@ -111,6 +112,7 @@ def test_killed_and_started_again_equals_one_run(folder, fast_dir, tmp_path):
         assert _tree(out) == _tree(reference), fmt
 
 
+@pytest.mark.slow  # every export format over a folder
 def test_outputs_and_errors(folder, fast_dir, tmp_path):
     from pycocotools.coco import COCO
 

@@ -37,6 +37,7 @@ def test_readme_has_the_snippet_and_detect():
     assert ".detect(" in BLOCKS[1]
 
 
+@pytest.mark.slow  # a fresh interpreter runs the README
 def test_model_card_snippet_runs(hub_env):
     check = "\nassert outputs.logits.shape == (1, 900 if model.config.num_queries == 900 else model.config.num_queries, 256)"
     check += "\nassert set(results[0]) >= {'scores', 'boxes', 'labels'}\nprint('ok', len(results[0]['scores']))"
@@ -45,6 +46,7 @@ def test_model_card_snippet_runs(hub_env):
     assert result.stdout.startswith("ok")
 
 
+@pytest.mark.slow  # a fresh interpreter runs the README
 def test_detect_example_runs(hub_env):
     result = _run(BLOCKS[1] + "\nassert isinstance(found, list) and len(found) == 2\nprint('ok')", hub_env)
     assert result.returncode == 0, result.stderr

@@ -22,6 +22,7 @@ def _same(a, b) -> None:
     np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
 
 
+@pytest.mark.slow  # every prompt kind twice at 800 pixels
 def test_encoded_image_gives_the_same_detections(model, data_dir):
     image = data_dir / "chelsea.png"
     encoded = model.encode_image(image)
@@ -33,6 +34,7 @@ def test_encoded_image_gives_the_same_detections(model, data_dir):
     _same(found[1], model.detect(data_dir / "coffee.png", "a cup.", box_threshold=0.0))
 
 
+@pytest.mark.slow  # several detect runs at 800 pixels
 def test_repeated_prompt_does_not_rerun_bert(model, data_dir):
     calls = []
     handle = model.bert.register_forward_hook(lambda *_: calls.append(1))
@@ -61,6 +63,7 @@ def test_cached_text_features_equal_the_batch_computation(model):
     torch.testing.assert_close(cached.features[real], direct.features[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # loads and runs in two precisions
 def test_bf16_runs_the_heavy_parts_in_bf16_and_the_rest_in_fp32(small_dir, data_dir):
     low = AutoModelForZeroShotObjectDetection.from_pretrained(small_dir, dtype=torch.bfloat16)
     assert low.backbone.patch_embed.proj.weight.dtype == torch.bfloat16
