@@ -56,16 +56,15 @@ def phrase_masks(input_ids: Tensor, special_token_ids: tuple[int, ...]) -> tuple
 class BertEmbeddings(nn.Module):
     """Sum of word, position and token-type embeddings, then LayerNorm.
 
-    The embedding tables are left uninitialised (``gdino.model.init``): a checkpoint fills them,
-    or ``GroundingDino.init_weights`` draws them.
+    ``init=False`` leaves the tables uninitialised, for a checkpoint to fill (``gdino.model.init``).
     """
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, init: bool = True) -> None:
         super().__init__()
         h = config.hidden_size
-        self.word_embeddings = embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
-        self.position_embeddings = embedding(config.max_position_embeddings, h)
-        self.token_type_embeddings = embedding(config.type_vocab_size, h)
+        self.word_embeddings = embedding(config.vocab_size, h, padding_idx=config.pad_token_id, init=init)
+        self.position_embeddings = embedding(config.max_position_embeddings, h, init=init)
+        self.token_type_embeddings = embedding(config.type_vocab_size, h, init=init)
         self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, position_ids: Tensor) -> Tensor:
@@ -172,12 +171,12 @@ class BertLayerStack(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """BERT without its pooler: token ids -> contextual token features."""
+    """BERT without its pooler: token ids -> contextual token features (``init``: see ``BertEmbeddings``)."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, init: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = BertEmbeddings(config)
+        self.embeddings = BertEmbeddings(config, init)
         self.encoder = BertLayerStack(config)
 
     def forward(

@@ -20,7 +20,6 @@ from ..config import GroundingDinoConfig
 from .bert import BertEncoder, phrase_masks
 from .features import ImageFeatures, TextFeatures, pad_levels, stack_images
 from .heads import MLP, contrastive_logits, refine_boxes
-from .init import init_weights
 from .swin import SwinBackbone
 from .transformer import Transformer
 
@@ -54,8 +53,8 @@ class GroundingDino(nn.Module):
 
     Args:
         config: the architecture.
-        init_weights: draw random weights (``gdino.model.init``); loading a checkpoint passes
-            False, as every tensor is about to be replaced.
+        init_weights: draw the random embedding tables; loading a checkpoint passes False, as
+            every tensor is about to be replaced (``gdino.model.init``).
     """
 
     def __init__(self, config: GroundingDinoConfig, init_weights: bool = True) -> None:
@@ -63,7 +62,7 @@ class GroundingDino(nn.Module):
         self.config = config
         d = config.d_model
         self.backbone = SwinBackbone(config.swin)
-        self.bert = BertEncoder(config.text)
+        self.bert = BertEncoder(config.text, init=init_weights)
         self.feat_map = nn.Linear(config.text.hidden_size, d)
         channels = list(config.swin.out_channels)
         projections = [nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)) for c in channels]
@@ -74,14 +73,8 @@ class GroundingDino(nn.Module):
             )
             in_channels = d
         self.input_proj = nn.ModuleList(projections)
-        self.transformer = Transformer(config)
+        self.transformer = Transformer(config, init=init_weights)
         self.bbox_embed = MLP(d, d, 4, 3)  # shared by every decoder layer
-        if init_weights:
-            self.init_weights()
-
-    def init_weights(self) -> None:
-        """Random weights for what the constructor leaves uninitialised (see ``gdino.model.init``)."""
-        init_weights(self)
 
     def set_precision(self, dtype: torch.dtype) -> GroundingDino:
         """Runs Swin, BERT and the feature enhancer (nearly all the arithmetic) in ``dtype``.

@@ -46,23 +46,22 @@ class Transformer(nn.Module):
     """Feature enhancer, language-guided query selection and decoder (the original ``transformer``).
 
     Parameter names follow the original checkpoint (``level_embed``, ``tgt_embed``, ...).
+    ``init=False`` leaves the embeddings uninitialised, for a checkpoint to fill (``gdino.model.init``).
     """
 
-    def __init__(self, config: GroundingDinoConfig) -> None:
+    def __init__(self, config: GroundingDinoConfig, init: bool = True) -> None:
         super().__init__()
         d = config.d_model
         self.config = config
         self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, d))
-        self.tgt_embed = embedding(config.num_queries, d)
+        self.tgt_embed = embedding(config.num_queries, d, init=init)
         self.enc_output = nn.Linear(d, d)
         self.enc_output_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.enc_out_bbox_embed = MLP(d, d, 4, 3)
         self.encoder = FeatureEnhancer(config)
         self.decoder = Decoder(config)
-
-    def reset_parameters_extra(self) -> None:
-        """Random level embeddings (``gdino.model.init.init_weights``)."""
-        nn.init.normal_(self.level_embed)
+        if init:
+            nn.init.normal_(self.level_embed)
 
     def forward(
         self, image: ImageFeatures, text: TextFeatures, box_head: nn.Module, query_index: Tensor | None = None
