@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from gdino.config import GroundingDinoConfig  # noqa: E402
 from gdino.convert import hf_to_ours  # noqa: E402
 from gdino.model.decoder import Decoder  # noqa: E402
-from gdino.model.heads import MLP, contrastive_logits, predict_boxes, refine_boxes  # noqa: E402
+from gdino.model.heads import MLP, box_logit, contrastive_logits, predict_boxes, refine_boxes  # noqa: E402
 from reference import small_reference_config  # noqa: E402
 
 SPATIAL_SHAPES = [(8, 10), (4, 5), (2, 3), (1, 2)]  # not square, to catch (h, w) swaps
@@ -221,3 +221,55 @@ def test_refine_boxes_clamps_reference_as_transformers() -> None:
     got = refine_boxes(delta, torch.tensor([0.0, 1.0, 0.25], dtype=torch.float64))
     expected = torch.tensor([0.5, 0.5, 1 / (1 + 3 * math.exp(-0.3))], dtype=torch.float64)  # logit(0.25) = -ln 3
     torch.testing.assert_close(got, expected, atol=1e-7, rtol=0)
+
+
+def _inverse_sigmoid_as_the_original(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``inverse_sigmoid`` of the original repository (groundingdino/util/misc.py), step by step."""
+    x = x.clamp(min=0, max=1)
+    x1 = x.clamp(min=eps)
+    x2 = (1 - x).clamp(min=eps)
+    return torch.log(x1 / x2)
+
+
+def test_box_logit_original_differs_from_transformers_at_the_clamp() -> None:
+    x = torch.tensor([-0.5, 0.0, 2e-4, 0.25, 0.9995, 1.0, 1.5], dtype=torch.float64)
+    original = box_logit(x, 1e-3, original=True)
+    torch.testing.assert_close(original, _inverse_sigmoid_as_the_original(x), atol=0, rtol=0)
+    expected = torch.tensor([-1, -1, 1, 1.0], dtype=torch.float64) * math.log(1e3)  # log(eps / 1), log(1 / eps)
+    torch.testing.assert_close(original[[0, 1, 5, 6]], expected, atol=1e-12, rtol=0)
+    assert float(original[2]) == pytest.approx(math.log(1e-3 / (1 - 2e-4)), abs=1e-12)  # only x is clamped
+    transformers_style = box_logit(x, 1e-3, original=False)  # clamps x to [eps, 1 - eps] instead
+    assert abs(float(transformers_style[5] - original[5]) - math.log(1 - 1e-3)) < 1e-9
+    torch.testing.assert_close(box_logit(x, 1e-5), torch.special.logit(x, eps=1e-5), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_original_refinement_matches_the_original_code(models) -> None:
+    """With ``box_refinement="original"`` the decoder and final boxes follow the original code's loop.
+
+    The loop below is the original ``TransformerDecoder.forward`` refinement and its detector's
+    final box prediction, written out with its ``inverse_sigmoid(eps=1e-3)``; some reference boxes
+    sit at or near 0 and 1, where the two arithmetics differ.
+    """
+    _, hf_decoder, box_head, config = models
+    original = config.with_box_refinement("original")
+    assert (original.box_logit_eps, original.box_logit_original) == (1e-3, True)
+    decoder = Decoder(original).eval()
+    decoder.load_state_dict(hf_decoder.state_dict())
+    x = _alone(_inputs(config), 0)
+    x["reference_points"][0, :3] = torch.tensor([[1.0, 0.5, 0.9996, 0.3], [0.0, 2e-4, 0.2, 1.0], [0.5, 0.5, 1.0, 1.0]])
+    hidden, references = decoder(**x, box_head=box_head)
+    boxes = predict_boxes(hidden, references, box_head, original.box_logit_eps, original=True)
+
+    reference, output, expected = x["reference_points"], x["queries"], []
+    allowed = ~x["text_padding_mask"][:, None, None, :]
+    for layer in decoder.layers:
+        output = layer(output, decoder.query_position(reference), reference[:, :, None].expand(-1, -1, 4, -1),
+                       x["memory"], None, x["spatial_shapes"], x["text"], allowed)  # fmt: skip
+        before_sigmoid = _inverse_sigmoid_as_the_original(reference)
+        expected.append((box_head(decoder.norm(output)) + before_sigmoid).sigmoid())
+        reference = (box_head(output) + before_sigmoid).sigmoid()
+    torch.testing.assert_close(boxes[:, 0], torch.stack(expected)[:, 0], atol=1e-6, rtol=0)
+    # transformers' arithmetic gives other boxes from the same weights: the test tells them apart.
+    hf_boxes = predict_boxes(*hf_decoder(**x, box_head=box_head), box_head)
+    assert (hf_boxes - boxes).abs().max() > 1e-3

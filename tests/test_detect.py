@@ -41,14 +41,14 @@ def singles(model, images, data_dir) -> dict[str, Detections]:
 
 
 @pytest.fixture(scope="module")
-def raw_singles(model, images) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(logits, pred_boxes, input_ids) of the model on each image alone."""
+def raw_singles(model, images) -> dict[str, tuple[torch.Tensor, ...]]:
+    """(logits, pred_boxes, input_ids, query_index) of the model on each image alone."""
     out = {}
     with torch.inference_mode():
         for name in ("chelsea.png", "astronaut.png"):
             inputs = model.processor(images=images[name], text=PROMPT)
             res = model(**inputs)
-            out[name] = (res.logits[0], res.pred_boxes[0], inputs["input_ids"][0])
+            out[name] = (res.logits[0], res.pred_boxes[0], inputs["input_ids"][0], res.query_index[0])
     return out
 
 
@@ -84,7 +84,7 @@ def test_string_prompt(model, singles, images):
 def test_matches_raw_model_outputs(model, singles, raw_singles, images):
     """Every query's score, box (cxcywh * size -> xyxy) and label, recomputed from the raw outputs."""
     det = singles["chelsea.png"]
-    logits, pred_boxes, input_ids = raw_singles["chelsea.png"]
+    logits, pred_boxes, input_ids, _ = raw_singles["chelsea.png"]
     # [CLS] a cat . a remote control . [SEP]: phrase 0 = tokens 1..2, phrase 1 = tokens 4..6
     assert input_ids.tolist() == [101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102]
     probs = logits.sigmoid()
@@ -111,7 +111,7 @@ def test_matches_raw_model_outputs(model, singles, raw_singles, images):
 
 def test_matches_processor_post_processing(model, singles, raw_singles, images):
     """detect and transformers-style post-processing keep the same boxes with the same scores."""
-    logits, pred_boxes, input_ids = raw_singles["astronaut.png"]
+    logits, pred_boxes, input_ids, _ = raw_singles["astronaut.png"]
     width, height = images["astronaut.png"].size
     post = model.processor.post_process_grounded_object_detection(
         {"logits": logits[None], "pred_boxes": pred_boxes[None]}, input_ids[None],
@@ -186,14 +186,35 @@ def test_padded_batch_raw_outputs_equal_single(model, images, raw_singles):
     names = ("chelsea.png", "astronaut.png")  # 800x1202 and 800x800 after resizing
     inputs = model.processor(images=[images[n] for n in names], text=PROMPT)
     assert inputs["pixel_mask"][1].float().mean() < 0.7  # astronaut is heavily padded
+    # The same selected image tokens as alone: batched and single matrix products round apart,
+    # which could swap near-tied proposals on some CPUs (detect runs images one by one for this).
     with torch.inference_mode():
-        out = model(**inputs)
+        index = torch.stack([_in_batch(model, inputs, i, raw_singles[n][3]) for i, n in enumerate(names)])
+        out = model(**inputs, query_index=index)
     for i, name in enumerate(names):
-        logits, pred_boxes, _ = raw_singles[name]
+        logits, pred_boxes, _, _ = raw_singles[name]
         finite = torch.isfinite(logits)
         assert torch.equal(finite, torch.isfinite(out.logits[i]))
         torch.testing.assert_close(out.logits[i][finite], logits[finite], atol=1e-4, rtol=0)
         torch.testing.assert_close(out.pred_boxes[i], pred_boxes, atol=1e-4, rtol=0)
+
+
+def _level_shapes(model, pixel_values) -> list[tuple[int, int]]:
+    return [tuple(m.shape[-2:]) for m in model.image_features(pixel_values).maps]
+
+
+def _in_batch(model, inputs, i: int, index: torch.Tensor) -> torch.Tensor:
+    """Image tokens of image ``i`` alone (its flattened levels) -> the same tokens in the padded batch's levels."""
+    h, w = (int(inputs["pixel_mask"][i].sum(d).max()) for d in (0, 1))
+    alone = _level_shapes(model, inputs["pixel_values"][i : i + 1, :, :h, :w])
+    batch = _level_shapes(model, inputs["pixel_values"][:1])
+    out, start, batch_start = index.clone(), 0, 0
+    for (ha, wa), (hb, wb) in zip(alone, batch):
+        here = (index >= start) & (index < start + ha * wa)
+        y, x = (index[here] - start) // wa, (index[here] - start) % wa
+        out[here] = batch_start + y * wb + x
+        start, batch_start = start + ha * wa, batch_start + hb * wb
+    return out
 
 
 # --------------------------------------------------------------------------- bad input
@@ -226,3 +247,66 @@ def test_unreadable_image(model, data_dir, tmp_path):
     truncated.write_bytes((data_dir / "rocket.jpg").read_bytes()[:2000])
     with pytest.raises(ImageError, match="cut.jpg"):
         model.detect([data_dir / "chelsea.png", truncated], PROMPT)
+
+
+# --------------------------------------------------------------------------- extreme shapes
+
+EXTREME = [(1, 1), (1, 5000), (5000, 1), (5000, 10), (1333, 30), (3000, 40)]  # (width, height)
+
+
+@pytest.fixture(scope="module")
+def model900(tmp_path_factory) -> GroundingDinoForObjectDetection:
+    """The small model with the published 900 queries: more than a 5000x10 image has tokens (~300)."""
+    from reference import build_reference, save_reference, small_reference_config
+
+    with torch.no_grad():
+        reference = build_reference(small_reference_config(num_queries=900), seed=1)
+    directory = save_reference(reference, tmp_path_factory.mktemp("small-900"))
+    return GroundingDinoForObjectDetection.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("size", EXTREME, ids=[f"{w}x{h}" for w, h in EXTREME])
+def test_extreme_shapes_detect_with_as_many_queries_as_tokens(model900, size):
+    """Images with fewer image tokens than num_queries decode one query per token, not crash."""
+    model = model900
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    inputs = model.processor(images=image, text=PROMPT)
+    with torch.inference_mode():
+        out = model(**inputs)
+        tokens = sum(m.numel() for m in model.image_features(inputs["pixel_values"]).masks)
+    queries = min(model.config.num_queries, tokens)
+    assert out.pred_boxes.shape == (1, queries, 4) and out.logits.shape == (1, queries, model.config.max_text_len)
+    assert out.query_index.shape == (1, queries) and len(set(out.query_index[0].tolist())) == queries
+    assert out.pred_boxes.isfinite().all() and not out.logits.isnan().any()
+    found = model.detect(image, PROMPT, box_threshold=0.0, text_threshold=0.0)
+    assert len(found) == queries and found.image_size == size
+    assert np.isfinite(found.boxes).all()
+    labelled = model.detect(image, ["cat", "remote control"], box_threshold=0.0, nms_threshold=0.5)
+    assert 0 < len(labelled) <= queries
+    post = model.processor.post_process_grounded_object_detection(out, inputs["input_ids"], threshold=0.0,
+                                                                  target_sizes=[size[::-1]])[0]  # fmt: skip
+    assert len(post["scores"]) == queries
+
+
+def test_few_tokens_in_a_padded_batch_equal_the_image_alone(model900, images):
+    """A 5000x10 image (fewer tokens than queries) beside a normal one: its queries are its own."""
+    model = model900
+    thin = Image.fromarray(np.random.default_rng(1).integers(0, 255, (10, 5000, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        alone = model(**model.processor(images=thin, text=PROMPT))
+        normal = model(**model.processor(images=images["chelsea.png"], text=PROMPT))
+        inputs = model.processor(images=[images["chelsea.png"], thin], text=PROMPT)
+        n = alone.query_index.shape[1]
+        assert n < model.config.num_queries
+        # thin's surplus queries on tokens that are padding for it, as free selection puts them
+        masks = model.image_features(inputs["pixel_values"], inputs["pixel_mask"]).masks
+        surplus = torch.nonzero(~torch.cat([m[1].flatten() for m in masks]))[: model.config.num_queries - n, 0]
+        index = torch.stack([_in_batch(model, inputs, 0, normal.query_index[0]),
+                             torch.cat([_in_batch(model, inputs, 1, alone.query_index[0]), surplus])])  # fmt: skip
+        out = model(**inputs, query_index=index)
+    torch.testing.assert_close(out.pred_boxes[0], normal.pred_boxes[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.pred_boxes[1, :n], alone.pred_boxes[0], atol=1e-4, rtol=0)
+    finite = alone.logits[0].isfinite()
+    torch.testing.assert_close(out.logits[1, :n][finite], alone.logits[0][finite], atol=1e-4, rtol=0)
+    assert torch.isinf(out.logits[1, n:]).all() and (out.pred_boxes[1, n:] == 0).all()

@@ -357,8 +357,7 @@ def test_png_bytes_roundtrip_is_lossless(proc):
     assert torch.equal(_pixels(proc, again), _pixels(proc, DATA / "astronaut.png"))
 
 
-def test_too_elongated_image_is_an_image_error(proc):
-    from gdino.image import ImageError
-
-    with pytest.raises(ImageError, match="too elongated"):
-        proc(images=Image.new("RGB", (5000, 1)), text="a cat.")
+@pytest.mark.parametrize("size,expected", [((5000, 1), (1, 1333)), ((1, 5000), (1333, 1)), ((1333, 30), (30, 1333))])
+def test_very_elongated_images_keep_at_least_one_pixel(proc, size, expected):
+    """Fitting 5000x1 into 1333 pixels leaves 0.27 rows (HF's processor fails): one row is kept."""
+    assert tuple(proc(images=Image.new("RGB", size), text="a cat.")["pixel_values"].shape[-2:]) == expected

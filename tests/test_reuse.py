@@ -82,3 +82,24 @@ def test_bf16_runs_the_heavy_parts_in_bf16_and_the_rest_in_fp32(small_dir, data_
     assert out.pred_boxes.dtype == torch.float32 and torch.isfinite(out.pred_boxes).all()
     found = low.detect(data_dir / "chelsea.png", "a cat.", box_threshold=0.0)
     assert len(found) > 0 and np.isfinite(found.boxes).all()
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "assign", "in_place"])
+def test_prompt_cache_follows_new_weights(small_dir, change):
+    """New text-side weights are used at once, however they arrive: the cache never serves stale features."""
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(small_dir)
+    tokens = model.processor(text=["a cat. a lamp."])
+    args = (tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+    with torch.no_grad():
+        before = model.text_features(*args).features
+        new = {k: v + 0.01 * torch.randn_like(v) if k.startswith(("bert.", "feat_map.")) and v.is_floating_point() else v
+               for k, v in model.state_dict().items()}  # fmt: skip
+        if change == "in_place":
+            for p in model.bert.parameters():
+                p.add_(0.01)
+        else:
+            model.load_state_dict(new, assign=change == "assign")
+        cached = model.text_features(*args).features
+        direct = GroundingDino.text_features(model, *args).features
+    assert (direct - before).abs().max() > 1e-3  # the change matters
+    torch.testing.assert_close(cached, direct, atol=1e-6, rtol=0)

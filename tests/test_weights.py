@@ -74,11 +74,39 @@ def test_original_checkpoint_gives_the_same_outputs(our_model, our_processor, tm
     from gdino import AutoModelForZeroShotObjectDetection
 
     pth = _write_original(our_model, tmp_path / "groundingdino_swint_ogc.pth")
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(pth)
+    # transformers' box refinement, to compare with the Hugging Face layout bit for bit
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(pth, box_refinement="transformers")
     inputs = our_processor(images=str(data_dir / "coffee.png"), text="a cup. a saucer.", return_tensors="pt")
     with torch.no_grad():
         a, b = our_model(**inputs), model(**inputs)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+
+
+def test_box_refinement_follows_the_layout_unless_chosen(small_dir, tmp_path, data_dir):
+    """An original .pth refines boxes as the original code (eps 1e-3), the Hugging Face layout as
+    transformers (1e-5); ``box_refinement=`` chooses either. The arithmetic itself is checked against
+    the original code's in test_decoder.py."""
+    from gdino import AutoModelForZeroShotObjectDetection
+
+    hf = AutoModelForZeroShotObjectDetection.from_pretrained(small_dir)
+    folder = tmp_path / "original"
+    folder.mkdir()
+    (folder / "config.json").write_text((small_dir / "config.json").read_text())
+    torch.save({"model": ours_to_original(hf.state_dict(), hf.config.decoder_layers)}, folder / "weights.pth")
+    original = AutoModelForZeroShotObjectDetection.from_pretrained(folder)
+    chosen = AutoModelForZeroShotObjectDetection.from_pretrained(small_dir, box_refinement="original")
+    assert (hf.config.box_logit_eps, hf.config.box_logit_original) == (1e-5, False)
+    assert (original.config.box_logit_eps, original.config.box_logit_original) == (1e-3, True)
+    assert chosen.config == original.config
+    with pytest.raises(ValueError, match="box_refinement"):
+        AutoModelForZeroShotObjectDetection.from_pretrained(small_dir, box_refinement="1e-3")
+    inputs = hf.processor(images=str(data_dir / "coffee.png"), text="a cup. a saucer.")
+    with torch.no_grad():
+        a, b, c = hf(**inputs), original(**inputs), chosen(**inputs)
+    assert torch.equal(a.query_index, b.query_index) and torch.equal(a.logits[a.logits.isinf()], b.logits[a.logits.isinf()])
+    assert torch.equal(b.pred_boxes, c.pred_boxes) and torch.equal(b.logits, c.logits)
+    assert original.transformer.decoder.box_logit == (1e-3, True)  # the decoder's refinement too
+    torch.testing.assert_close(a.pred_boxes, b.pred_boxes, atol=1e-4, rtol=0)  # no box of this one is near 0 or 1
 
 
 def test_strict_loading_names_what_is_wrong(small_dir, tmp_path):

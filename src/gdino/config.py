@@ -9,8 +9,17 @@ from scratch on the synthetic shapes data (``gdino.training.shapes``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+# The two ways of taking a reference box's logit in box refinement. "original": the original
+# repository's ``inverse_sigmoid(x, eps=1e-3)``, with which the published weights were trained
+# (loading an original .pth chooses it); "transformers": ``torch.special.logit(x, eps=1e-5)``, as
+# transformers' port computes it (loading the Hugging Face layout chooses it).
+BOX_REFINEMENTS: dict[str, dict[str, Any]] = {
+    "original": {"box_logit_eps": 1e-3, "box_logit_original": True},
+    "transformers": {"box_logit_eps": 1e-5, "box_logit_original": False},
+}
 
 # Token ids that split a prompt into phrases: [CLS], [SEP], "." and "?" (BERT-uncased vocabulary).
 SPECIAL_TOKEN_IDS: tuple[int, ...] = (101, 102, 1012, 1029)
@@ -74,6 +83,10 @@ class GroundingDinoConfig:
     layer_norm_eps: float = 1e-5
     position_temperature: float = 20.0  # sine embedding of image positions
     special_token_ids: tuple[int, ...] = SPECIAL_TOKEN_IDS
+    # Box refinement takes the logit of each reference box, clamped near 0 and 1 (see
+    # ``model.heads.box_logit`` and ``BOX_REFINEMENTS``): transformers' arithmetic by default.
+    box_logit_eps: float = 1e-5
+    box_logit_original: bool = False
 
     # Derived widths, named as in the paper's feature enhancer.
     @property
@@ -91,6 +104,12 @@ class GroundingDinoConfig:
     @property
     def fusion_heads(self) -> int:
         return self.encoder_heads // 2
+
+    def with_box_refinement(self, name: str) -> GroundingDinoConfig:
+        """This configuration with the box refinement of ``BOX_REFINEMENTS[name]`` ("original" or "transformers")."""
+        if name not in BOX_REFINEMENTS:
+            raise ValueError(f"box_refinement must be one of {sorted(BOX_REFINEMENTS)}, not {name!r}")
+        return replace(self, **BOX_REFINEMENTS[name])
 
     @classmethod
     def tiny(cls) -> GroundingDinoConfig:

@@ -98,6 +98,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         token: str | bool | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
+        box_refinement: str | None = None,
     ) -> GroundingDinoForObjectDetection:
         """Loads a hub id, a local Hugging Face directory or an original ``.pth`` checkpoint.
 
@@ -108,6 +109,9 @@ class GroundingDinoForObjectDetection(GroundingDino):
             device: where to put the model.
             cache_dir, revision, token, local_files_only, force_download: for a hub id, as in
                 ``huggingface_hub.snapshot_download``; local paths ignore them.
+            box_refinement: "original" (the original code's reference-box logit, eps 1e-3)
+                or "transformers" (eps 1e-5); by default "original" for an original ``.pth``
+                and "transformers" for the Hugging Face layout (README, "Box refinement").
 
         Raises:
             TypeError: an argument this method does not take (e.g. ``device_map``).
@@ -118,6 +122,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
         net, checkpoint = load_model(
             model, dtype=dtype, device=device, cache_dir=cache_dir, model_class=cls, revision=revision,
             token=token, local_files_only=local_files_only, force_download=force_download,
+            box_refinement=box_refinement,
         )
         assert isinstance(net, cls)
         if checkpoint.directory is not None:
@@ -239,16 +244,29 @@ class GroundingDinoForObjectDetection(GroundingDino):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
-        cache = self.__dict__.setdefault("_text_cache", OrderedDict())
+        cache = self._text_cache()
         for row in dict.fromkeys(rows):
-            key = (row, self.dtype, self.device)
-            if key in cache:
-                cache.move_to_end(key)
+            if row in cache:
+                cache.move_to_end(row)
                 continue
-            cache[key] = super().text_features(torch.tensor([row], device=input_ids.device))
+            cache[row] = super().text_features(torch.tensor([row], device=input_ids.device))
             while len(cache) > self.text_cache_size:
                 cache.popitem(last=False)
-        return _pad_text([cache[(row, self.dtype, self.device)] for row in rows], input_ids.shape[1])
+        return _pad_text([cache[row] for row in rows], input_ids.shape[1])
+
+    def _text_cache(self) -> OrderedDict[tuple[int, ...], TextFeatures]:
+        """The prompt cache, emptied first if any weight it depends on changed since it was filled.
+
+        The weights are fingerprinted by identity, storage, dtype, device and in-place version
+        counter of every BERT and ``feat_map`` tensor: ``load_state_dict`` (copying or assigning),
+        ``to()``, ``set_precision`` and an optimizer step each change at least one of them.
+        """
+        tensors = [*self.bert.parameters(), *self.bert.buffers(), *self.feat_map.parameters()]
+        fingerprint = tuple((id(t), t.data_ptr(), _version(t), t.dtype, t.device) for t in tensors)
+        if self.__dict__.get("_text_cache_fingerprint") != fingerprint:
+            self.__dict__["_text_cache_fingerprint"] = fingerprint
+            self.__dict__["_prompt_cache"] = OrderedDict()
+        return self.__dict__["_prompt_cache"]
 
     def phrases(self, prompt: TextInput | None = None, *, labels: Sequence[str] | None = None) -> list[str]:
         """The phrases ``detect`` labels boxes with: "a cat. A remote control" -> ["a cat", "a remote control"].
@@ -306,6 +324,14 @@ class GroundingDinoForObjectDetection(GroundingDino):
             label_ids=label_ids,
             image_size=(width, height),
         )
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (-1 for an inference tensor, which has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
 
 
 def _pad_text(rows: list[TextFeatures], length: int) -> TextFeatures:

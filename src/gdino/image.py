@@ -199,11 +199,9 @@ def preprocess_image(img: Image.Image, settings: ImageSettings) -> np.ndarray:
     """
     if settings.do_resize:
         h, w = resized_size(img.height, img.width, settings.shortest_edge, settings.longest_edge)
-        if min(h, w) < 1:
-            raise ImageError(
-                f"a {img.width}x{img.height} image is too elongated: fitting its long side into "
-                f"{settings.longest_edge} pixels leaves {w}x{h}"
-            )
+        # Fitting the long side of an image over ~2666:1 leaves 0 pixels across (where the HF
+        # processor fails); one pixel keeps the image, and the model copes with few tokens.
+        h, w = max(h, 1), max(w, 1)
         img = img.resize((w, h), resample=Image.Resampling(settings.resample))
     arr = np.asarray(img)
     # Same arithmetic as HF: rescale in float64, then normalise in float32.

@@ -195,15 +195,20 @@ def load_model(
     token: str | bool | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    box_refinement: str | None = None,
 ) -> tuple[GroundingDino, Checkpoint]:
     """Builds the model for a checkpoint and loads its weights strictly, in eval mode.
 
     ``cache_dir``, ``revision``, ``token``, ``local_files_only`` and ``force_download`` are the
-    hub options of :func:`resolve`.
+    hub options of :func:`resolve`. ``box_refinement`` ("original" or "transformers", see
+    ``config.BOX_REFINEMENTS``) defaults to the checkpoint's layout: "original" for an original
+    ``.pth``, whose weights the original code trained, and "transformers" for the Hugging Face
+    layout, so it gives transformers' outputs.
     """
     checkpoint = resolve(model, cache_dir, revision=revision, token=token, local_files_only=local_files_only,
                          force_download=force_download)
-    config = read_config(checkpoint)
+    default = "original" if checkpoint.layout == "original" else "transformers"
+    config = read_config(checkpoint).with_box_refinement(box_refinement or default)
     state_dict = read_state_dict(checkpoint)
     with torch.device("meta"), _skip_init():  # no random init; the file's tensors are assigned
         net = model_class(config)

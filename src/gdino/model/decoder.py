@@ -54,6 +54,7 @@ class DecoderLayer(nn.Module):
         spatial_shapes: list[tuple[int, int]],
         text: Tensor,
         text_allowed: Tensor,
+        query_allowed: Tensor | None = None,
     ) -> Tensor:
         """Updates the queries.
 
@@ -66,12 +67,13 @@ class DecoderLayer(nn.Module):
             spatial_shapes: (height, width) of each level, S = sum of height * width.
             text: (B, T, D) text tokens.
             text_allowed: (B, 1, 1, T) bool, True on real (non-padding) tokens.
+            query_allowed: (B, 1, 1, Q) bool, True on queries others may attend; None: all.
 
         Returns:
             (B, Q, D) updated queries.
         """
         q = x + query_pos
-        x = self.norm2(x + self.self_attn(q, q, x))
+        x = self.norm2(x + self.self_attn(q, q, x, allowed=query_allowed))
         x = self.catext_norm(x + self.ca_text(x + query_pos, text, text, allowed=text_allowed))
         attended = self.cross_attn(x + query_pos, reference_points, memory, spatial_shapes, memory_padding_mask)
         x = self.norm1(x + attended)
@@ -88,6 +90,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.ref_point_head = MLP(2 * d, d, d, 2)
+        self.box_logit = (config.box_logit_eps, config.box_logit_original)  # see heads.box_logit
 
     def query_position(self, reference: Tensor) -> Tensor:
         """(B, Q, 4) reference boxes -> (B, Q, D) query position.
@@ -109,6 +112,7 @@ class Decoder(nn.Module):
         text: Tensor,
         text_padding_mask: Tensor,
         box_head: nn.Module,
+        query_padding_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decodes the queries, refining their reference boxes after every layer.
 
@@ -122,6 +126,8 @@ class Decoder(nn.Module):
             text: (B, T, D) text tokens from the encoder.
             text_padding_mask: (B, T) bool, True on padding tokens.
             box_head: the detector's shared box head, (..., D) -> (..., 4) delta in logit space.
+            query_padding_mask: (B, Q) bool, True on queries no other query may attend (selected
+                from padding, see ``query_selection``), or None.
 
         Returns:
             hidden: (L, B, Q, D) every layer's output after the final norm.
@@ -129,14 +135,15 @@ class Decoder(nn.Module):
                 (the initial ones for layer 0); see ``heads.predict_boxes``.
         """
         text_allowed = ~text_padding_mask[:, None, None, :]  # (B, 1, 1, T)
+        query_allowed = None if query_padding_mask is None else ~query_padding_mask[:, None, None, :]  # (B, 1, 1, Q)
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, nL, 4)
         x, hidden, references = queries, [], []
         for i, layer in enumerate(self.layers):
             scaled = reference_points[:, :, None] * ratios  # (B, Q, nL, 4)
             query_pos = self.query_position(reference_points)
-            x = layer(x, query_pos, scaled, memory, memory_padding_mask, spatial_shapes, text, text_allowed)
+            x = layer(x, query_pos, scaled, memory, memory_padding_mask, spatial_shapes, text, text_allowed, query_allowed)
             hidden.append(self.norm(x))
             references.append(reference_points)
             if i < len(self.layers) - 1:  # the box head refines the un-normalized output
-                reference_points = refine_boxes(box_head(x), reference_points).detach()
+                reference_points = refine_boxes(box_head(x), reference_points, *self.box_logit).detach()
         return torch.stack(hidden), torch.stack(references)  # (L, B, Q, D), (L, B, Q, 4)

@@ -22,7 +22,7 @@ from .decoder import Decoder
 from .encoder import FeatureEnhancer
 from .heads import MLP, contrastive_logits, refine_boxes
 from .position import sine_position_embedding
-from .query_selection import select_queries
+from .query_selection import query_padding, select_queries
 from .swin import SwinBackbone
 
 
@@ -70,11 +70,11 @@ class GroundingDinoOutput:
     """Model outputs, named and shaped as transformers' ``GroundingDinoObjectDetectionOutput``.
 
     Attributes:
-        logits: (B, num_queries, max_text_len) similarity of each query to each text token;
+        logits: (B, Q, max_text_len) similarity of each query to each text token;
             -inf on padding tokens and past the text.
-        pred_boxes: (B, num_queries, 4) boxes as (cx, cy, w, h), normalised to each image's size.
+        pred_boxes: (B, Q, 4) boxes as (cx, cy, w, h), normalised to each image's size.
         input_ids: (B, T) the token ids the logits refer to.
-        query_index: (B, num_queries) the image token (position in the flattened feature levels)
+        query_index: (B, Q) the image token (position in the flattened feature levels)
             each query was selected from; pass it back as ``query_index`` to decode the same queries.
     """
 
@@ -189,11 +189,12 @@ class GroundingDino(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Feature enhancer, query selection, decoder and heads.
 
-        ``query_index`` (B, num_queries) forces the selected image tokens (see ``select_queries``).
+        ``query_index`` (B, Q) forces the selected image tokens (see ``select_queries``).
 
         Returns:
-            logits (B, num_queries, max_text_len), boxes (B, num_queries, 4) as cx, cy, w, h, and
-            the selected image tokens (B, num_queries).
+            logits (B, Q, max_text_len), boxes (B, Q, 4) as cx, cy, w, h, and the selected image
+            tokens (B, Q). Q is ``num_queries``, or fewer for images with fewer image tokens (see
+            ``query_selection``); queries an image of a padded batch lacks have -inf logits and zero boxes.
         """
         t = self.transformer
         shapes = [tuple(m.shape[-2:]) for m in image.maps]
@@ -220,11 +221,16 @@ class GroundingDino(nn.Module):
         queries, references, index = select_queries(
             t, memory, ~valid, shapes, memory_text, text.padding_mask, query_index
         )
+        padded = query_padding(~valid, index)  # (B, Q) or None: queries on padding, see query_selection
         hidden, refs = t.decoder(
-            queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
+            queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed, padded
         )
         logits = contrastive_logits(hidden[-1], memory_text, text.padding_mask, self.config.max_text_len)
-        return logits, refine_boxes(self.bbox_embed(hidden[-1]), refs[-1]), index
+        boxes = refine_boxes(self.bbox_embed(hidden[-1]), refs[-1], self.config.box_logit_eps, self.config.box_logit_original)
+        if padded is not None:
+            logits = logits.masked_fill(padded[..., None], float("-inf"))
+            boxes = boxes.masked_fill(padded[..., None], 0.0)
+        return logits, boxes, index
 
     def forward(
         self,
@@ -237,7 +243,7 @@ class GroundingDino(nn.Module):
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
 
-        ``query_index`` (B, num_queries), e.g. another run's ``outputs.query_index``, decodes those
+        ``query_index`` (B, Q), e.g. another run's ``outputs.query_index``, decodes those
         image tokens instead of the best-scoring ones. Any other argument (a typo such as
         ``pixel_masks``, or transformers' ``labels``, ``output_attentions``, ``return_dict``, which
         this model does not implement) raises ``TypeError`` rather than being ignored.

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Clamp of the reference box before taking its logit (HF and the original repository use 1e-5).
+# transformers' clamp of the reference box before taking its logit. The original repository's
+# ``inverse_sigmoid`` uses 1e-3 and clamps differently (see ``box_logit``); the configuration
+# chooses (``GroundingDinoConfig.box_logit_eps`` and ``box_logit_original``).
 BOX_LOGIT_EPS = 1e-5
 
 
@@ -54,28 +56,52 @@ def contrastive_logits(queries: Tensor, text: Tensor, text_padding_mask: Tensor,
     return F.pad(logits, (0, max_text_len - length), value=float("-inf"))  # (B, Q, max_text_len)
 
 
-def refine_boxes(delta: Tensor, reference: Tensor) -> Tensor:
+def box_logit(x: Tensor, eps: float = BOX_LOGIT_EPS, original: bool = False) -> Tensor:
+    """The logit of boxes in ``[0, 1]``, kept finite at 0 and 1, in one of two arithmetics.
+
+    Args:
+        x: (..., 4) boxes.
+        eps: how close to 0 and 1 the logit's argument may come.
+        original: False: transformers' ``torch.special.logit(x, eps)``, which clamps ``x`` to
+            ``[eps, 1 - eps]`` before ``log(x / (1 - x))``. True: the original repository's
+            ``inverse_sigmoid``, which clamps ``x`` to ``[0, 1]``, then the numerator ``x`` and
+            the denominator ``1 - x`` each to at least ``eps``, and returns ``log(x1 / x2)``
+            (they differ by rounding inside the clamp and by ``log(1 - eps)`` at it).
+
+    Returns:
+        (..., 4) logits.
+    """
+    if not original:
+        return torch.special.logit(x, eps=eps)
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def refine_boxes(delta: Tensor, reference: Tensor, eps: float = BOX_LOGIT_EPS, original: bool = False) -> Tensor:
     """``sigmoid(delta + logit(reference))``: a box-head delta applied to a reference box.
 
     Args:
         delta: (..., 4) box-head output, in logit space.
-        reference: (..., 4) reference boxes in ``[0, 1]``, clamped to ``[eps, 1 - eps]`` before the logit.
+        reference: (..., 4) reference boxes in ``[0, 1]``; their logit is ``box_logit(reference, eps, original)``.
 
     Returns:
         (..., 4) refined boxes in ``[0, 1]``.
     """
-    return torch.sigmoid(delta + torch.special.logit(reference, eps=BOX_LOGIT_EPS))
+    return torch.sigmoid(delta + box_logit(reference, eps, original))
 
 
-def predict_boxes(hidden: Tensor, references: Tensor, box_head: nn.Module) -> Tensor:
+def predict_boxes(
+    hidden: Tensor, references: Tensor, box_head: nn.Module, eps: float = BOX_LOGIT_EPS, original: bool = False
+) -> Tensor:
     """Every decoder layer's boxes, as the detector outputs them.
 
     Args:
         hidden: (L, B, Q, D) normalized hidden states of every decoder layer.
         references: (L, B, Q, 4) the reference box each layer refines (``Decoder`` returns them).
         box_head: the shared box head, (..., D) -> (..., 4).
+        eps, original: the reference boxes' logit (see ``box_logit``).
 
     Returns:
         (L, B, Q, 4) boxes ``(cx, cy, w, h)`` in ``[0, 1]``.
     """
-    return refine_boxes(box_head(hidden), references)
+    return refine_boxes(box_head(hidden), references, eps, original)

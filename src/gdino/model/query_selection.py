@@ -4,6 +4,14 @@ Every image token proposes a box centred on itself (size growing with the level)
 ``num_queries`` tokens whose best text-token similarity is highest give the decoder its initial
 reference boxes, refined by the proposal head. Padding tokens are never selected, so a padded
 image selects the same queries as the same image alone.
+
+An image with fewer tokens than ``num_queries`` (aspect ratios of about 44:1 and beyond, e.g. a
+5000x10 text line gives ~300 tokens) decodes all its tokens: the batch gets
+``min(num_queries, most tokens of one image)`` queries, as many as the image would get alone.
+Padding is not invented for the missing ones, because every query attends to every other in the
+decoder and padding queries would change the real ones. In a padded batch an image with fewer
+tokens than that has queries on padding tokens; ``query_padding`` marks them (the decoder's
+self-attention ignores them and the detector gives them -inf logits).
 """
 
 from __future__ import annotations
@@ -92,23 +100,40 @@ def select_queries(
         memory: (B, S, D) enhanced image tokens.
         padding_mask: (B, S) True on padding tokens.
         text: (B, T, D) enhanced text tokens; text_padding_mask (B, T) True on padding.
-        index: (B, Q) image tokens to use instead of the best-scoring ones, in slot order (to
+        index: (B, Q) image tokens (Q as ``query_count``) to use instead of the best-scoring ones, in slot order (to
             compare two runs, e.g. two precisions, on the same queries); None selects by score.
 
     Returns:
         queries (B, Q, D): the learnt query embeddings; references (B, Q, 4): sigmoid boxes;
         index (B, Q): the image token (position in the flattened levels) each query came from.
+        Q is ``query_count``: ``num_queries`` unless no image of the batch has that many tokens.
     """
     t = transformer
     proposals = token_proposals(padding_mask, spatial_shapes, memory.dtype)
     tokens, scores = proposal_scores(t, memory, padding_mask, proposals, text, text_padding_mask)
+    count = query_count(padding_mask, t.config.num_queries)
     if index is None:
-        index = scores.topk(t.config.num_queries, dim=1).indices
-    elif index.shape != (memory.shape[0], t.config.num_queries):
-        raise ValueError(f"query index must be (batch, {t.config.num_queries}), not {tuple(index.shape)}")
+        index = scores.topk(count, dim=1).indices
+    elif index.shape != (memory.shape[0], count):
+        raise ValueError(f"query index must be (batch, {count}), not {tuple(index.shape)}")
     top = index[..., None]  # (B, Q, 1)
     # The proposal head is per token: run it on the selected tokens only.
     chosen = torch.gather(tokens, 1, top.expand(-1, -1, tokens.shape[-1]))  # (B, Q, D)
     references = (t.enc_out_bbox_embed(chosen) + torch.gather(proposals, 1, top.expand(-1, -1, 4))).sigmoid()
-    queries = t.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
+    queries = t.tgt_embed.weight[None, :count].expand(memory.shape[0], -1, -1)
     return queries, references, index
+
+
+def query_count(padding_mask: Tensor, num_queries: int) -> int:
+    """How many queries a batch decodes: ``num_queries``, or fewer when no image has that many tokens.
+
+    Args:
+        padding_mask: (B, S) True on padding tokens.
+    """
+    return min(num_queries, int((~padding_mask).sum(1).max()))
+
+
+def query_padding(padding_mask: Tensor, index: Tensor) -> Tensor | None:
+    """(B, Q) True where a query was selected from a padding token (see the module docstring), or None if none was."""
+    padded = torch.gather(padding_mask, 1, index)
+    return padded if bool(padded.any()) else None
