@@ -109,9 +109,9 @@ class GroundingDinoForObjectDetection(GroundingDino):
             device: where to put the model.
             cache_dir, revision, token, local_files_only, force_download: for a hub id, as in
                 ``huggingface_hub.snapshot_download``; local paths ignore them.
-            box_refinement: "original" (the original code's reference-box logit, eps 1e-3) or
-                "transformers" (eps 1e-5); by default "original" for an original ``.pth`` and
-                "transformers" for the Hugging Face layout (see the README's "Box refinement").
+            box_refinement: "original" (the original code's reference-box logit, eps 1e-3)
+                or "transformers" (eps 1e-5); by default "original" for an original ``.pth``
+                and "transformers" for the Hugging Face layout (README, "Box refinement").
 
         Raises:
             TypeError: an argument this method does not take (e.g. ``device_map``).
