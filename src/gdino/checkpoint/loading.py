@@ -72,7 +72,8 @@ def resolve(
     text = str(model)
     if not _HUB_ID.match(text) or text.endswith((*_ORIGINAL_SUFFIXES, ".safetensors")):
         raise CheckpointError(f"no such file or directory: {text} (nor is it a hub id like {DEFAULT_MODEL_ID!r})")
-    options = HubOptions(cache_dir, revision, token, local_files_only, force_download)
+    cache = cache_dir if cache_dir is None or isinstance(cache_dir, (str, Path)) else Path(cache_dir)
+    options = HubOptions(cache, revision, token, local_files_only, force_download)
     return _from_directory(_download(text, options))
 
 
@@ -80,7 +81,7 @@ def resolve(
 class HubOptions:
     """How to fetch a hub id: ``huggingface_hub.snapshot_download``'s arguments of the same names."""
 
-    cache_dir: str | os.PathLike[str] | None = None
+    cache_dir: str | Path | None = None
     revision: str | None = None
     token: str | bool | None = None
     local_files_only: bool = False
@@ -110,7 +111,7 @@ def _download(repo_id: str, options: HubOptions) -> Path:
     def fetch(local_files_only: bool, force_download: bool) -> Path:
         folder = snapshot_download(
             repo_id, allow_patterns=_HUB_FILES, revision=options.revision, token=options.token,
-            cache_dir=None if options.cache_dir is None else str(options.cache_dir),
+            cache_dir=options.cache_dir,
             local_files_only=local_files_only, force_download=force_download,
         )  # fmt: skip
         return Path(folder)
