@@ -610,6 +610,7 @@ def test_docs_load_nothing_from_elsewhere(client):
     assert "SwaggerUIBundle" in client.get("/docs/assets/swagger-ui-bundle.js").text
 
 
+@pytest.mark.slow  # a real gdino serve process and two requests of ~150 passes each
 def test_sigterm_stops_gdino_serve_while_long_label_lists_are_queued(fast_dir, tmp_path):
     """The real ``gdino serve``: two requests of ~150 passes each, then SIGTERM; it exits within seconds."""
     import os
