@@ -21,6 +21,7 @@ def model(fast_dir):
     return GroundingDinoForObjectDetection.from_pretrained(fast_dir).eval()
 
 
+@pytest.mark.slow  # a label list of many passes
 def test_detect_warns_of_the_passes_a_long_list_needs(model, caplog):
     _warn_cost.cache_clear()  # it says so once per process
     image = Image.new("RGB", (1, 1))
@@ -59,6 +60,7 @@ def test_chunk_progress_lines():
     assert lines[0].startswith("detect: label chunks 0/3 passes") and lines[-1].startswith("detect: label chunks 3/3 passes")
 
 
+@pytest.mark.slow  # the command line in a subprocess
 def test_cli_shows_the_passes_on_stderr(fast_dir, data_dir, capsys):
     assert cli(["detect", str(data_dir / "coffee.png"), "--prompt", ",".join(LABELS), "--model", str(fast_dir)]) == 0
     captured = capsys.readouterr()

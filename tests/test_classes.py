@@ -84,6 +84,7 @@ def test_label_score_is_the_mean_of_its_tokens(model, image):
     assert model.phrases(labels) == labels
 
 
+@pytest.mark.slow  # several detect runs
 def test_token_spans(model, image):
     sentence = "The man in a red hat"
     spans = [[(0, 7)], [(11, 20)], [(0, 3), (17, 20)]]

@@ -113,6 +113,7 @@ def test_stdout_and_annotate(small_dir, data_dir, tmp_path, model):
             assert np.mean([changed[y, x] for x, y in points]) > 0.9
 
 
+@pytest.mark.slow  # the command line in a subprocess
 def test_output_file_label_list_and_bad_image(small_dir, data_dir, tmp_path):
     """good, bad, good: both good images written, one error line naming the bad one, exit 2."""
     bad = tmp_path / "notes.png"
@@ -131,6 +132,7 @@ def test_output_file_label_list_and_bad_image(small_dir, data_dir, tmp_path):
         assert len(record["detections"]) == 50  # every query of the small model
 
 
+@pytest.mark.slow  # the command line in a subprocess
 def test_missing_image_no_detections_same_names(small_dir, data_dir, tmp_path):
     """A missing file is reported and skipped; --box-threshold 1 keeps nothing; two images with the
     same file name get two annotated files."""

@@ -267,6 +267,7 @@ def model900(tmp_path_factory) -> GroundingDinoForObjectDetection:
     return GroundingDinoForObjectDetection.from_pretrained(directory)
 
 
+@pytest.mark.slow  # six extreme shapes, each through the whole model
 @pytest.mark.parametrize("size", EXTREME, ids=[f"{w}x{h}" for w, h in EXTREME])
 def test_extreme_shapes_detect_with_as_many_queries_as_tokens(model900, size):
     """Images with fewer image tokens than num_queries decode one query per token, not crash."""
@@ -291,6 +292,7 @@ def test_extreme_shapes_detect_with_as_many_queries_as_tokens(model900, size):
     assert len(post["scores"]) == queries
 
 
+@pytest.mark.slow  # a padded batch and each image alone
 def test_few_tokens_in_a_padded_batch_equal_the_image_alone(model900, images):
     """A 5000x10 image (fewer tokens than queries) beside a normal one: its queries are its own."""
     model = model900

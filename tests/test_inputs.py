@@ -132,6 +132,7 @@ def test_prompt_keywords_are_exclusive(model, image, encoder_calls):
     assert encoder_calls == []
 
 
+@pytest.mark.slow  # several images at 800 pixels
 def test_a_list_of_strings_is_one_label_list_for_any_number_of_images(model, image, data_dir):
     """``["st. bernard"]`` is one label, alone or with others, with one image or several."""
     other = Image.open(data_dir / "coffee.png").convert("RGB")
@@ -151,6 +152,7 @@ def test_a_list_of_strings_is_one_label_list_for_any_number_of_images(model, ima
     assert [f.labels for f in model.detect([image, other], labels=labels, box_threshold=0.0)] == [f.labels for f in both]
 
 
+@pytest.mark.slow  # several images at 800 pixels
 def test_per_image_prompts(model, image, data_dir):
     other = Image.open(data_dir / "coffee.png").convert("RGB")
     first, second = model.detect([image, other], prompts=["a cat. a remote control.", ["cup", "table"]],

@@ -182,6 +182,7 @@ def test_no_images(tmp_path, fast_dir):
     assert run.returncode == 2 and "no images" in run.stderr
 
 
+@pytest.mark.slow  # labels a folder twice
 def test_classes_file_and_out_inside_the_folder(data_dir, fast_dir, tmp_path):
     root = tmp_path / "photos"
     root.mkdir()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gdino.config import GroundingDinoConfig
 from gdino.model.grounding_dino import GroundingDino
 
 
+@pytest.mark.slow  # training steps
 def test_shapes_preset_builds_round_trips_and_trains_at_256():
     config = GroundingDinoConfig.shapes()
     assert config.text.vocab_size == 30522 and config.max_text_len == 256  # same vocabulary and prompt limit

@@ -85,6 +85,7 @@ def test_original_checkpoint_gives_the_same_outputs(our_model, our_processor, tm
     assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
 
 
+@pytest.mark.slow  # loads and runs both layouts
 def test_box_refinement_follows_the_layout_unless_chosen(small_dir, tmp_path, data_dir):
     """An original .pth refines boxes as the original code (eps 1e-3), the Hugging Face layout as
     transformers (1e-5); ``box_refinement=`` chooses either. The arithmetic itself is checked against
@@ -155,6 +156,7 @@ def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow  # the command line in a subprocess
 def test_hub_id_loads_from_a_prefilled_cache(small_dir, tmp_path, data_dir):
     cache = tmp_path / "hub"
     prefill_hub_cache(small_dir, cache, "IDEA-Research/grounding-dino-tiny")
