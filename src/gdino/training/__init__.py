@@ -1,0 +1,5 @@
+"""Training: Hungarian matching and the detection loss (``matcher``, ``loss``).
+
+Imports the model layer, never the other way round: ``GroundingDinoForObjectDetection.forward``
+calls ``gdino.training.loss`` only when it is given ``labels``. Needs scipy (the ``train`` extra).
+"""
