@@ -140,3 +140,20 @@ def test_no_boxes_in_the_batch_still_gives_a_loss():
     assert float(loss) > 0  # every query is pushed towards "nothing here"
     l1, giou = box_losses(torch.rand(2, 3, 4), matches, targets)
     assert float(l1) == 0 and float(giou) == 0
+
+
+def test_a_positive_map_in_the_labels_replaces_the_prompts_phrases():
+    """Grounding captions give their phrases' tokens (the data loader's ``positive_map``)."""
+    maps = phrase_token_maps(IDS, SPECIAL_TOKEN_IDS, 12)
+    grounding = torch.zeros(1, 12)
+    grounding[0, 5:7] = 1.0  # "remote control" inside the phrase "a remote control"
+    labels = [
+        {"class_labels": torch.tensor([0]), "boxes": torch.rand(1, 4), "positive_map": grounding},
+        {"class_labels": torch.tensor([1]), "boxes": torch.rand(1, 4)},
+    ]
+    targets = make_targets(labels, maps, torch.device("cpu"))
+    assert targets.token_maps[0][0].nonzero().flatten().tolist() == [5, 6]
+    assert targets.token_maps[1][0].nonzero().flatten().tolist() == [4, 5]
+    labels[0]["positive_map"] = torch.zeros(1, 12)
+    with pytest.raises(ValueError, match="tokens in every row"):
+        make_targets(labels, maps, torch.device("cpu"))
