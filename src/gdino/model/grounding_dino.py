@@ -20,7 +20,7 @@ from ..config import GroundingDinoConfig
 from .bert import BertEncoder, phrase_masks
 from .decoder import Decoder
 from .encoder import FeatureEnhancer
-from .heads import MLP, contrastive_logits, refine_boxes
+from .heads import MLP, contrastive_logits, predict_boxes, refine_boxes
 from .position import sine_position_embedding
 from .query_selection import query_padding, select_queries
 from .swin import SwinBackbone
@@ -76,12 +76,26 @@ class GroundingDinoOutput:
         input_ids: (B, T) the token ids the logits refer to.
         query_index: (B, Q) the image token (position in the flattened feature levels)
             each query was selected from; pass it back as ``query_index`` to decode the same queries.
+        decoder_logits, decoder_pred_boxes: (L, B, num_queries, max_text_len) and
+            (L, B, num_queries, 4), every decoder layer's predictions (the last equals ``logits``
+            and ``pred_boxes``); only with ``intermediate=True``.
+        encoder_logits, encoder_pred_boxes: (B, num_queries, max_text_len) and
+            (B, num_queries, 4), the selected proposals' logits and boxes before the decoder,
+            not detached; only with ``intermediate=True``.
+        loss, loss_dict: the total loss and its named terms, when ``labels`` were given
+            (``GroundingDinoForObjectDetection``).
     """
 
     logits: Tensor
     pred_boxes: Tensor
     input_ids: Tensor | None = None
     query_index: Tensor | None = None
+    decoder_logits: Tensor | None = None
+    decoder_pred_boxes: Tensor | None = None
+    encoder_logits: Tensor | None = None
+    encoder_pred_boxes: Tensor | None = None
+    loss: Tensor | None = None
+    loss_dict: dict[str, Tensor] | None = None
 
     def __getitem__(self, key: str) -> Tensor | None:
         return getattr(self, key)
@@ -196,6 +210,14 @@ class GroundingDino(nn.Module):
             tokens (B, Q). Q is ``num_queries``, or fewer for images with fewer image tokens (see
             ``query_selection``); queries an image of a padded batch lacks have -inf logits and zero boxes.
         """
+        decoded = self.decode(image, text, query_index)
+        hidden, refs = decoded.hidden[-1], decoded.references[-1]
+        logits = contrastive_logits(hidden, decoded.memory_text, text.padding_mask, self.config.max_text_len)
+        logits = _mask_padded(logits, decoded.padded, float("-inf"))
+        return logits, _mask_padded(self._boxes(hidden, refs), decoded.padded, 0.0), decoded.index
+
+    def decode(self, image: ImageFeatures, text: TextFeatures, query_index: Tensor | None = None) -> Decoded:
+        """Feature enhancer, query selection and decoder, up to the heads (see ``Decoded``)."""
         t = self.transformer
         shapes = [tuple(m.shape[-2:]) for m in image.maps]
         source = torch.cat([m.flatten(2).transpose(1, 2) for m in image.maps], 1)  # (B, S, D)
@@ -218,19 +240,40 @@ class GroundingDino(nn.Module):
             text.features.to(low), text.padding_mask, text.self_attention, text.position_ids,
         )  # fmt: skip
         memory, memory_text = memory.to(t.enc_output.weight.dtype), memory_text.to(t.enc_output.weight.dtype)
-        queries, references, index = select_queries(
+        queries, references, index, chosen = select_queries(
             t, memory, ~valid, shapes, memory_text, text.padding_mask, query_index
         )
         padded = query_padding(~valid, index)  # (B, Q) or None: queries on padding, see query_selection
+        # Both the original and transformers detach the initial reference boxes: the decoder's
+        # losses do not train the proposal head (the encoder-proposal loss does, see Decoded).
         hidden, refs = t.decoder(
-            queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed, padded
-        )
-        logits = contrastive_logits(hidden[-1], memory_text, text.padding_mask, self.config.max_text_len)
-        boxes = refine_boxes(self.bbox_embed(hidden[-1]), refs[-1], self.config.box_logit_eps, self.config.box_logit_original)
-        if padded is not None:
-            logits = logits.masked_fill(padded[..., None], float("-inf"))
-            boxes = boxes.masked_fill(padded[..., None], 0.0)
-        return logits, boxes, index
+            queries, references.detach(), memory, ~valid, shapes, ratios, memory_text, text.padding_mask,
+            self.bbox_embed, padded,
+        )  # fmt: skip
+        return Decoded(hidden, refs, memory_text, index, chosen, references, padded)
+
+    def _boxes(self, hidden: Tensor, references: Tensor) -> Tensor:
+        """The box head's refinement of ``references`` (..., 4) with the configured box logit."""
+        return refine_boxes(self.bbox_embed(hidden), references, self.config.box_logit_eps, self.config.box_logit_original)
+
+    def intermediate_outputs(self, decoded: Decoded, text_padding_mask: Tensor) -> dict[str, Tensor]:
+        """Every decoder layer's logits and boxes, and the encoder proposals' (what the loss needs).
+
+        The proposals' logits compare the selected tokens' normalised encoder output with the
+        enhanced text, and their boxes keep the proposal head's graph, as the original repository
+        (DINO's ``tgt_undetach``, ``refpoint_embed_undetach``) feeds its encoder loss, so that loss
+        trains ``enc_output``, ``enc_output_norm`` and ``enc_out_bbox_embed``. transformers instead
+        scores the learnt query embeddings against the text before the encoder and uses detached
+        boxes, so its encoder loss trains none of them.
+        """
+        width = self.config.max_text_len
+        layers = [contrastive_logits(h, decoded.memory_text, text_padding_mask, width) for h in decoded.hidden]
+        return {
+            "decoder_logits": _mask_padded(torch.stack(layers), decoded.padded, float("-inf")),  # (L, B, Q, W)
+            "decoder_pred_boxes": _mask_padded(self._boxes(decoded.hidden, decoded.references), decoded.padded, 0.0),
+            "encoder_logits": contrastive_logits(decoded.proposal_tokens, decoded.memory_text, text_padding_mask, width),
+            "encoder_pred_boxes": decoded.proposal_boxes,
+        }
 
     def forward(
         self,
@@ -240,18 +283,59 @@ class GroundingDino(nn.Module):
         token_type_ids: Tensor | None = None,
         pixel_mask: Tensor | None = None,
         query_index: Tensor | None = None,
+        intermediate: bool = False,
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
 
         ``query_index`` (B, Q), e.g. another run's ``outputs.query_index``, decodes those
-        image tokens instead of the best-scoring ones. Any other argument (a typo such as
-        ``pixel_masks``, or transformers' ``labels``, ``output_attentions``, ``return_dict``, which
-        this model does not implement) raises ``TypeError`` rather than being ignored.
+        image tokens instead of the best-scoring ones. ``intermediate`` also returns every decoder
+        layer's predictions and the encoder proposals' (for the loss). Any other argument (a typo
+        such as ``pixel_masks``, or transformers' ``output_attentions``, ``return_dict``, which this
+        model does not implement) raises ``TypeError`` rather than being ignored.
         """
         text = self.text_features(input_ids, attention_mask, token_type_ids)
         image = self.image_features(pixel_values, pixel_mask)
-        logits, boxes, index = self.detect_features(image, text, query_index)
-        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
+        if not intermediate:
+            logits, boxes, index = self.detect_features(image, text, query_index)
+            return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
+        decoded = self.decode(image, text, query_index)
+        extra = self.intermediate_outputs(decoded, text.padding_mask)
+        return GroundingDinoOutput(
+            logits=extra["decoder_logits"][-1],
+            pred_boxes=extra["decoder_pred_boxes"][-1],
+            input_ids=input_ids,
+            query_index=decoded.index,
+            **extra,
+        )
+
+
+@dataclass
+class Decoded:
+    """The decoder's output with what the heads and the loss need.
+
+    Attributes:
+        hidden: (L, B, Q, D) every decoder layer's normalised output.
+        references: (L, B, Q, 4) the reference box each layer's box prediction refines.
+        memory_text: (B, T, D) the enhanced text tokens.
+        index: (B, Q) the image token each query was selected from.
+        proposal_tokens: (B, Q, D) the selected tokens' normalised encoder output.
+        proposal_boxes: (B, Q, 4) the proposal head's boxes for them, not detached.
+        padded: (B, Q) True where a query of a padded batch sits on padding (see
+            ``query_selection``), or None when none does.
+    """
+
+    hidden: Tensor
+    references: Tensor
+    memory_text: Tensor
+    index: Tensor
+    proposal_tokens: Tensor
+    proposal_boxes: Tensor
+    padded: Tensor | None = None
+
+
+def _mask_padded(x: Tensor, padded: Tensor | None, value: float) -> Tensor:
+    """``x`` (..., B, Q, K) with ``value`` on the queries ``padded`` (B, Q) marks; ``x`` itself if None."""
+    return x if padded is None else x.masked_fill(padded[..., None], value)
 
 
 def stack_images(images: list[ImageFeatures]) -> ImageFeatures:
