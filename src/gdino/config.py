@@ -74,6 +74,15 @@ class GroundingDinoConfig:
     layer_norm_eps: float = 1e-5
     position_temperature: float = 20.0  # sine embedding of image positions
     special_token_ids: tuple[int, ...] = SPECIAL_TOKEN_IDS
+    # Training (gdino.training.loss): matching costs and loss weights, named as in config.json.
+    auxiliary_loss: bool = False  # also a loss on every decoder layer but the last
+    class_cost: float = 1.0
+    bbox_cost: float = 5.0
+    giou_cost: float = 2.0
+    class_loss_coefficient: float = 2.0  # not in transformers' config: it fixes 2.0 (the original's cls_loss_coef)
+    bbox_loss_coefficient: float = 5.0
+    giou_loss_coefficient: float = 2.0
+    focal_alpha: float = 0.25
 
     # Derived widths, named as in the paper's feature enhancer.
     @property
@@ -191,6 +200,7 @@ class GroundingDinoConfig:
             decoder_points=d.get("decoder_n_points", 4),
             layer_norm_eps=d.get("layer_norm_eps", 1e-5),
             position_temperature=float(d.get("positional_embedding_temperature", 20)),
+            **{k: type(v)(d[k]) for k, v in _training_defaults().items() if k in d},
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -220,6 +230,7 @@ class GroundingDinoConfig:
             "position_embedding_type": "sine",
             "activation_function": "relu",
             "query_dim": 4,
+            **{k: getattr(self, k) for k in _training_defaults()},
             "backbone_config": {
                 "model_type": "swin",
                 "embed_dim": s.embed_dim,
@@ -249,6 +260,14 @@ class GroundingDinoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _training_defaults() -> dict[str, Any]:
+    """The training settings (matching costs, loss weights) with their defaults."""
+    names = ("auxiliary_loss", "class_cost", "bbox_cost", "giou_cost", "class_loss_coefficient",
+             "bbox_loss_coefficient", "giou_loss_coefficient", "focal_alpha")  # fmt: skip
+    defaults = GroundingDinoConfig()
+    return {name: getattr(defaults, name) for name in names}
 
 
 def _require(d: dict[str, Any], key: str, value: Any) -> None:

@@ -20,7 +20,7 @@ from .checks import check_fraction
 from .chunking import Candidates, best_per_query, class_nms, score_chunks
 from .classes import ClassQuery, TokenSpans, queries_for_images
 from .image import ImageLike, images_to_list, load_image
-from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, stack_images
+from .model.grounding_dino import GroundingDino, GroundingDinoOutput, ImageFeatures, TextFeatures, stack_images
 from .processing import GroundingDinoProcessor
 from .text import PromptError, TextInput, phrase_for_tokens, phrase_spans
 from .weights import DEFAULT_MODEL_ID, load_model
@@ -125,6 +125,35 @@ class GroundingDinoForObjectDetection(GroundingDino):
         else:
             net.processor = GroundingDinoProcessor.default(net.config.max_text_len)
         return net
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
+        intermediate: bool = False,
+        labels: Sequence[dict[str, torch.Tensor]] | None = None,
+    ) -> GroundingDinoOutput:
+        """``model(**inputs)``, and with ``labels`` also ``outputs.loss`` and ``outputs.loss_dict``.
+
+        ``labels`` follow transformers: per image ``{"class_labels": (N,) int64 indices of the
+        prompt's phrases, "boxes": (N, 4) float (cx, cy, w, h) normalised to the image}``; see
+        ``gdino.training.loss`` for the terms, their keys and weights. Without labels nothing
+        beyond the detections is computed.
+        """
+        outputs = super().forward(
+            pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, query_index,
+            intermediate=intermediate or labels is not None,
+        )  # fmt: skip
+        if labels is None:
+            return outputs
+        from .training.loss import grounding_loss  # training code is loaded only to train
+
+        outputs.loss, outputs.loss_dict = grounding_loss(outputs, input_ids, attention_mask, labels, self.config)
+        return outputs
 
     @property
     def device(self) -> torch.device:

@@ -20,7 +20,7 @@ from ..config import GroundingDinoConfig
 from .bert import BertEncoder, phrase_masks
 from .decoder import Decoder
 from .encoder import FeatureEnhancer
-from .heads import MLP, contrastive_logits, refine_boxes
+from .heads import MLP, contrastive_logits, predict_boxes, refine_boxes
 from .position import sine_position_embedding
 from .query_selection import select_queries
 from .swin import SwinBackbone
@@ -76,12 +76,26 @@ class GroundingDinoOutput:
         input_ids: (B, T) the token ids the logits refer to.
         query_index: (B, num_queries) the image token (position in the flattened feature levels)
             each query was selected from; pass it back as ``query_index`` to decode the same queries.
+        decoder_logits, decoder_pred_boxes: (L, B, num_queries, max_text_len) and
+            (L, B, num_queries, 4), every decoder layer's predictions (the last equals ``logits``
+            and ``pred_boxes``); only with ``intermediate=True``.
+        encoder_logits, encoder_pred_boxes: (B, num_queries, max_text_len) and
+            (B, num_queries, 4), the selected proposals' logits and boxes before the decoder,
+            not detached; only with ``intermediate=True``.
+        loss, loss_dict: the total loss and its named terms, when ``labels`` were given
+            (``GroundingDinoForObjectDetection``).
     """
 
     logits: Tensor
     pred_boxes: Tensor
     input_ids: Tensor | None = None
     query_index: Tensor | None = None
+    decoder_logits: Tensor | None = None
+    decoder_pred_boxes: Tensor | None = None
+    encoder_logits: Tensor | None = None
+    encoder_pred_boxes: Tensor | None = None
+    loss: Tensor | None = None
+    loss_dict: dict[str, Tensor] | None = None
 
     def __getitem__(self, key: str) -> Tensor | None:
         return getattr(self, key)
@@ -195,6 +209,13 @@ class GroundingDino(nn.Module):
             logits (B, num_queries, max_text_len), boxes (B, num_queries, 4) as cx, cy, w, h, and
             the selected image tokens (B, num_queries).
         """
+        decoded = self.decode(image, text, query_index)
+        hidden, refs = decoded.hidden[-1], decoded.references[-1]
+        logits = contrastive_logits(hidden, decoded.memory_text, text.padding_mask, self.config.max_text_len)
+        return logits, refine_boxes(self.bbox_embed(hidden), refs), decoded.index
+
+    def decode(self, image: ImageFeatures, text: TextFeatures, query_index: Tensor | None = None) -> Decoded:
+        """Feature enhancer, query selection and decoder, up to the heads (see ``Decoded``)."""
         t = self.transformer
         shapes = [tuple(m.shape[-2:]) for m in image.maps]
         source = torch.cat([m.flatten(2).transpose(1, 2) for m in image.maps], 1)  # (B, S, D)
@@ -217,14 +238,34 @@ class GroundingDino(nn.Module):
             text.features.to(low), text.padding_mask, text.self_attention, text.position_ids,
         )  # fmt: skip
         memory, memory_text = memory.to(t.enc_output.weight.dtype), memory_text.to(t.enc_output.weight.dtype)
-        queries, references, index = select_queries(
+        queries, references, index, chosen = select_queries(
             t, memory, ~valid, shapes, memory_text, text.padding_mask, query_index
         )
+        # Both the original and transformers detach the initial reference boxes: the decoder's
+        # losses do not train the proposal head (the encoder-proposal loss does, see Decoded).
         hidden, refs = t.decoder(
-            queries, references, memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
+            queries, references.detach(), memory, ~valid, shapes, ratios, memory_text, text.padding_mask, self.bbox_embed
         )
-        logits = contrastive_logits(hidden[-1], memory_text, text.padding_mask, self.config.max_text_len)
-        return logits, refine_boxes(self.bbox_embed(hidden[-1]), refs[-1]), index
+        return Decoded(hidden, refs, memory_text, index, chosen, references)
+
+    def intermediate_outputs(self, decoded: Decoded, text_padding_mask: Tensor) -> dict[str, Tensor]:
+        """Every decoder layer's logits and boxes, and the encoder proposals' (what the loss needs).
+
+        The proposals' logits compare the selected tokens' normalised encoder output with the
+        enhanced text, and their boxes keep the proposal head's graph, as the original repository
+        (DINO's ``tgt_undetach``, ``refpoint_embed_undetach``) feeds its encoder loss, so that loss
+        trains ``enc_output``, ``enc_output_norm`` and ``enc_out_bbox_embed``. transformers instead
+        scores the learnt query embeddings against the text before the encoder and uses detached
+        boxes, so its encoder loss trains none of them.
+        """
+        width = self.config.max_text_len
+        layers = [contrastive_logits(h, decoded.memory_text, text_padding_mask, width) for h in decoded.hidden]
+        return {
+            "decoder_logits": torch.stack(layers),  # (L, B, Q, W)
+            "decoder_pred_boxes": predict_boxes(decoded.hidden, decoded.references, self.bbox_embed),  # (L, B, Q, 4)
+            "encoder_logits": contrastive_logits(decoded.proposal_tokens, decoded.memory_text, text_padding_mask, width),
+            "encoder_pred_boxes": decoded.proposal_boxes,
+        }
 
     def forward(
         self,
@@ -234,18 +275,51 @@ class GroundingDino(nn.Module):
         token_type_ids: Tensor | None = None,
         pixel_mask: Tensor | None = None,
         query_index: Tensor | None = None,
+        intermediate: bool = False,
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
 
         ``query_index`` (B, num_queries), e.g. another run's ``outputs.query_index``, decodes those
-        image tokens instead of the best-scoring ones. Any other argument (a typo such as
-        ``pixel_masks``, or transformers' ``labels``, ``output_attentions``, ``return_dict``, which
-        this model does not implement) raises ``TypeError`` rather than being ignored.
+        image tokens instead of the best-scoring ones. ``intermediate`` also returns every decoder
+        layer's predictions and the encoder proposals' (for the loss). Any other argument (a typo
+        such as ``pixel_masks``, or ``labels``: the loss is computed by
+        ``GroundingDinoForObjectDetection``) raises ``TypeError`` rather than being ignored.
         """
         text = self.text_features(input_ids, attention_mask, token_type_ids)
         image = self.image_features(pixel_values, pixel_mask)
-        logits, boxes, index = self.detect_features(image, text, query_index)
-        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
+        if not intermediate:
+            logits, boxes, index = self.detect_features(image, text, query_index)
+            return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
+        decoded = self.decode(image, text, query_index)
+        extra = self.intermediate_outputs(decoded, text.padding_mask)
+        return GroundingDinoOutput(
+            logits=extra["decoder_logits"][-1],
+            pred_boxes=extra["decoder_pred_boxes"][-1],
+            input_ids=input_ids,
+            query_index=decoded.index,
+            **extra,
+        )
+
+
+@dataclass
+class Decoded:
+    """The decoder's output with what the heads and the loss need.
+
+    Attributes:
+        hidden: (L, B, Q, D) every decoder layer's normalised output.
+        references: (L, B, Q, 4) the reference box each layer's box prediction refines.
+        memory_text: (B, T, D) the enhanced text tokens.
+        index: (B, Q) the image token each query was selected from.
+        proposal_tokens: (B, Q, D) the selected tokens' normalised encoder output.
+        proposal_boxes: (B, Q, 4) the proposal head's boxes for them, not detached.
+    """
+
+    hidden: Tensor
+    references: Tensor
+    memory_text: Tensor
+    index: Tensor
+    proposal_tokens: Tensor
+    proposal_boxes: Tensor
 
 
 def stack_images(images: list[ImageFeatures]) -> ImageFeatures:

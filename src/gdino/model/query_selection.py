@@ -85,7 +85,7 @@ def select_queries(
     text: Tensor,
     text_padding_mask: Tensor,
     index: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Picks the decoder's queries and initial reference boxes.
 
     Args:
@@ -96,8 +96,10 @@ def select_queries(
             compare two runs, e.g. two precisions, on the same queries); None selects by score.
 
     Returns:
-        queries (B, Q, D): the learnt query embeddings; references (B, Q, 4): sigmoid boxes;
-        index (B, Q): the image token (position in the flattened levels) each query came from.
+        queries (B, Q, D): the learnt query embeddings; references (B, Q, 4): sigmoid boxes, not
+        detached (the encoder-proposal loss trains the proposal head through them); index (B, Q):
+        the image token (position in the flattened levels) each query came from; chosen (B, Q, D):
+        those tokens' normalised encoder output (the proposal head's input).
     """
     t = transformer
     proposals = token_proposals(padding_mask, spatial_shapes, memory.dtype)
@@ -111,4 +113,4 @@ def select_queries(
     chosen = torch.gather(tokens, 1, top.expand(-1, -1, tokens.shape[-1]))  # (B, Q, D)
     references = (t.enc_out_bbox_embed(chosen) + torch.gather(proposals, 1, top.expand(-1, -1, 4))).sigmoid()
     queries = t.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
-    return queries, references, index
+    return queries, references, index, chosen
