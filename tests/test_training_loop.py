@@ -164,3 +164,21 @@ def test_checkpoints_load_in_gdino_and_transformers(shapes, tmp_path):
     assert torch.allclose(got.pred_boxes, expected.pred_boxes, atol=1e-4)
     finite = torch.isfinite(expected.logits)
     assert torch.allclose(got.logits[finite], expected.logits[finite], atol=1e-3)
+
+
+def test_cli_shapes_and_train(tmp_path, capsys):
+    """``gdino shapes`` writes the splits; ``gdino train`` trains a step into OUT/last and refuses a bad setting."""
+    from gdino.cli import main
+
+    assert main(["shapes", "--out", str(tmp_path / "data"), "--train", "2", "--val", "0", "--held-out", "1"]) == 0
+    assert (tmp_path / "data" / "train.json").is_file() and (tmp_path / "data" / "held_out.json").is_file()
+    assert not (tmp_path / "data" / "val.json").exists()
+    common = ["train", "--data", str(tmp_path / "data" / "train.json"), "--model", "config:small_test",
+              "--out", str(tmp_path / "run"), "--image-size", "96", "--no-augment"]
+    assert main([*common, "--freeze", "decoder"]) == 2
+    assert "cannot freeze ['decoder']" in capsys.readouterr().err
+    assert main([*common, "--max-steps", "1", "--freeze", "backbone,text"]) == 0
+    err = capsys.readouterr().err
+    assert "2 images, no bad records" in err and "loss" in err and "images/s" in err
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])["step"] == 1
