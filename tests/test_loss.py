@@ -10,15 +10,16 @@ straightforward reimplementation built from transformers' own modules and criter
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
+from reference import reference_processor
 
 from gdino.convert import hf_to_ours
 from gdino.training.matcher import MatchCosts, hungarian_match
-from reference import reference_processor
 
 PROMPTS = ["a cat. a remote control. a sofa.", "a dog? red car. the tall tree."]  # 3 phrases each, padded
 LABELS = [

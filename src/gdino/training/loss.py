@@ -76,7 +76,10 @@ def make_targets(
     """Checks transformers-style ``labels`` against the prompts' phrases and lays them out.
 
     Args:
-        labels: per image ``{"class_labels": (N,) int, "boxes": (N, 4) (cx, cy, w, h) in [0, 1]}``.
+        labels: per image ``{"class_labels": (N,) int, "boxes": (N, 4) (cx, cy, w, h) in [0, 1]}``,
+            optionally with ``"positive_map"`` (P, W), 1 on phrase p's tokens, for captions whose
+            phrases are not the runs between "." (grounding captions); ``class_labels`` then
+            index its rows instead of the prompt's phrases.
         phrase_maps: per image, (P_i, W) from ``phrase_token_maps``.
     """
     if len(labels) != len(phrase_maps):
@@ -85,6 +88,13 @@ def make_targets(
     for i, (label, phrases) in enumerate(zip(labels, phrase_maps)):
         if "class_labels" not in label or "boxes" not in label:
             raise ValueError(f"labels[{i}] needs 'class_labels' and 'boxes', it has {sorted(label)}")
+        if "positive_map" in label:
+            phrases = torch.as_tensor(label["positive_map"], device=device, dtype=torch.float32)
+            if phrases.ndim != 2 or phrases.shape[1] != phrase_maps[i].shape[1] or bool((phrases.sum(1) <= 0).any()):
+                raise ValueError(
+                    f"labels[{i}]: positive_map must be (phrases, {phrase_maps[i].shape[1]}) with tokens in every row, "
+                    f"not {tuple(phrases.shape)}"
+                )
         classes = torch.as_tensor(label["class_labels"], device=device).long().reshape(-1)
         box = torch.as_tensor(label["boxes"], device=device, dtype=torch.float32)
         if box.shape != (len(classes), 4):

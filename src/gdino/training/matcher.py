@@ -79,7 +79,10 @@ def hungarian_match(
         Per image, (query indices, target indices), two int64 CPU tensors of length
         min(Q, N_i), ordered by query index.
     """
-    from scipy.optimize import linear_sum_assignment  # the train extra; imported when training
+    try:
+        from scipy.optimize import linear_sum_assignment  # the train extra; imported when training
+    except ImportError as e:
+        raise ImportError("the training loss needs scipy: pip install 'gdino[train]'") from e
 
     matches = []
     for image_logits, image_boxes, maps, targets in zip(logits, boxes, token_maps, target_boxes):
