@@ -21,6 +21,7 @@ from typing import IO, Any
 from .arguments import UsageError, check_device, check_output_file, check_output_folder, fraction, positive_int
 from .commands import add_arguments as add_task_arguments  # label, eval; standard library only
 from .server import add_arguments as add_serve_arguments  # standard library only; FastAPI is imported by serve
+from .train_command import add_arguments as add_train_arguments  # standard library only
 
 EXIT_BAD_INPUT = 2
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
     add_serve_arguments(commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])"))
     add_task_arguments(commands)
+    add_train_arguments(commands)
     return parser
 
 
@@ -229,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .commands import main as run_task
 
         return run_task(args)
+    if args.command in ("train", "shapes"):
+        from .train_command import main as run_training
+
+        return run_training(args)
     from .chunking import on_chunk
     from .progress import ChunkProgress
 

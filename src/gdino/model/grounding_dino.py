@@ -291,7 +291,8 @@ class GroundingDino(nn.Module):
         image tokens instead of the best-scoring ones. ``intermediate`` also returns every decoder
         layer's predictions and the encoder proposals' (for the loss). Any other argument (a typo
         such as ``pixel_masks``, or transformers' ``output_attentions``, ``return_dict``, which this
-        model does not implement) raises ``TypeError`` rather than being ignored.
+        model does not implement, or ``labels``: the loss is computed by
+        ``GroundingDinoForObjectDetection``) raises ``TypeError`` rather than being ignored.
         """
         text = self.text_features(input_ids, attention_mask, token_type_ids)
         image = self.image_features(pixel_values, pixel_mask)
