@@ -17,13 +17,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'gdino[ray]')")
-if not sys.platform.startswith("linux"):
-    pytest.skip("the test cluster runs on 127.0.0.2 and finds actors in /proc: Linux only", allow_module_level=True)
+from test_label import CLASSES, THRESHOLD, _tree, folder, gdino  # noqa: F401 (folder is a fixture)
 
-from test_label import CLASSES, THRESHOLD, _tree, folder, gdino  # noqa: E402,F401 (folder is a fixture)
-
-pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 JOURNAL = ".gdino-label.jsonl"
 
@@ -34,10 +29,24 @@ def _ray(*args: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
+def test_without_ray_or_with_workers_alone(folder, tmp_path, monkeypatch):
+    from gdino.label_ray import RayMissingError, import_ray
+
+    run = gdino(folder, "--classes", "cat", "--out", tmp_path / "out", "--workers", "2")
+    assert run.returncode == 2 and "--workers is the number of Ray actors" in run.stderr
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(RayMissingError, match=r"pip install 'gdino\[ray\]'"):
+        import_ray()
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A head and a second node, 1 CPU each, on 127.0.0.2 (Ray maps 127.0.0.1 to the public
     address); the address to join. ``ray stop`` at the end, whatever happened."""
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'gdino[ray]')")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the test cluster runs on 127.0.0.2 and finds actors in /proc: Linux only")
     temp = tempfile.mkdtemp(prefix="gdino-ray-", dir="/tmp")  # short: Ray's socket paths must fit
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     node = ["--node-ip-address=127.0.0.2", "--num-cpus=1", "--object-store-memory=100000000",
@@ -86,6 +95,7 @@ def _check_complete(out: Path, reference: Path) -> None:
     assert ours == theirs
 
 
+@pytest.mark.slow
 def test_same_export_and_driver_killed(cluster, folder, fast_dir, reference, tmp_path):
     out = tmp_path / "out"
     ray = ["--ray", cluster, "--workers", "2", "--format", "yolo", "--out", out, "--batch-size", "2"]
@@ -118,6 +128,7 @@ def _actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_actor_killed_is_retried(cluster, folder, fast_dir, reference, tmp_path):
     out = tmp_path / "out"
     ray = ["--ray", cluster, "--workers", "2", "--format", "yolo", "--out", out, "--batch-size", "1"]

@@ -86,20 +86,26 @@ def import_ray() -> Any:
     return ray
 
 
-def ray_runner(options: RayOptions, image_settings: ImageSettings, log: IO[str] | None = None) -> Runner:
+def ray_runner(options: RayOptions, image_settings: ImageSettings, log: IO[str] | None = None,
+               actor: type | None = None) -> Runner:
     """A ``gdino.label`` runner that detects on Ray and journals in this process.
 
     Args:
         options: the cluster, model and detection settings.
         image_settings: the model's resize settings, for the reading tasks.
         log: where notes go (stderr when None).
+        actor: the actor class (``_Detector``; ``bench/label_ray.py`` times the pipeline with a
+            simulated model through a subclass).
     """
 
     def run(root: Path, names: list[str], journal: Journal, progress: Progress) -> None:
         ray = import_ray()
-        _connect(ray, options.address)
+        owned = not ray.is_initialized()  # a Python caller's own ray.init() is used as it is
+        if owned:
+            _connect(ray, options.address)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # gdino's own bar is on stderr
         try:
-            records = _records(ray, _pipeline(ray, root, names, options, image_settings, log))
+            records = _records(ray, _pipeline(ray, root, names, options, image_settings, log, actor or _Detector))
             _journal_stream(records, journal, progress, set(names))
         except LabelError:
             raise
@@ -107,7 +113,8 @@ def ray_runner(options: RayOptions, image_settings: ImageSettings, log: IO[str] 
             raise LabelError(f"the Ray run stopped ({type(e).__name__}: {_first_line(e)}); what was done is in "
                              f"the journal, and the same command resumes from there") from e
         finally:
-            ray.shutdown()
+            if owned:
+                ray.shutdown()
 
     return run
 
@@ -123,7 +130,6 @@ def _connect(ray: Any, address: str | None) -> None:
         ray.init(include_dashboard=False, configure_logging=False)
     else:
         ray.init(address=address, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # gdino's own bar is on stderr
 
 
 def _journal_stream(records: Iterator[dict[str, Any]], journal: Journal, progress: Progress, todo: set[str]) -> None:
@@ -165,9 +171,10 @@ def _records(ray: Any, dataset: Any) -> Iterator[dict[str, Any]]:
 
 
 def _pipeline(ray: Any, root: Path, names: list[str], options: RayOptions, image_settings: ImageSettings,
-              log: IO[str] | None) -> Any:
+              log: IO[str] | None, actor: type) -> Any:
     """names -> read + resize (CPU tasks) -> detect (actor pool): a lazy Ray dataset of records."""
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if options.device in (None, "cuda") else 0
+    on_gpu = options.device is None or options.device.startswith("cuda")
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if on_gpu else 0
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = options.workers or (gpus if gpus else max(1, cpus // 2))
     actor_cpus, read_cpus = (1.0, 1.0) if gpus else (0.5, 0.5)
@@ -180,7 +187,7 @@ def _pipeline(ray: Any, root: Path, names: list[str], options: RayOptions, image
         batch_size=READ_BLOCK, batch_format="numpy", num_cpus=read_cpus, max_retries=3,
     )
     return dataset.map_batches(
-        _Detector, fn_constructor_kwargs={"options": options, "gpu": bool(gpus), "threads": 1},
+        actor, fn_constructor_kwargs={"options": options, "gpu": bool(gpus), "threads": 1},
         batch_size=max(1, options.batch_size), batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR),
         num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
@@ -236,7 +243,8 @@ class _Detector:
         from .detector import GroundingDinoForObjectDetection
 
         torch.set_num_threads(threads)
-        device = options.device or ("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        # Ray shows an actor only its own GPU: "cuda" is that one, whatever --device numbered
+        device = "cuda" if gpu and torch.cuda.is_available() else (options.device or "cpu")
         self.model = GroundingDinoForObjectDetection.from_pretrained(
             options.model, device=device, dtype=getattr(torch, DTYPES[options.dtype])).eval()
         self.model.phrases(list(options.classes))  # a bad class list fails here, before any image
