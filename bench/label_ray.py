@@ -1,6 +1,6 @@
 """Throughput of ``gdino label --ray`` against the single-process run, and where it stops growing.
 
-    python bench/label_ray.py real --images 24                 # one process, then Ray with 1 and 2 actors
+    python bench/label_ray.py real --images 16 --short-side 320   # one process, then Ray with 1 and 2 actors
     python bench/label_ray.py stages --images 24               # decode + resize per image, bytes sent
     python bench/label_ray.py simulate --images 96 --model-ms 50 --actors 1 2 4 8
 
@@ -42,8 +42,10 @@ def make_folder(count: int, size: tuple[int, int]) -> Path:
     return root
 
 
-def small_model() -> Path:
-    """The small random-weight test model in the Hugging Face layout (cached)."""
+def small_model(short_side: int = 800) -> Path:
+    """The small random-weight test model in the Hugging Face layout (cached), its processor set
+    to resize images to ``short_side`` pixels (the published 800 by default; 1333 at most on the
+    long side, scaled alike)."""
     directory = CACHE / "small-hf"
     if not (directory / "config.json").exists():
         sys.path.insert(0, str(ROOT / "tests"))
@@ -52,7 +54,20 @@ def small_model() -> Path:
 
         with torch.no_grad():
             save_reference(build_reference(small_reference_config(), seed=1), directory)
-    return directory
+    if short_side == 800:
+        return directory
+    resized = CACHE / f"small-hf-{short_side}"
+    resized.mkdir(exist_ok=True)
+    for f in directory.iterdir():
+        target = resized / f.name
+        if f.name in ("processor_config.json", "preprocessor_config.json"):
+            config = json.loads(f.read_text())
+            settings = config.get("image_processor", config)
+            settings["size"] = {"shortest_edge": short_side, "longest_edge": short_side * 1333 // 800}
+            target.write_text(json.dumps(config))
+        elif not target.exists():
+            target.symlink_to(f)
+    return resized
 
 
 def timed(run: Any, times: list[tuple[float, int]]) -> Any:
@@ -96,7 +111,7 @@ def label(folder: Path, model: Path, workers: int | None, actor: type | None = N
 def real(args: argparse.Namespace) -> None:
     import ray
 
-    folder, model = make_folder(args.images, args.size), small_model()
+    folder, model = make_folder(args.images, args.size), small_model(args.short_side)
     rows = {"single process": label(folder, model, None)}
     for workers in (1, 2):
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)  # --ray alone
@@ -115,7 +130,7 @@ def stages(args: argparse.Namespace) -> None:
     from gdino.label_ray import image_settings
 
     folder = make_folder(args.images, args.size)
-    resize = replace(image_settings(str(small_model())), do_rescale=False, do_normalize=False)
+    resize = replace(image_settings(str(small_model(args.short_side))), do_rescale=False, do_normalize=False)
     decode = shrink = 0.0
     nbytes = 0
     for path in sorted(folder.iterdir()):
@@ -170,6 +185,7 @@ def main() -> None:
     parser.add_argument("what", choices=("real", "stages", "simulate"))
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--size", type=lambda s: tuple(map(int, s.split("x"))), default=(1024, 768), help="WxH")
+    parser.add_argument("--short-side", type=int, default=800, help="the model's input size (short side)")
     parser.add_argument("--model-ms", type=float, default=50.0, help="simulate: model time per image")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--batch-size", type=int, default=4)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +50,11 @@ def cluster() -> Iterator[str]:
     if not sys.platform.startswith("linux"):
         pytest.skip("the test cluster runs on 127.0.0.2 and finds actors in /proc: Linux only")
     temp = tempfile.mkdtemp(prefix="gdino-ray-", dir="/tmp")  # short: Ray's socket paths must fit
+    # A token of its own for the nodes and the drivers (gdino's subprocesses inherit os.environ),
+    # whatever ~/.ray/auth_token an earlier local ray.init() left behind.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     node = ["--node-ip-address=127.0.0.2", "--num-cpus=1", "--object-store-memory=100000000",
             f"--temp-dir={temp}", "--disable-usage-stats"]
@@ -58,6 +65,12 @@ def cluster() -> Iterator[str]:
         yield address
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(temp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

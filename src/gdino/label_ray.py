@@ -18,10 +18,13 @@ the end. Only the detection moves to Ray Data (imported here, lazily; ``pip inst
   journaled once.
 
 Memory is bounded whatever the folder's size: the dataset is never materialised. Ray Data
-streams blocks of ``READ_BLOCK`` names; object-store backpressure caps the read blocks in flight
-(each about ``READ_BLOCK`` resized images of at most 800x1333x3 bytes, 3.2 MB), every actor holds
-at most ``IN_FLIGHT_PER_ACTOR`` batches of ``--batch-size`` images, and the driver keeps one
-batch of records (plus, as ``gdino label`` does, the journal's records).
+streams blocks of ``B = max(READ_BLOCK, --batch-size)`` names; a reading task turns one block
+into B resized images (at most 800x1333x3 bytes, 3.2 MB, each), object-store backpressure caps
+the blocks in flight between reading and the actors, every actor holds at most
+``IN_FLIGHT_PER_ACTOR`` blocks (2 x 8 x 3.2 MB = 51 MB by default) and runs them ``--batch-size``
+images at a time, and the driver keeps one block of records (plus, as ``gdino label`` does, the
+journal's records). A block's records are journaled together: a killed driver redoes at most
+the blocks that were in flight.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
-READ_BLOCK = 16  # image names per Ray Data block (one reading task)
+READ_BLOCK = 8  # image names per Ray Data block: one reading task, one actor task, one journal write
 IN_FLIGHT_PER_ACTOR = 2  # batches queued on an actor: one running, one arriving
 MAX_RESTARTS = 4  # an actor process that dies is started again this often (then the run stops)
 
@@ -180,11 +183,11 @@ def _pipeline(ray: Any, root: Path, names: list[str], options: RayOptions, image
     actor_cpus, read_cpus = (1.0, 1.0) if gpus else (0.5, 0.5)
     print(f"label: Ray, {workers} model actor(s) on {gpus} GPU(s) and {cpus} CPU(s)",
           file=log if log is not None else sys.stderr, flush=True)
-    blocks = max(1, -(-len(names) // READ_BLOCK))
-    dataset = ray.data.from_items([{"image": n} for n in names], override_num_blocks=blocks)
+    block = max(READ_BLOCK, options.batch_size)
+    dataset = ray.data.from_items([{"image": n} for n in names], override_num_blocks=max(1, -(-len(names) // block)))
     dataset = dataset.map_batches(
         _read_batch, fn_kwargs={"root": str(root), "settings": image_settings},
-        batch_size=READ_BLOCK, batch_format="numpy", num_cpus=read_cpus, max_retries=3,
+        batch_size=None, batch_format="numpy", num_cpus=read_cpus, max_retries=3,
     )
     return dataset.map_batches(
         actor, fn_constructor_kwargs={"options": options, "gpu": bool(gpus), "threads": 1},
