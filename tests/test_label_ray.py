@@ -18,23 +18,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from test_label import CLASSES, THRESHOLD, _tree, folder, gdino  # noqa: F401 (folder is a fixture)
+from test_label import CLASSES, THRESHOLD, _tree, gdino, make_photos
 
 RAY = str(Path(sys.executable).with_name("ray"))
 JOURNAL = ".gdino-label.jsonl"
 
 
 def _ray(*args: str, env: dict[str, str]) -> str:
-    done = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=120, env=env, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
-def test_without_ray_or_with_workers_alone(folder, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def photos(data_dir, tmp_path_factory) -> Path:
+    """test_label's folder: 30 images in three sub-folders and a broken one."""
+    return make_photos(tmp_path_factory.mktemp("photos"), data_dir)
+
+
+def test_without_ray_or_with_workers_alone(photos, tmp_path, monkeypatch):
     from gdino.label_ray import RayMissingError, import_ray
 
-    run = gdino(folder, "--classes", "cat", "--out", tmp_path / "out", "--workers", "2")
+    run = gdino(photos, "--classes", "cat", "--out", tmp_path / "out", "--workers", "2")
     assert run.returncode == 2 and "--workers is the number of Ray actors" in run.stderr
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(RayMissingError, match=r"pip install 'gdino\[ray\]'"):
@@ -64,7 +69,7 @@ def cluster() -> Iterator[str]:
         _ray("start", f"--address={address}", *node, env=env)
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env, check=False)
         shutil.rmtree(temp, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
@@ -74,10 +79,10 @@ def cluster() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(folder, fast_dir, tmp_path_factory) -> Path:
+def reference(photos, fast_dir, tmp_path_factory) -> Path:
     """The single-process run, YOLO format."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    run = gdino(folder, "--format", "yolo", "--out", out, "--batch-size", "2", *_common(fast_dir))
+    run = gdino(photos, "--format", "yolo", "--out", out, "--batch-size", "2", *_common(fast_dir))
     assert run.returncode == 0, run.stderr
     return out
 
@@ -109,10 +114,10 @@ def _check_complete(out: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
-def test_same_export_and_driver_killed(cluster, folder, fast_dir, reference, tmp_path):
+def test_same_export_and_driver_killed(cluster, photos, fast_dir, reference, tmp_path):
     out = tmp_path / "out"
     ray = ["--ray", cluster, "--workers", "2", "--format", "yolo", "--out", out, "--batch-size", "2"]
-    run = gdino(folder, *ray, *_common(fast_dir), background=True)
+    run = gdino(photos, *ray, *_common(fast_dir), background=True)
     _wait_for(run, out / JOURNAL, 7)  # the header and at least three batches
     run.send_signal(signal.SIGKILL)
     run.communicate()
@@ -120,7 +125,7 @@ def test_same_export_and_driver_killed(cluster, folder, fast_dir, reference, tmp
     done = len(_journaled(out))
     assert 6 <= done < 31 and not (out / "data.yaml").exists()
 
-    again = gdino(folder, *ray, *_common(fast_dir))
+    again = gdino(photos, *ray, *_common(fast_dir))
     assert again.returncode == 0, again.stderr
     resumed = int(again.stderr.split("resuming, ")[1].split(" of 31")[0])
     assert resumed >= done - 1  # the broken image is tried again
@@ -142,15 +147,15 @@ def _actor_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_actor_killed_is_retried(cluster, folder, fast_dir, reference, tmp_path):
+def test_actor_killed_is_retried(cluster, photos, fast_dir, reference, tmp_path):
     out = tmp_path / "out"
     ray = ["--ray", cluster, "--workers", "2", "--format", "yolo", "--out", out, "--batch-size", "1"]
-    run = gdino(folder, *ray, *_common(fast_dir), background=True)
+    run = gdino(photos, *ray, *_common(fast_dir), background=True)
     _wait_for(run, out / JOURNAL, 4)
     pids = _actor_pids()
     assert pids and run.poll() is None, "no actor to kill, or the run is over"
     os.kill(pids[0], signal.SIGKILL)
-    stdout, stderr = run.communicate(timeout=600)
+    _, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr
     assert len(_journaled(out)) == 31  # 30 records and the broken image, each once
     _check_complete(out, reference)

@@ -83,7 +83,7 @@ def import_ray() -> Any:
     """``ray`` with Ray Data, or a clear error naming the extra to install."""
     try:
         import ray
-        import ray.data  # noqa: F401 (Ray Data is the part we need)
+        import ray.data  # Ray Data is the part we need
     except ImportError as e:
         raise RayMissingError(f"--ray needs Ray Data: pip install 'gdino[ray]' ({e})") from None
     return ray
@@ -112,7 +112,7 @@ def ray_runner(options: RayOptions, image_settings: ImageSettings, log: IO[str] 
             _journal_stream(records, journal, progress, set(names))
         except LabelError:
             raise
-        except Exception as e:  # noqa: BLE001 (a dead cluster, or a model no actor can load)
+        except Exception as e:  # a dead cluster, or a model no actor can load
             raise LabelError(f"the Ray run stopped ({type(e).__name__}: {_first_line(e)}); what was done is in "
                              f"the journal, and the same command resumes from there") from e
         finally:
