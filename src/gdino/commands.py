@@ -32,6 +32,11 @@ def add_arguments(commands: Any) -> None:
     label.add_argument("--nms", type=fraction, default=None, metavar="IOU",
                        help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)")
     label.add_argument("--batch-size", type=positive_int, default=4, help="images per call (default 4)")
+    label.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|auto",
+                       help="run on Ray (pip install 'gdino[ray]'): alone a local instance, 'auto' the running "
+                            "cluster, or the cluster at ADDRESS")
+    label.add_argument("--workers", type=positive_int, default=None,
+                       help="with --ray: model actors (default: one per GPU, else one per two CPUs)")
     _model_arguments(label)
 
     evaluate = commands.add_parser("eval", help="zero-shot evaluation on a labelled dataset")
@@ -85,9 +90,12 @@ def _label(args: argparse.Namespace) -> int:
     from . import CheckpointError, PromptError
     from .label import LabelError, Settings, label_folder, parse_classes
 
+    if args.workers is not None and args.ray is None:
+        return _error("--workers is the number of Ray actors: give it with --ray")
     try:
         classes = parse_classes(args.classes)
-        args.device = check_device(args.device)
+        if args.ray is None:  # with --ray the actors' machines have the device, not necessarily this one
+            args.device = check_device(args.device)
         settings = Settings(tuple(classes), _model_name(args), args.box_threshold, args.nms)
 
         def make_detector() -> Any:
@@ -95,7 +103,9 @@ def _label(args: argparse.Namespace) -> int:
             model.phrases(classes)  # checks the labels before any image is read
             return lambda images: model.detect(images, classes, args.box_threshold, nms_threshold=args.nms)
 
-        summary = label_folder(args.folder, args.out, args.format, settings, make_detector, args.batch_size)
+        runner = _ray_runner(args, classes) if args.ray is not None else None
+        summary = label_folder(args.folder, args.out, args.format, settings, make_detector, args.batch_size,
+                               runner=runner)
     except (LabelError, CheckpointError, PromptError, UsageError) as e:
         return _error(str(e))
     except OSError as e:  # the export could not be written (e.g. the disk is full); the journal is kept
@@ -104,6 +114,16 @@ def _label(args: argparse.Namespace) -> int:
     print(f"label: {summary.images} images, {summary.boxes} boxes, written to {args.out}{errors}",
           file=sys.stderr, flush=True)
     return 0
+
+
+def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
+    """``--ray``: detection on Ray, journal and exports here (``gdino.label_ray``)."""
+    from .label_ray import RayOptions, image_settings, import_ray, ray_runner
+
+    import_ray()  # a clear error before anything is written
+    options = RayOptions(None if args.ray == "local" else args.ray, _model_name(args), tuple(classes),
+                         args.box_threshold, args.nms, max(1, args.batch_size), args.workers, args.device, args.dtype)
+    return ray_runner(options, image_settings(options.model))
 
 
 def _eval_coco(args: argparse.Namespace) -> int:
