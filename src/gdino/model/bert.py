@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdino.config import BertConfig
+from gdino.model.attention import attend
 
 
 def phrase_masks(input_ids: Tensor, special_token_ids: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -94,7 +95,7 @@ class BertSelfAttention(nn.Module):
             (B, T, hidden), heads concatenated, before the output projection.
         """
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5)
+        out = attend(q, k, v, allowed, self.head_dim**-0.5)
         b, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, T, nh*hs)
 
