@@ -23,7 +23,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from gdino.export.onnx import export_onnx  # noqa: E402
-from gdino.model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures  # noqa: E402
+from gdino.model.grounding_dino import GroundingDino, TextFeatures  # noqa: E402
 
 TOP = 100
 LONG_LABELS = [f"thing number {i}" for i in range(62)]  # 62 labels of 3 words: about 250 tokens
