@@ -122,7 +122,7 @@ import gdino.onnx
 detector = gdino.onnx.load(sys.argv[1], threads=2)
 out = {}
 for key, prompt in (("phrases", "a cat. a remote control."), ("labels", ["cat", "remote control", "st. bernard"])):
-    found = detector.detect(sys.argv[2], prompt, box_threshold=0.0, nms_threshold=0.5)
+    found = detector.detect(sys.argv[2], prompt, box_threshold=0.0, text_threshold=0.0, nms_threshold=0.5)
     out[key] = {"boxes": found.boxes.tolist(), "scores": found.scores.tolist(), "labels": list(found.labels),
                 "label_ids": found.label_ids.tolist(), "size": list(found.image_size)}
 print(json.dumps(out))
@@ -138,11 +138,14 @@ def test_runtime_without_torch_detects_as_pytorch(our_model, export_dir, data_di
     assert done.returncode == 0, done.stderr[-3000:]
     runtime = json.loads(done.stdout.strip().splitlines()[-1])
     for key, prompt in (("phrases", "a cat. a remote control."), ("labels", ["cat", "remote control", "st. bernard"])):
-        ours = our_model.detect(image, prompt, box_threshold=0.0, nms_threshold=0.5)
+        ours = our_model.detect(image, prompt, box_threshold=0.0, text_threshold=0.0, nms_threshold=0.5)
         theirs = runtime[key]
         assert tuple(theirs["size"]) == ours.image_size
-        # The best boxes are well separated in score; compare the top 20 one to one.
-        n = 20
-        assert theirs["labels"][:n] == list(ours.labels[:n]) and theirs["label_ids"][:n] == ours.label_ids[:n].tolist()
-        np.testing.assert_allclose(np.array(theirs["scores"][:n]), ours.scores[:n], atol=1e-3)
-        np.testing.assert_allclose(np.array(theirs["boxes"][:n]), ours.boxes[:n], atol=0.1)
+        # Each of PyTorch's 20 best detections is in the runtime's, with its label and score (a
+        # near-tied query selection could swap slots, so they are matched by box, not by rank).
+        boxes, scores = np.array(theirs["boxes"]), np.array(theirs["scores"])
+        assert len(boxes) > 20
+        for box, score, label in zip(ours.boxes[:20], ours.scores[:20], ours.labels[:20]):
+            j = int(np.abs(boxes - box).max(-1).argmin())
+            assert np.abs(boxes[j] - box).max() < 0.05 and abs(scores[j] - score) < 1e-3
+            assert theirs["labels"][j] == label
