@@ -149,3 +149,13 @@ def test_runtime_without_torch_detects_as_pytorch(our_model, export_dir, data_di
             j = int(np.abs(boxes - box).max(-1).argmin())
             assert np.abs(boxes[j] - box).max() < 0.05 and abs(scores[j] - score) < 1e-3
             assert theirs["labels"][j] == label
+
+
+def test_cli_detect_runs_on_an_export(export_dir, data_dir, capsys):
+    from gdino.cli import main
+
+    assert main(["detect", str(data_dir / "coffee.png"), "--prompt", "cat,cup", "--model", str(export_dir),
+                 "--box-threshold", "0.0"]) == 0  # fmt: skip
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["width"] == 600 and record["detections"]
+    assert {d["label"] for d in record["detections"]} <= {"cat", "cup"}
