@@ -45,7 +45,53 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_arguments(commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])"))
     add_task_arguments(commands)
     add_train_arguments(commands)
+    _add_export_arguments(commands.add_parser("export", help="export the model for other runtimes (gdino[onnx])"))
     return parser
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    formats = parser.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="text, image and detection graphs for onnxruntime (gdino.onnx)")
+    onnx.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
+    onnx.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the export to")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    onnx.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation of the weights")
+
+
+def export(args: argparse.Namespace) -> int:
+    from . import CheckpointError
+    from .detector import GroundingDinoForObjectDetection
+    from .export.onnx import export_onnx
+    from .weights import DEFAULT_MODEL_ID
+
+    try:
+        model = GroundingDinoForObjectDetection.from_pretrained(args.model or DEFAULT_MODEL_ID, device="cpu")
+    except CheckpointError as e:
+        _error(str(e))
+        return EXIT_BAD_INPUT
+    settings = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize)
+    print(json.dumps({"out": str(args.out), "seconds": settings["export_seconds"], "files": settings["file_sizes"]}))
+    return 0
+
+
+def load_detector(name: str | None, device: str | None, dtype: str) -> object:
+    """The PyTorch detector, or the onnxruntime one (``gdino.onnx``) when ``name`` is an ONNX export."""
+    from .onnx import is_export  # cheap: onnxruntime is imported by load
+
+    if name is not None and is_export(name):
+        from .onnx import load
+
+        return load(name)
+    import torch
+
+    from .detector import GroundingDinoForObjectDetection
+    from .weights import DEFAULT_MODEL_ID
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return GroundingDinoForObjectDetection.from_pretrained(
+        name or DEFAULT_MODEL_ID, device=device, dtype=getattr(torch, DTYPES[dtype])
+    ).eval()
 
 
 def _error(message: str) -> None:
@@ -145,17 +191,11 @@ def detect(args: argparse.Namespace) -> int:
     except UsageError as e:
         _error(str(e))
         return EXIT_BAD_INPUT
-    import torch
-
     from . import CheckpointError, PromptError
-    from .detector import GroundingDinoForObjectDetection
-    from .weights import DEFAULT_MODEL_ID
 
     prompt = _prompt(args.prompt)
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(
-            args.model or DEFAULT_MODEL_ID, device=device, dtype=getattr(torch, DTYPES[args.dtype])
-        )
+        model = load_detector(args.model, device, args.dtype)
         model.phrases(prompt)  # validates the prompt (length, at least one phrase) before any image is read
     except (CheckpointError, PromptError) as e:
         _error(str(e))
@@ -235,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train_command import main as run_training
 
         return run_training(args)
+    if args.command == "export":
+        return export(args)
     from .chunking import on_chunk
     from .progress import ChunkProgress
 

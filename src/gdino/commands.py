@@ -63,14 +63,9 @@ def _error(message: str) -> int:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    import torch
+    from .cli import load_detector  # the onnxruntime detector when --model is an ONNX export
 
-    from .cli import DTYPES
-    from .detector import GroundingDinoForObjectDetection
-
-    return GroundingDinoForObjectDetection.from_pretrained(
-        _model_name(args), device=args.device, dtype=getattr(torch, DTYPES[args.dtype])
-    ).eval()
+    return load_detector(_model_name(args), args.device, args.dtype)
 
 
 def _model_name(args: argparse.Namespace) -> str:

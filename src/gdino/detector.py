@@ -19,45 +19,12 @@ from .boxes import cxcywh_to_xyxy
 from .checks import check_fraction
 from .chunking import Candidates, best_per_query, class_nms, score_chunks
 from .classes import ClassQuery, TokenSpans, queries_for_images
+from .detections import Detections
 from .image import ImageLike, images_to_list, load_image
 from .model.grounding_dino import GroundingDino, GroundingDinoOutput, ImageFeatures, TextFeatures, stack_images
 from .processing import GroundingDinoProcessor
-from .text import PromptError, TextInput, phrase_for_tokens, phrase_spans
+from .text import TextInput, phrase_for_tokens, phrase_names
 from .weights import DEFAULT_MODEL_ID, load_model
-
-
-@dataclass(frozen=True)
-class Detections:
-    """What was found in one image, best first.
-
-    Attributes:
-        boxes: (N, 4) float32 (x0, y0, x1, y1) in pixels of the original image.
-        scores: (N,) float32 in [0, 1].
-        labels: N phrases of the prompt, e.g. "a remote control".
-        label_ids: (N,) int64 index of each label's phrase in the prompt (of the label in a label list).
-        image_size: (width, height) of the original image.
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: tuple[str, ...]
-    label_ids: np.ndarray
-    image_size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def to_list(self, decimals: int = 2) -> list[dict[str, Any]]:
-        """JSON-ready detections: ``[{"box": [x0, y0, x1, y1], "score", "label", "label_id"}]``."""
-        return [
-            {
-                "box": [round(float(v), decimals) for v in box],
-                "score": round(float(score), 4),
-                "label": label,
-                "label_id": int(label_id),
-            }
-            for box, score, label, label_id in zip(self.boxes, self.scores, self.labels, self.label_ids)
-        ]
 
 
 @dataclass(frozen=True)
@@ -311,19 +278,8 @@ class GroundingDinoForObjectDetection(GroundingDino):
         return list(query.names) if isinstance(query, ClassQuery) else query[2]
 
     def _phrases(self, text: str) -> tuple[list[tuple[int, int]], list[str]]:
-        """Token spans and texts of a normalised prompt's phrases.
-
-        The texts are cut from the prompt by the tokens' character offsets, so a phrase comes back
-        as written ("t-shirt"), not as re-joined word pieces ("t - shirt").
-        """
-        ids = self.processor.tokenizer.encode([text]).input_ids[0].tolist()  # PromptError if too long
-        spans = phrase_spans(ids, self.config.special_token_ids)
-        if not spans:
-            raise PromptError(f"the prompt {text!r} has no phrase, only separators such as '.'; "
-                              "give e.g. 'a cat. a remote control.'")
-        offsets = self.processor.tokenizer.offsets(text)  # the same tokens as ids
-        names = [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]
-        return spans, names
+        """Token spans and texts of a normalised prompt's phrases (``gdino.text.phrase_names``)."""
+        return phrase_names(text, self.processor.tokenizer, self.config.special_token_ids)
 
     def _detections(
         self,

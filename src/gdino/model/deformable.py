@@ -8,7 +8,10 @@ softmax-normalised weights.
 four bilinear corners, folds the attention weight into the corner weights and reads all levels at
 once with a single weighted gather (``F.embedding_bag``) from the (B * S * nH, hd) view of the
 values. ``ms_deform_attn_reference`` is the straightforward per-level ``grid_sample`` version
-(as in transformers) that it is tested against.
+(as in transformers) that it is tested against. The module runs the reference instead when its
+``grid_sample`` attribute is set: the ONNX export sets it, since ``grid_sample`` maps onto ONNX's
+``GridSample`` (opset 16) and its shapes follow the image size, where the gather's index
+arithmetic and steps would not.
 """
 
 from __future__ import annotations
@@ -173,7 +176,13 @@ class MultiScaleDeformableAttention(nn.Module):
         n_levels: number of feature levels nL.
         n_heads: number of heads nH (D must be divisible by it).
         n_points: sampled points nP per head and level.
+
+    Attributes:
+        grid_sample: run ``ms_deform_attn_reference`` (per-level ``grid_sample``) instead of
+            ``ms_deform_attn``; set for ONNX export (``gdino.export.onnx``), off by default.
     """
+
+    grid_sample: bool = False
 
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int) -> None:
         super().__init__()
@@ -227,7 +236,8 @@ class MultiScaleDeformableAttention(nn.Module):
         # a bfloat16 location on a 150-pixel-wide level is only good to about half a pixel.
         weights = _wide(weights).softmax(-1).view(shape)  # (B, Q, nH, nL, nP)
         locations = self._sampling_locations(_wide(reference_points), _wide(offsets), spatial_shapes)
-        return self.output_proj(ms_deform_attn(v, spatial_shapes, locations, weights))
+        attend = ms_deform_attn_reference if self.grid_sample else ms_deform_attn
+        return self.output_proj(attend(v, spatial_shapes, locations, weights))
 
     def _sampling_locations(
         self, reference_points: Tensor, offsets: Tensor, spatial_shapes: list[tuple[int, int]]

@@ -359,11 +359,17 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         shutdown_seconds=args.shutdown_seconds,
     )
+    from ..onnx import is_export
+    from ..onnx import load as load_onnx
+
     name = str(args.model or DEFAULT_MODEL_ID)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(name, device=device, dtype=dtype).eval()
+        if is_export(name):  # an ONNX export runs on onnxruntime (gdino.onnx)
+            model = load_onnx(name, threads=args.threads or None)
+        else:
+            model = GroundingDinoForObjectDetection.from_pretrained(name, device=device, dtype=dtype).eval()
     except CheckpointError as exc:
         print(f"gdino: error: {exc}", file=sys.stderr)
         return 2
