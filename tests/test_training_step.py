@@ -72,5 +72,6 @@ def test_without_labels_nothing_extra_is_computed():
 
 
 def test_the_bare_model_refuses_labels():
-    with pytest.raises(TypeError, match="GroundingDinoForObjectDetection"):
+    """Only GroundingDinoForObjectDetection computes the loss; the bare model does not take labels."""
+    with pytest.raises(TypeError, match="labels"):
         _model(GroundingDino)(pixel_values=_pixels(), input_ids=IDS, labels=LABELS)

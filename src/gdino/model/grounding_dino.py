@@ -306,7 +306,10 @@ class GroundingDino(nn.Module):
             pred_boxes=extra["decoder_pred_boxes"][-1],
             input_ids=input_ids,
             query_index=decoded.index,
-            **extra,
+            decoder_logits=extra["decoder_logits"],
+            decoder_pred_boxes=extra["decoder_pred_boxes"],
+            encoder_logits=extra["encoder_logits"],
+            encoder_pred_boxes=extra["encoder_pred_boxes"],
         )
 
 
