@@ -21,7 +21,7 @@ from typing import IO, Any
 from .arguments import UsageError, check_device, check_output_file, check_output_folder, fraction, positive_int
 from .commands import add_arguments as add_task_arguments  # label, eval; standard library only
 from .server import add_arguments as add_serve_arguments  # standard library only; FastAPI is imported by serve
-from .train_command import add_arguments as add_train_arguments  # standard library only
+from .train_command import add_arguments as add_train_arguments
 
 EXIT_BAD_INPUT = 2
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

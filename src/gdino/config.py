@@ -241,7 +241,7 @@ class GroundingDinoConfig:
             "decoder_attention_heads": self.decoder_heads,
             "decoder_n_points": self.decoder_points,
             "layer_norm_eps": self.layer_norm_eps,
-            "positional_embedding_temperature": self.position_temperature,
+            "positional_embedding_temperature": _int_if_whole(self.position_temperature),
             "two_stage": True,
             "embedding_init_target": True,
             "decoder_bbox_embed_share": True,
@@ -294,3 +294,8 @@ def _require(d: dict[str, Any], key: str, value: Any) -> None:
         raise ValueError(
             f"config.json has {key}={d[key]!r}; gdino implements the published architecture, which has {value!r}"
         )
+
+
+def _int_if_whole(value: float) -> float | int:
+    """20.0 -> 20: transformers' config validates some numbers as int."""
+    return int(value) if float(value).is_integer() else value

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gdino.convert import ours_to_hf, ours_to_original
+from gdino.model.grounding_dino import GroundingDino
 from gdino.processing import GroundingDinoProcessor
 from gdino.text import packaged_vocab_path
 
@@ -49,7 +50,7 @@ def processor_files(processor: GroundingDinoProcessor, max_text_len: int) -> dic
             "special_tokens_map.json": special}
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, processor: GroundingDinoProcessor | None = None,
+def save_pretrained(model: GroundingDino, directory: str | Path, processor: GroundingDinoProcessor | None = None,
                     state: dict[str, Any] | None = None) -> Path:
     """Writes the model (and its processor) in the Hugging Face layout; replaces ``directory``.
 
@@ -57,8 +58,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, processor: Groundin
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    processor = processor if processor is not None else model.processor  # type: ignore[assignment]
-    config = model.config  # type: ignore[attr-defined]
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is None:
+        processor = GroundingDinoProcessor.default()
+    config = model.config
     tmp = _fresh(directory.with_name(directory.name + ".tmp"))
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -71,9 +74,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, processor: Groundin
     return _replace(tmp, directory)
 
 
-def export_original(model: nn.Module, path: str | Path) -> Path:
+def export_original(model: GroundingDino, path: str | Path) -> Path:
     """Writes ``{"model": state_dict}`` under the original repository's names (as its ``.pth``)."""
-    config = model.config  # type: ignore[attr-defined]
+    config = model.config
     state = {k: v.detach().cpu() for k, v in ours_to_original(model.state_dict(), config.decoder_layers).items()}
     path = Path(path)
     torch.save({"model": state}, path.with_suffix(".tmp"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +35,6 @@ from torch import nn
 
 from gdino.config import GroundingDinoConfig
 from gdino.detector import GroundingDinoForObjectDetection
-from gdino.image import ImageSettings
 from gdino.processing import GroundingDinoProcessor
 
 from .augment import Augment, AugmentSettings
@@ -168,12 +166,15 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
     for name in ("bbox_embed", "transformer.enc_out_bbox_embed"):
         head = model.get_submodule(name)
         assert isinstance(head, MLP)
-        nn.init.zeros_(head.layers[-1].weight)
-        nn.init.zeros_(head.layers[-1].bias)
+        last = head.layers[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
 
-def _init_deformable(m: nn.Module) -> None:
-    heads, levels, points = m.n_heads, m.n_levels, m.n_points
+def _init_deformable(m: Any) -> None:
+    """``m``: a ``MultiScaleDeformableAttention``."""
+    heads, levels, points = int(m.n_heads), int(m.n_levels), int(m.n_points)
     nn.init.zeros_(m.sampling_offsets.weight)
     angles = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
     grid = torch.stack([angles.cos(), angles.sin()], -1)  # (heads, 2)
