@@ -32,8 +32,12 @@ def gdino(*args: str | Path, background: bool = False) -> subprocess.Popen | sub
 
 @pytest.fixture(scope="module")
 def folder(data_dir, tmp_path_factory) -> Path:
+    """See make_photos."""
+    return make_photos(tmp_path_factory.mktemp("photos"), data_dir)
+
+
+def make_photos(root: Path, data_dir: Path) -> Path:
     """30 images of 40-140 pixels in three sub-folders, a broken .jpg, a text file and a hidden folder."""
-    root = tmp_path_factory.mktemp("photos")
     sources = [Image.open(data_dir / n).convert("RGB") for n in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
     for i in range(30):
         image = sources[i % 4].resize((40 + (i * 37) % 100, 40 + (i * 53) % 100))

@@ -32,7 +32,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_readme_has_the_snippet_and_detect():
-    assert len(BLOCKS) == 2
+    assert len(BLOCKS) == 3
     assert "from gdino import AutoProcessor, AutoModelForZeroShotObjectDetection" in BLOCKS[0]
     assert ".detect(" in BLOCKS[1]
 
@@ -49,5 +49,13 @@ def test_model_card_snippet_runs(hub_env):
 @pytest.mark.slow  # a fresh interpreter runs the README
 def test_detect_example_runs(hub_env):
     result = _run(BLOCKS[1] + "\nassert isinstance(found, list) and len(found) == 2\nprint('ok')", hub_env)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_training_loss_example_runs(hub_env):
+    """The loss example, after the model card's snippet (which defines model, processor and image)."""
+    check = "\nassert torch.isfinite(outputs.loss) and 'loss_giou_enc' in outputs.loss_dict\nprint('ok')"
+    result = _run(BLOCKS[0] + BLOCKS[2] + check, hub_env)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout

@@ -1,35 +1,47 @@
 """gdino: zero-shot object detection with Grounding DINO in plain PyTorch.
 
     from gdino import AutoProcessor, AutoModelForZeroShotObjectDetection
+
+The names below are imported on first use (PEP 562), so that ``import gdino.onnx``, the
+torch-free runtime, does not import torch.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from .checkpoint.loading import CheckpointError
-from .config import GroundingDinoConfig
-from .detections import Detections
-from .detector import GroundingDinoForObjectDetection
-from .processing.image import ImageError
-from .processing.processor import GroundingDinoProcessor
-from .processing.text import PromptError
-
-# The names the model card's snippet uses.
-AutoProcessor = GroundingDinoProcessor
-AutoModelForZeroShotObjectDetection = GroundingDinoForObjectDetection
+from typing import Any
 
 try:
     __version__ = version("gdino")
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = [
-    "AutoModelForZeroShotObjectDetection",
-    "AutoProcessor",
-    "CheckpointError",
-    "Detections",
-    "GroundingDinoConfig",
-    "GroundingDinoForObjectDetection",
-    "GroundingDinoProcessor",
-    "ImageError",
-    "PromptError",
-]
+# name -> (module, attribute); AutoProcessor and AutoModelForZeroShotObjectDetection are the names
+# the model card's snippet uses.
+_EXPORTS = {
+    "AutoModelForZeroShotObjectDetection": (".detector", "GroundingDinoForObjectDetection"),
+    "AutoProcessor": (".processing.processor", "GroundingDinoProcessor"),
+    "CheckpointError": (".checkpoint.loading", "CheckpointError"),
+    "Detections": (".detections", "Detections"),
+    "GroundingDinoConfig": (".config", "GroundingDinoConfig"),
+    "GroundingDinoForObjectDetection": (".detector", "GroundingDinoForObjectDetection"),
+    "GroundingDinoProcessor": (".processing.processor", "GroundingDinoProcessor"),
+    "ImageError": (".processing.image", "ImageError"),
+    "PromptError": (".processing.text", "PromptError"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gdino' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(import_module(module, __name__), attribute)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

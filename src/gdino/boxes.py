@@ -60,3 +60,21 @@ def class_nms(boxes: Tensor, scores: Tensor, ids: Tensor, iou_threshold: float) 
     kept = [group[nms(boxes[group], scores[group], iou_threshold)] for group in kept]
     index = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=boxes.device)
     return index[scores[index].argsort(descending=True, stable=True)]
+
+def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(N, M) generalized IoU (Rezatofighi et al. 2019) of (N, 4) and (M, 4) xyxy boxes, in [-1, 1].
+
+    IoU minus the fraction of the smallest enclosing box that the union does not cover. Boxes
+    must not be inverted (x1 >= x0, y1 >= y0); a box of zero area is allowed as long as the
+    enclosing box has some area.
+    """
+    if bool((a[:, 2:] < a[:, :2]).any()) or bool((b[:, 2:] < b[:, :2]).any()):
+        raise ValueError("generalized_box_iou needs (x0, y0, x1, y1) boxes with x1 >= x0 and y1 >= y0")
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)  # (N, M)
+    union = area_a[:, None] + area_b[None, :] - inter
+    outer = (torch.maximum(a[:, None, 2:], b[None, :, 2:]) - torch.minimum(a[:, None, :2], b[None, :, :2])).prod(-1)
+    return inter / union - (outer - union) / outer

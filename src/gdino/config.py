@@ -90,6 +90,15 @@ class GroundingDinoConfig:
     # ``model.heads.box_logit`` and ``BOX_REFINEMENTS``): transformers' arithmetic by default.
     box_logit_eps: float = 1e-5
     box_logit_original: bool = False
+    # Training (gdino.loss.criterion): matching costs and loss weights, named as in config.json.
+    auxiliary_loss: bool = False  # also a loss on every decoder layer but the last
+    class_cost: float = 1.0
+    bbox_cost: float = 5.0
+    giou_cost: float = 2.0
+    class_loss_coefficient: float = 2.0  # not in transformers' config: it fixes 2.0 (the original's cls_loss_coef)
+    bbox_loss_coefficient: float = 5.0
+    giou_loss_coefficient: float = 2.0
+    focal_alpha: float = 0.25
 
     # Derived widths, named as in the paper's feature enhancer.
     @property
@@ -118,6 +127,23 @@ class GroundingDinoConfig:
     def tiny(cls) -> GroundingDinoConfig:
         """The published grounding-dino-tiny (Swin-T + BERT-base)."""
         return cls()
+
+    @classmethod
+    def small_test(cls) -> GroundingDinoConfig:
+        """A narrow, shallow configuration that builds in milliseconds: ``gdino train --model
+        config:small_test`` smoke-runs a training set-up, and tests use it around the model."""
+        return cls(
+            swin=SwinConfig(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+            text=BertConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128),
+            d_model=64,
+            num_queries=50,
+            encoder_layers=1,
+            encoder_ffn_dim=128,
+            encoder_heads=4,
+            decoder_layers=2,
+            decoder_ffn_dim=128,
+            decoder_heads=4,
+        )
 
     @classmethod
     def shapes(cls) -> GroundingDinoConfig:
@@ -169,6 +195,7 @@ class GroundingDinoConfig:
             decoder_points=d.get("decoder_n_points", 4),
             layer_norm_eps=d.get("layer_norm_eps", 1e-5),
             position_temperature=float(d.get("positional_embedding_temperature", 20)),
+            **{k: type(v)(d[k]) for k, v in _training_defaults().items() if k in d},
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -190,7 +217,7 @@ class GroundingDinoConfig:
             "decoder_attention_heads": self.decoder_heads,
             "decoder_n_points": self.decoder_points,
             "layer_norm_eps": self.layer_norm_eps,
-            "positional_embedding_temperature": self.position_temperature,
+            "positional_embedding_temperature": _int_if_whole(self.position_temperature),
             "two_stage": True,
             "embedding_init_target": True,
             "decoder_bbox_embed_share": True,
@@ -198,6 +225,7 @@ class GroundingDinoConfig:
             "position_embedding_type": "sine",
             "activation_function": "relu",
             "query_dim": 4,
+            **{k: getattr(self, k) for k in _training_defaults()},
             "backbone_config": {
                 "model_type": "swin",
                 "embed_dim": s.embed_dim,
@@ -227,6 +255,14 @@ class GroundingDinoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _training_defaults() -> dict[str, Any]:
+    """The training settings (matching costs, loss weights) with their defaults."""
+    names = ("auxiliary_loss", "class_cost", "bbox_cost", "giou_cost", "class_loss_coefficient",
+             "bbox_loss_coefficient", "giou_loss_coefficient", "focal_alpha")  # fmt: skip
+    defaults = GroundingDinoConfig()
+    return {name: getattr(defaults, name) for name in names}
 
 
 def _require(d: dict[str, Any], key: str, value: Any) -> None:
@@ -268,3 +304,7 @@ def _bert_from_hf(t: dict[str, Any]) -> BertConfig:
         layer_norm_eps=t.get("layer_norm_eps", 1e-12),
         pad_token_id=t.get("pad_token_id", 0) or 0,
     )
+
+def _int_if_whole(value: float) -> float | int:
+    """20.0 -> 20: transformers' config validates some numbers as int."""
+    return int(value) if float(value).is_integer() else value

@@ -23,13 +23,14 @@ import torch
 from .checkpoint.loading import load_model
 from .checks import check_fraction
 from .config import DEFAULT_MODEL_ID
-from .detections import ChunkScores, Detections, best_per_query, class_detections, nms_detections, phrase_detections
-from .model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures, stack_images
+from .detections import Detections
+from .model.grounding_dino import GroundingDino, GroundingDinoOutput, ImageFeatures, TextFeatures, stack_images
+from .postprocess import ChunkScores, best_per_query, class_detections, nms_detections, phrase_detections
 from .processing.classes import ClassPrompt, ClassQuery, TokenSpans, queries_for_images
 from .processing.image import ImageLike, images_to_list, load_image
 from .processing.processor import GroundingDinoProcessor
 from .processing.prompts import TextInput
-from .processing.text import PromptError, phrase_spans
+from .processing.text import phrase_names
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,35 @@ class GroundingDinoForObjectDetection(GroundingDino):
         else:
             net.processor = GroundingDinoProcessor.default(net.config.max_text_len)
         return net
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
+        intermediate: bool = False,
+        labels: Sequence[dict[str, torch.Tensor]] | None = None,
+    ) -> GroundingDinoOutput:
+        """``model(**inputs)``, and with ``labels`` also ``outputs.loss`` and ``outputs.loss_dict``.
+
+        ``labels`` follow transformers: per image ``{"class_labels": (N,) int64 indices of the
+        prompt's phrases, "boxes": (N, 4) float (cx, cy, w, h) normalised to the image}``; see
+        ``gdino.loss.criterion`` for the terms, their keys and weights. Without labels nothing
+        beyond the detections is computed.
+        """
+        outputs = super().forward(
+            pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, query_index,
+            intermediate=intermediate or labels is not None,
+        )  # fmt: skip
+        if labels is None:
+            return outputs
+        from .loss.criterion import grounding_loss  # training code is loaded only to train
+
+        outputs.loss, outputs.loss_dict = grounding_loss(outputs, input_ids, attention_mask, labels, self.config)
+        return outputs
 
     @property
     def device(self) -> torch.device:
@@ -311,19 +341,8 @@ class GroundingDinoForObjectDetection(GroundingDino):
         return list(query.names) if isinstance(query, ClassQuery) else query[2]
 
     def _phrases(self, text: str) -> tuple[list[tuple[int, int]], list[str]]:
-        """Token spans and texts of a normalised prompt's phrases.
-
-        The texts are cut from the prompt by the tokens' character offsets, so a phrase comes back
-        as written ("t-shirt"), not as re-joined word pieces ("t - shirt").
-        """
-        ids = self.processor.tokenizer.encode([text]).input_ids[0].tolist()  # PromptError if too long
-        spans = phrase_spans(ids, self.config.special_token_ids)
-        if not spans:
-            raise PromptError(f"the prompt {text!r} has no phrase, only separators such as '.'; "
-                              "give e.g. 'a cat. a remote control.'")
-        offsets = self.processor.tokenizer.offsets(text)  # the same tokens as ids
-        names = [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]
-        return spans, names
+        """Token spans and texts of a normalised prompt's phrases (``gdino.text.phrase_names``)."""
+        return phrase_names(text, self.processor.tokenizer, self.config.special_token_ids)
 
 
 def _version(tensor: torch.Tensor) -> int:

@@ -19,14 +19,13 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
     import torch
 
-    from ..detector import GroundingDinoForObjectDetection
 
 N = TypeVar("N", int, float)
 
@@ -67,12 +66,20 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_detector(args: argparse.Namespace) -> GroundingDinoForObjectDetection:
-    """The model the options name, in eval mode (``--device`` already checked by ``check_device``)."""
+def load_detector(args: argparse.Namespace, threads: int | None = None) -> Any:
+    """The model the options name, in eval mode (``--device`` already checked by ``check_device``),
+    or the onnxruntime detector (``gdino.onnx``, ``threads`` intra-op threads) when it names an ONNX export."""
+    from ..onnx import is_export  # cheap: onnxruntime is imported by load
+
+    name = model_name(args)
+    if is_export(name):
+        from ..onnx import load
+
+        return load(name, threads=threads)
     from ..detector import GroundingDinoForObjectDetection
 
     return GroundingDinoForObjectDetection.from_pretrained(
-        model_name(args), device=args.device, dtype=torch_dtype(args.dtype)
+        name, device=args.device, dtype=torch_dtype(args.dtype)
     ).eval()
 
 

@@ -32,6 +32,7 @@ from .arguments import (
 )
 from .exports import FORMATS  # standard library only
 from .server import add_arguments as add_serve_arguments  # standard library only; FastAPI is imported by serve
+from .train_command import add_arguments as add_train_arguments
 
 if TYPE_CHECKING:
     from ..processing.prompts import TextInput
@@ -40,7 +41,8 @@ DRAWN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def _parser() -> argparse.ArgumentParser:
-    """``gdino``'s one parser: detect, label, eval and serve, with the model options defined once."""
+    """``gdino``'s one parser: detect, label, eval, serve, train, shapes and export, the model options
+    defined once."""
     parser = argparse.ArgumentParser(prog="gdino", description="Zero-shot object detection with Grounding DINO.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_detect(commands.add_parser("detect", help="detect the prompt's phrases in images"))
@@ -51,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_coco(coco)
     serve = commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])")
     add_serve_arguments(serve)
+    add_train_arguments(commands)
+    _add_export_arguments(commands.add_parser("export", help="export the model for other runtimes (gdino[onnx])"))
     return parser
 
 
@@ -75,7 +79,38 @@ def _add_label(label: argparse.ArgumentParser) -> None:
     label.add_argument("--nms", type=fraction, default=None, metavar="IOU",
                        help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)")
     label.add_argument("--batch-size", type=positive_int, default=4, help="images per call (default 4)")
+    label.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|auto",
+                       help="run on Ray (pip install 'gdino[ray]'): alone a local instance, 'auto' the running "
+                            "cluster, or the cluster at ADDRESS")
+    label.add_argument("--workers", type=positive_int, default=None,
+                       help="with --ray: model actors (default: one per GPU, else one per two CPUs)")
     add_model_arguments(label)
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    formats = parser.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="text, image and detection graphs for onnxruntime (gdino.onnx)")
+    onnx.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
+    onnx.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the export to")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    onnx.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation of the weights")
+
+
+def export(args: argparse.Namespace) -> int:
+    """Runs ``gdino export onnx``: writes the graphs and their settings into ``--out``."""
+    from ..checkpoint.loading import CheckpointError
+    from ..config import DEFAULT_MODEL_ID
+    from ..detector import GroundingDinoForObjectDetection
+    from ..export.onnx import export_onnx
+
+    try:
+        model = GroundingDinoForObjectDetection.from_pretrained(args.model or DEFAULT_MODEL_ID, device="cpu")
+    except CheckpointError as e:
+        return error(str(e))
+    settings = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize)
+    print(json.dumps({"out": str(args.out), "seconds": settings["export_seconds"], "files": settings["file_sizes"]}))
+    return 0
 
 
 def _add_eval_coco(coco: argparse.ArgumentParser) -> None:
@@ -253,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .commands import main as run_task
 
         return run_task(args)
+    if args.command in ("train", "shapes"):
+        from .train_command import main as run_training
+
+        return run_training(args)
+    if args.command == "export":
+        return export(args)
     from ..detector import on_chunk
     from .progress import ChunkProgress
 

@@ -28,9 +28,12 @@ def run_label(args: argparse.Namespace) -> int:
     from ..processing.text import PromptError
     from .label import LabelError, Settings, label_folder, parse_classes
 
+    if args.workers is not None and args.ray is None:
+        return error("--workers is the number of Ray actors: give it with --ray")
     try:
         classes = parse_classes(args.classes)
-        args.device = check_device(args.device)
+        if args.ray is None:  # with --ray the actors' machines have the device, not necessarily this one
+            args.device = check_device(args.device)
         settings = Settings(tuple(classes), model_name(args), args.box_threshold, args.nms)
 
         def make_detector() -> Any:
@@ -38,7 +41,9 @@ def run_label(args: argparse.Namespace) -> int:
             model.phrases(classes)  # checks the labels before any image is read
             return lambda images: model.detect(images, classes, args.box_threshold, nms_threshold=args.nms)
 
-        summary = label_folder(args.folder, args.out, args.format, settings, make_detector, args.batch_size)
+        runner = _ray_runner(args, classes) if args.ray is not None else None
+        summary = label_folder(args.folder, args.out, args.format, settings, make_detector, args.batch_size,
+                               runner=runner)
     except (LabelError, CheckpointError, PromptError, UsageError) as e:
         return error(str(e))
     except OSError as e:  # the export could not be written (e.g. the disk is full); the journal is kept
@@ -47,6 +52,16 @@ def run_label(args: argparse.Namespace) -> int:
     print(f"label: {summary.images} images, {summary.boxes} boxes, written to {args.out}{errors}",
           file=sys.stderr, flush=True)
     return 0
+
+
+def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
+    """``--ray``: detection on Ray, journal and exports here (``gdino.label_ray``)."""
+    from .label_ray import RayOptions, image_settings, import_ray, ray_runner
+
+    import_ray()  # a clear error before anything is written
+    options = RayOptions(None if args.ray == "local" else args.ray, model_name(args), tuple(classes),
+                         args.box_threshold, args.nms, max(1, args.batch_size), args.workers, args.device, args.dtype)
+    return ray_runner(options, image_settings(options.model))
 
 
 def run_eval_coco(args: argparse.Namespace) -> int:

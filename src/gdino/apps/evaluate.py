@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..boxes import to_pixels
-from ..detections import top_k
+from ..postprocess import top_k
 from ..processing.classes import label_query
 from ..processing.image import ImageError, to_rgb
 from .progress import Progress, read_ahead

@@ -271,6 +271,7 @@ def label_folder(
     make_detector: Callable[[], Detect],
     batch_size: int = 4,
     log: IO[str] | None = None,
+    runner: Runner | None = None,
 ) -> Summary:
     """Detects ``settings.classes`` in every image under ``root`` and exports them to ``out``.
 
@@ -283,6 +284,9 @@ def label_folder(
             image that is not in the journal yet has been read.
         batch_size: images per call of the detect function.
         log: where progress and warnings go (stderr when None).
+        runner: runs the detector over the images not in the journal yet, adding their records
+            to the journal (``gdino.apps.label_ray`` runs them on Ray); this process, batch by batch,
+            when None.
     """
     log = log if log is not None else sys.stderr
     _check(fmt, settings)
@@ -300,7 +304,9 @@ def label_folder(
         if resumed:
             print(f"label: resuming, {resumed} of {len(names)} images already done", file=log, flush=True)
         if todo:
-            _detect_into(journal, root, todo, make_detector, batch_size, log)
+            run = runner if runner is not None else _local_runner(make_detector, batch_size)
+            with Progress(len(todo), "label", stream=log) as progress:
+                run(root, todo, journal, progress)
         records = [journal.records[n] for n in names if n in journal.records]
         errors = [(n, journal.errors[n]) for n in names if n in journal.errors]
     finally:
@@ -320,14 +326,16 @@ def _check(fmt: str, settings: Settings) -> None:
             raise LabelError(f"class {name!r} has a line break")
 
 
-def _detect_into(
-    journal: Journal, root: Path, todo: Sequence[str], make_detector: Callable[[], Detect], batch_size: int,
-    log: IO[str],
-) -> None:
-    """Reads and detects the images ``todo`` in batches, each batch's records journaled before the next."""
-    detect = None  # the model is loaded once an image needs it (not for retrying broken files)
-    with Progress(len(todo), "label", stream=log) as progress:
-        for batch in _batches(root, todo, max(1, batch_size)):
+# What runs the detector over a run's images: (root, names not in the journal, journal, progress).
+Runner = Callable[[Path, list[str], Journal, Progress], None]
+
+
+def _local_runner(make_detector: Callable[[], Detect], batch_size: int) -> Runner:
+    """The single-process run: batches read ahead in threads, each journaled before the next."""
+
+    def run(root: Path, names: list[str], journal: Journal, progress: Progress) -> None:
+        detect = None  # the model is loaded once an image needs it (not for retrying broken files)
+        for batch in _batches(root, names, max(1, batch_size)):
             failed: list[Record] = [{"image": n, "error": err} for n, _, err in batch if err is not None]
             loaded = [(n, img) for n, img, err in batch if img is not None]
             if loaded and detect is None:
@@ -335,3 +343,5 @@ def _detect_into(
             records = _detect_batch(detect, loaded) if detect is not None and loaded else []
             journal.add(records + failed)
             progress.update(len(batch))
+
+    return run

@@ -44,6 +44,7 @@ class Progress:
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream if stream is not None else sys.stderr
         self.done = 0
+        self.postfix = ""  # shown after the rate, e.g. "loss 1.234"
         self._start = self._last = time.monotonic()
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._every = 0.1 if self._tty else every
@@ -74,7 +75,8 @@ class Progress:
         left = (self.total - self.done) / rate if rate else None
         width = len(str(self.total))
         line = (f"{self.desc} {self.done:>{width}}/{self.total} {self.unit} "
-                f"[{_clock(elapsed)}<{_clock(left)}, {rate:.2f} {self.unit}/s]")
+                f"[{_clock(elapsed)}<{_clock(left)}, {rate:.2f} {self.unit}/s]"
+                + (f" {self.postfix}" if self.postfix else ""))
         if self._tty:
             bar = 20
             filled = bar * self.done // max(1, self.total)

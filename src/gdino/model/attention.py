@@ -12,6 +12,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """``F.scaled_dot_product_attention``, written out while torch.export traces (the ONNX export).
+
+    The fused kernel's output layout differs between torch.export's trace and its decomposition,
+    which breaks the reshapes that follow; the written-out form has one layout. A bool mask is
+    True where a query may attend a key; a float mask is added to the logits.
+    """
+    if not torch.compiler.is_exporting():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    logits = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    return logits.softmax(-1) @ v
+
+
 class MultiheadAttention(nn.Module):
     """Scaled dot-product attention over ``num_heads`` heads, batch first."""
 
@@ -46,6 +61,6 @@ class MultiheadAttention(nn.Module):
         else:
             q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
         v = F.linear(value, w_v, b_v)
-        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=allowed)
+        out = attend(self._heads(q), self._heads(k), self._heads(v), allowed)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, Q, D)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BertConfig
+from .attention import attend
 from .init import embedding
 
 
@@ -37,14 +38,16 @@ def phrase_masks(input_ids: Tensor, special_token_ids: tuple[int, ...]) -> tuple
         allowed: (B, T, T) bool, True where query token i may attend key token j.
         position_ids: (B, T) long.
     """
-    b, t = input_ids.shape
-    special = torch.isin(input_ids, torch.tensor(special_token_ids, device=input_ids.device))
-    idx = torch.arange(t, device=input_ids.device).expand(b, t)  # (B, T)
+    t = input_ids.shape[1]
+    # A comparison with each delimiter, not torch.isin: that exports to ONNX (isin becomes searchsorted).
+    special = (input_ids[..., None] == torch.tensor(special_token_ids, device=input_ids.device)).any(-1)  # (B, T)
+    idx = torch.arange(t, device=input_ids.device)  # (T,)
+    # As (T, T) comparisons rather than cumulative min/max, which ONNX lacks (T <= 256).
+    delimiters = torch.where(special[:, None, :], idx, t)  # (B, 1, T): each delimiter's index, t elsewhere
     # First delimiter at or after each token (t if none): tokens sharing it form one phrase.
-    closing = torch.where(special, idx, t).flip(1).cummin(1).values.flip(1)  # (B, T)
+    closing = torch.where(idx[None, :] >= idx[:, None], delimiters, t).amin(-1)  # (B, T)
     # Last delimiter strictly before each token (-1 if none): the phrase starts right after it.
-    opening = torch.where(special, idx, -1).cummax(1).values  # (B, T)
-    opening = torch.cat([opening.new_full((b, 1), -1), opening[:, :-1]], dim=1)  # (B, T)
+    opening = torch.where((idx[None, :] < idx[:, None]) & special[:, None, :], idx, -1).amax(-1)  # (B, T)
     in_phrase = (closing > 0) & (closing < t - 1)  # (B, T)
     same = closing[:, :, None] == closing[:, None, :]  # (B, T, T)
     eye = torch.eye(t, dtype=torch.bool, device=input_ids.device)
@@ -98,7 +101,7 @@ class BertSelfAttention(nn.Module):
             (B, T, hidden), heads concatenated, before the output projection.
         """
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5)
+        out = attend(q, k, v, allowed, self.head_dim**-0.5)
         b, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, T, nh*hs)
 

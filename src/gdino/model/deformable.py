@@ -2,7 +2,11 @@
 
 Each query looks at ``n_points`` sampled locations per head and per feature level, placed around
 its reference point by learned offsets, and mixes the bilinearly sampled values with learned,
-softmax-normalised weights. The sampling-and-mixing kernels are in ``gdino.model.ops``.
+softmax-normalised weights. The sampling-and-mixing kernels are in ``gdino.model.ops``: the module
+runs ``ms_deform_attn``, or the per-level ``grid_sample`` version ``ms_deform_attn_reference`` when
+its ``grid_sample`` attribute is set: the ONNX export sets it, since ``grid_sample`` maps onto ONNX's
+``GridSample`` (opset 16) and its shapes follow the image size, where the gather's index
+arithmetic and steps would not.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ class MultiScaleDeformableAttention(nn.Module):
         n_levels: number of feature levels nL.
         n_heads: number of heads nH (D must be divisible by it).
         n_points: sampled points nP per head and level.
+
+    Attributes:
+        grid_sample: run ``ms_deform_attn_reference`` (per-level ``grid_sample``) instead of
+            ``ms_deform_attn``; set for ONNX export (``gdino.export.onnx``), off by default.
     """
+
+    grid_sample: bool = False
 
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int) -> None:
         super().__init__()
@@ -77,7 +87,8 @@ class MultiScaleDeformableAttention(nn.Module):
         # a bfloat16 location on a 150-pixel-wide level is only good to about half a pixel.
         weights = _wide(weights).softmax(-1).view(shape)  # (B, Q, nH, nL, nP)
         locations = self._sampling_locations(_wide(reference_points), _wide(offsets), spatial_shapes)
-        return self.output_proj(ms_deform_attn(v, spatial_shapes, locations, weights))
+        attend = ms_deform_attn_reference if self.grid_sample else ms_deform_attn
+        return self.output_proj(attend(v, spatial_shapes, locations, weights))
 
     def _sampling_locations(
         self, reference_points: Tensor, offsets: Tensor, spatial_shapes: list[tuple[int, int]]

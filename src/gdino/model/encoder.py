@@ -38,8 +38,10 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios
     dtype, device = valid_ratios.dtype, valid_ratios.device
     points = []
     for level, (h, w) in enumerate(spatial_shapes):
-        ys = torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device)
-        xs = torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device)
+        # Pixel centres 0.5, 1.5, ... (exactly what linspace(0.5, h - 0.5, h) gives; an exported
+        # linspace would fix the level's size).
+        ys = torch.arange(h, dtype=dtype, device=device) + 0.5
+        xs = torch.arange(w, dtype=dtype, device=device) + 0.5
         y, x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
         y = y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)  # (B, H*W)
         x = x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)  # (B, H*W)

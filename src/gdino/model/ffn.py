@@ -4,7 +4,8 @@ At the default resolution the encoder's hidden activation is ~22k x 2048 floats 
 Swin's first stage's ~60k x 384. Without autograd, on CPU, the block runs over row blocks, so
 those activations never exist whole (a fresh buffer that size is page-faulted in on every use,
 and they set the peak memory of the whole model); with autograd, or on a GPU (where each block
-would be a few small kernel launches), it runs in one piece.
+would be a few small kernel launches), it runs in one piece; so it does under torch.compile and
+torch.export (the ONNX export), where the steps would fix the graph to one input size.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def residual_ffn(
     """``residual + linear2(activation(linear1(x)))`` for ``x`` (..., D); ``residual`` defaults to ``x``."""
     residual = x if residual is None else residual
     rows = x.numel() // x.shape[-1]
-    if torch.is_grad_enabled() or rows <= ROWS_PER_STEP or x.device.type != "cpu":  # steps pay on CPU only
+    # Steps pay on CPU only; a compiled or exported graph must not bake the steps in.
+    if torch.is_grad_enabled() or rows <= ROWS_PER_STEP or x.device.type != "cpu" or torch.compiler.is_compiling():
         return linear2(activation(linear1(x))).add_(residual)
     flat = x.reshape(rows, x.shape[-1])  # (N, D)
     flat_residual = residual.reshape(rows, residual.shape[-1])  # (N, D)

@@ -21,9 +21,11 @@ from .bert import BertEncoder, phrase_masks
 from .features import ImageFeatures, TextFeatures, pad_levels, stack_images
 from .heads import MLP, contrastive_logits, refine_boxes
 from .swin import SwinBackbone
-from .transformer import Transformer
+from .transformer import Decoded, Transformer
 
-__all__ = ["GroundingDino", "GroundingDinoOutput", "ImageFeatures", "TextFeatures", "Transformer", "stack_images"]
+__all__ = [
+    "Decoded", "GroundingDino", "GroundingDinoOutput", "ImageFeatures", "TextFeatures", "Transformer", "stack_images",
+]
 
 
 @dataclass
@@ -37,12 +39,26 @@ class GroundingDinoOutput:
         input_ids: (B, T) the token ids the logits refer to.
         query_index: (B, Q) the image token (position in the flattened feature levels)
             each query was selected from; pass it back as ``query_index`` to decode the same queries.
+        decoder_logits, decoder_pred_boxes: (L, B, num_queries, max_text_len) and
+            (L, B, num_queries, 4), every decoder layer's predictions (the last equals ``logits``
+            and ``pred_boxes``); only with ``intermediate=True``.
+        encoder_logits, encoder_pred_boxes: (B, num_queries, max_text_len) and
+            (B, num_queries, 4), the selected proposals' logits and boxes before the decoder,
+            not detached; only with ``intermediate=True``.
+        loss, loss_dict: the total loss and its named terms, when ``labels`` were given
+            (``GroundingDinoForObjectDetection``).
     """
 
     logits: Tensor
     pred_boxes: Tensor
     input_ids: Tensor | None = None
     query_index: Tensor | None = None
+    decoder_logits: Tensor | None = None
+    decoder_pred_boxes: Tensor | None = None
+    encoder_logits: Tensor | None = None
+    encoder_pred_boxes: Tensor | None = None
+    loss: Tensor | None = None
+    loss_dict: dict[str, Tensor] | None = None
 
     def __getitem__(self, key: str) -> Tensor | None:
         return getattr(self, key)
@@ -146,16 +162,42 @@ class GroundingDino(nn.Module):
             tokens (B, Q). Q is ``num_queries``, or fewer for images with fewer image tokens (see
             ``query_selection``); queries an image of a padded batch lacks have -inf logits and zero boxes.
         """
-        decoded = self.transformer(image, text, self.bbox_embed, query_index)
-        hidden, references = decoded.hidden[-1], decoded.references[-1]
+        decoded = self.decode(image, text, query_index)
+        hidden, refs = decoded.hidden[-1], decoded.references[-1]
         logits = contrastive_logits(hidden, decoded.memory_text, text.padding_mask, self.config.max_text_len)
-        boxes = refine_boxes(
-            self.bbox_embed(hidden), references, self.config.box_logit_eps, self.config.box_logit_original
-        )
-        if decoded.padded is not None:  # queries on padding tokens (see ``query_selection``)
-            logits = logits.masked_fill(decoded.padded[..., None], float("-inf"))
-            boxes = boxes.masked_fill(decoded.padded[..., None], 0.0)
-        return logits, boxes, decoded.index
+        logits = _mask_padded(logits, decoded.padded, float("-inf"))  # queries on padding (see query_selection)
+        return logits, _mask_padded(self._boxes(hidden, refs), decoded.padded, 0.0), decoded.index
+
+    def decode(self, image: ImageFeatures, text: TextFeatures, query_index: Tensor | None = None) -> Decoded:
+        """Feature enhancer, query selection and decoder, up to the heads (``Transformer``, see ``Decoded``)."""
+        decoded: Decoded = self.transformer(image, text, self.bbox_embed, query_index)
+        return decoded
+
+    def _boxes(self, hidden: Tensor, references: Tensor) -> Tensor:
+        """The box head's refinement of ``references`` (..., 4) with the configured box logit."""
+        config = self.config
+        return refine_boxes(self.bbox_embed(hidden), references, config.box_logit_eps, config.box_logit_original)
+
+    def intermediate_outputs(self, decoded: Decoded, text_padding_mask: Tensor) -> dict[str, Tensor]:
+        """Every decoder layer's logits and boxes, and the encoder proposals' (what the loss needs).
+
+        The proposals' logits compare the selected tokens' normalised encoder output with the
+        enhanced text, and their boxes keep the proposal head's graph, as the original repository
+        (DINO's ``tgt_undetach``, ``refpoint_embed_undetach``) feeds its encoder loss, so that loss
+        trains ``enc_output``, ``enc_output_norm`` and ``enc_out_bbox_embed``. transformers instead
+        scores the learnt query embeddings against the text before the encoder and uses detached
+        boxes, so its encoder loss trains none of them.
+        """
+        width = self.config.max_text_len
+        layers = [contrastive_logits(h, decoded.memory_text, text_padding_mask, width) for h in decoded.hidden]
+        return {
+            "decoder_logits": _mask_padded(torch.stack(layers), decoded.padded, float("-inf")),  # (L, B, Q, W)
+            "decoder_pred_boxes": _mask_padded(self._boxes(decoded.hidden, decoded.references), decoded.padded, 0.0),
+            "encoder_logits": contrastive_logits(
+                decoded.proposal_tokens, decoded.memory_text, text_padding_mask, width
+            ),
+            "encoder_pred_boxes": decoded.proposal_boxes,
+        }
 
     def forward(
         self,
@@ -165,18 +207,39 @@ class GroundingDino(nn.Module):
         token_type_ids: Tensor | None = None,
         pixel_mask: Tensor | None = None,
         query_index: Tensor | None = None,
+        intermediate: bool = False,
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
 
-        ``query_index`` (B, Q), e.g. another run's ``outputs.query_index``, decodes those image
-        tokens instead of the best-scoring ones. Any other argument (a typo such as
-        ``pixel_masks``, or transformers' ``labels``, ``output_attentions``, ``return_dict``, which
-        this model does not implement) raises ``TypeError`` rather than being ignored.
+        ``query_index`` (B, Q), e.g. another run's ``outputs.query_index``, decodes those
+        image tokens instead of the best-scoring ones. ``intermediate`` also returns every decoder
+        layer's predictions and the encoder proposals' (for the loss). Any other argument (a typo
+        such as ``pixel_masks``, or transformers' ``output_attentions``, ``return_dict``, which this
+        model does not implement, or ``labels``: the loss is computed by
+        ``GroundingDinoForObjectDetection``) raises ``TypeError`` rather than being ignored.
         """
         text = self.text_features(input_ids, attention_mask, token_type_ids)
         image = self.image_features(pixel_values, pixel_mask)
-        logits, boxes, index = self.detect_features(image, text, query_index)
-        return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
+        if not intermediate:
+            logits, boxes, index = self.detect_features(image, text, query_index)
+            return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
+        decoded = self.decode(image, text, query_index)
+        extra = self.intermediate_outputs(decoded, text.padding_mask)
+        return GroundingDinoOutput(
+            logits=extra["decoder_logits"][-1],
+            pred_boxes=extra["decoder_pred_boxes"][-1],
+            input_ids=input_ids,
+            query_index=decoded.index,
+            decoder_logits=extra["decoder_logits"],
+            decoder_pred_boxes=extra["decoder_pred_boxes"],
+            encoder_logits=extra["encoder_logits"],
+            encoder_pred_boxes=extra["encoder_pred_boxes"],
+        )
+
+
+def _mask_padded(x: Tensor, padded: Tensor | None, value: float) -> Tensor:
+    """``x`` (..., B, Q, K) with ``value`` on the queries ``padded`` (B, Q) marks; ``x`` itself if None."""
+    return x if padded is None else x.masked_fill(padded[..., None], value)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

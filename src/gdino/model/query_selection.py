@@ -101,7 +101,7 @@ def select_queries(
     text: Tensor,
     text_padding_mask: Tensor,
     index: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Picks the decoder's queries and initial reference boxes.
 
     Args:
@@ -112,9 +112,11 @@ def select_queries(
             compare two runs, e.g. two precisions, on the same queries); None selects by score.
 
     Returns:
-        queries (B, Q, D): the learnt query embeddings; references (B, Q, 4): sigmoid boxes;
-        index (B, Q): the image token (position in the flattened levels) each query came from.
-        Q is ``query_count``: ``num_queries`` unless no image of the batch has that many tokens.
+        queries (B, Q, D): the learnt query embeddings; references (B, Q, 4): sigmoid boxes, not
+        detached (the encoder-proposal loss trains the proposal head through them); index (B, Q):
+        the image token (position in the flattened levels) each query came from; chosen (B, Q, D):
+        those tokens' normalised encoder output (the proposal head's input). Q is
+        ``query_count``: ``num_queries`` unless no image of the batch has that many tokens.
     """
     t = transformer
     proposals = token_proposals(padding_mask, spatial_shapes, memory.dtype)
@@ -129,7 +131,7 @@ def select_queries(
     chosen = torch.gather(tokens, 1, top.expand(-1, -1, tokens.shape[-1]))  # (B, Q, D)
     references = (t.enc_out_bbox_embed(chosen) + torch.gather(proposals, 1, top.expand(-1, -1, 4))).sigmoid()
     queries = t.tgt_embed.weight[None, :count].expand(memory.shape[0], -1, -1)
-    return queries, references, index
+    return queries, references, index, chosen
 
 
 def query_count(padding_mask: Tensor, num_queries: int) -> int:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdino.config import SwinConfig
+from gdino.model.attention import attend
 from gdino.model.ffn import residual_ffn
 
 # Stem, patch-merging and output norms use torch's default eps in the reference; the blocks'
@@ -146,7 +147,9 @@ class WindowAttention(nn.Module):
         tokens at 800x1200) never exist whole; in one piece when autograd records or off the CPU."""
         nw = windows.shape[1]
         # Steps pay on CPU (cache, page faults); on a GPU each would be a round of small kernels.
-        if torch.is_grad_enabled() or nw <= WINDOWS_PER_STEP or windows.device.type != "cpu":
+        # In one piece under torch.compile / torch.export too: steps would fix the graph's size.
+        whole = torch.is_grad_enabled() or windows.device.type != "cpu" or torch.compiler.is_compiling()
+        if whole or nw <= WINDOWS_PER_STEP:
             return self._attend(windows, shift_mask)
         out = torch.empty_like(windows)
         for start in range(0, nw, WINDOWS_PER_STEP):
@@ -177,7 +180,7 @@ class WindowAttention(nn.Module):
             mask = (bias[None] + shift_mask[:, None]).flatten(0, 1)[None]  # (1, nW * nh, N, N)
             shape = (b, nw * self.num_heads, n, -1)
         q, k, v = (t.reshape(shape) for t in (q, k, v))  # (B', h', N, hs)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask)
         out = out.view(b, nw, self.num_heads, n, -1).transpose(2, 3).reshape(b, nw, n, c)  # (B, nW, N, C)
         return self.proj(out)
 

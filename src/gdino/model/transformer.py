@@ -31,6 +31,9 @@ class Decoded:
         references: (L, B, Q, 4) the reference box each layer's box prediction refines.
         memory_text: (B, T, D) the enhanced text tokens.
         index: (B, Q) the image token (position in the flattened levels) each query came from.
+        proposal_tokens: (B, Q, D) the selected tokens' normalised encoder output.
+        proposal_boxes: (B, Q, 4) the proposal head's boxes for them, not detached (the encoder
+            loss trains the proposal head through them; the decoder gets them detached).
         padded: (B, Q) True on queries selected from padding tokens, or None when there are none
             (see ``query_selection``: images with fewer tokens than queries, in a padded batch).
     """
@@ -39,6 +42,8 @@ class Decoded:
     references: Tensor
     memory_text: Tensor
     index: Tensor
+    proposal_tokens: Tensor
+    proposal_boxes: Tensor
     padded: Tensor | None = None
 
 
@@ -84,14 +89,17 @@ class Transformer(nn.Module):
         )  # fmt: skip
         high = self.enc_output.weight.dtype
         memory, memory_text = memory.to(high), memory_text.to(high)
-        queries, references, index = select_queries(
+        queries, references, index, chosen = select_queries(
             self, memory, padding, shapes, memory_text, text.padding_mask, query_index
         )
         padded = query_padding(padding, index)  # (B, Q) or None: queries on padding, see query_selection
+        # Both the original and transformers detach the initial reference boxes: the decoder's
+        # losses do not train the proposal head (the encoder-proposal loss does, see Decoded).
         hidden, refs = self.decoder(
-            queries, references, memory, padding, shapes, ratios, memory_text, text.padding_mask, box_head, padded
-        )
-        return Decoded(hidden, refs, memory_text, index, padded)
+            queries, references.detach(), memory, padding, shapes, ratios, memory_text, text.padding_mask,
+            box_head, padded,
+        )  # fmt: skip
+        return Decoded(hidden, refs, memory_text, index, chosen, references, padded)
 
     def _positions(self, image: ImageFeatures, dtype: torch.dtype) -> Tensor:
         """(B, S, D) sine position embedding of every image token plus its level's embedding."""

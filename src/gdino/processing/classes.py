@@ -19,14 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .prompts import label_texts, normalize_prompt, prompt_text, read_prompts
 from .text import PromptError, TextTokenizer
 
 __all__ = ["ClassPrompt", "ClassQuery", "TokenSpans", "label_query", "prompt_text", "queries_for_images", "span_query"]
+
+if TYPE_CHECKING:  # the ONNX runtime uses this module without torch
+    import torch
 
 TokenSpans = Sequence[Sequence[tuple[int, int]]]
 
@@ -47,12 +50,16 @@ class ClassPrompt:
 
     def positive_map(self, length: int, device: torch.device | str | None = None) -> torch.Tensor:
         """(C, length) float32: 1 / n on each of a label's n tokens, so ``probs @ map.T`` is the mean."""
-        rows = [row for row, positions in enumerate(self.tokens) for _ in positions]
-        columns = [p for positions in self.tokens for p in positions]
-        weights = torch.tensor([1.0 / len(positions) for positions in self.tokens for _ in positions])
-        out = torch.zeros(len(self.tokens), length)
-        out[rows, columns] = weights
-        return out.to(device)
+        import torch
+
+        return torch.from_numpy(self.positive_weights(length)).to(device)
+
+    def positive_weights(self, length: int) -> np.ndarray:
+        """``positive_map`` as a numpy array."""
+        out = np.zeros((len(self.tokens), length), dtype=np.float32)
+        for row, positions in enumerate(self.tokens):
+            out[row, list(positions)] = 1.0 / len(positions)
+        return out
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from gdino.config import SPECIAL_TOKEN_IDS
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the ONNX runtime uses this module without it
+    import torch
 
 CLS, SEP, PAD, UNK, MASK = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
 
@@ -111,6 +115,17 @@ class TextTokenizer:
         Raises:
             PromptError: if a prompt is longer than ``max_text_len`` tokens.
         """
+        import torch
+
+        ids, types, mask = self.encode_arrays(prompts)
+        return TokenizedText(torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(mask))
+
+    def encode_arrays(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``encode`` in numpy: input ids, token type ids and attention mask, each ``(B, L)`` int64.
+
+        Raises:
+            PromptError: if a prompt is longer than ``max_text_len`` tokens.
+        """
         encodings = self._tok.encode_batch(list(prompts))
         for prompt, enc in zip(prompts, encodings):
             if len(enc.ids) > self.max_text_len:
@@ -119,15 +134,15 @@ class TextTokenizer:
                     f"accepts at most {self.max_text_len}; shorten it (starts {prompt[:60]!r})"
                 )
         length = max(len(e.ids) for e in encodings)
-        ids = torch.full((len(encodings), length), self.pad_token_id, dtype=torch.long)
-        types = torch.zeros((len(encodings), length), dtype=torch.long)
-        mask = torch.zeros((len(encodings), length), dtype=torch.long)
+        ids = np.full((len(encodings), length), self.pad_token_id, dtype=np.int64)
+        types = np.zeros((len(encodings), length), dtype=np.int64)
+        mask = np.zeros((len(encodings), length), dtype=np.int64)
         for row, enc in enumerate(encodings):
             n = len(enc.ids)
-            ids[row, :n] = torch.tensor(enc.ids, dtype=torch.long)
-            types[row, :n] = torch.tensor(enc.type_ids, dtype=torch.long)
+            ids[row, :n] = enc.ids
+            types[row, :n] = enc.type_ids
             mask[row, :n] = 1
-        return TokenizedText(ids, types, mask)
+        return ids, types, mask
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Token ids -> text, WordPiece pieces joined (``[SEP]`` etc. kept by default)."""
@@ -158,10 +173,10 @@ def read_tokenizer_config(path: Path | None) -> dict[str, bool | None]:
 
 def as_id_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
     """A 1-D tensor or sequence of token ids -> a list of ints."""
-    if isinstance(token_ids, torch.Tensor):
+    if not isinstance(token_ids, Sequence):  # a tensor or an array
         if token_ids.ndim != 1:
             raise ValueError(f"expected a 1-D sequence of token ids, got shape {tuple(token_ids.shape)}")
-        return token_ids.tolist()
+        return list(token_ids.tolist())
     return [int(i) for i in token_ids]
 
 
@@ -179,7 +194,7 @@ def phrase_spans(input_ids: Sequence[int] | torch.Tensor,
     Returns:
         ``(start, end)`` half-open token index ranges, one per non-empty phrase, in order.
     """
-    ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+    ids = input_ids.tolist() if hasattr(input_ids, "tolist") else list(input_ids)
     if ids and isinstance(ids[0], list):
         raise ValueError(f"phrase_spans takes the ids of one prompt (L,), got a batch of {len(ids)}")
     stops = {int(s) for s in separator_ids} | {pad_token_id}
@@ -196,6 +211,26 @@ def phrase_spans(input_ids: Sequence[int] | torch.Tensor,
     return spans
 
 
+def phrase_names(
+    text: str, tokenizer: TextTokenizer, separator_ids: Sequence[int] = SPECIAL_TOKEN_IDS
+) -> tuple[list[tuple[int, int]], list[str]]:
+    """Token spans and texts of a normalised prompt's phrases.
+
+    The texts are cut from the prompt by the tokens' character offsets, so a phrase comes back
+    as written ("t-shirt"), not as re-joined word pieces ("t - shirt").
+
+    Raises:
+        PromptError: a prompt over the token limit, or one with no phrase (e.g. ".").
+    """
+    ids = tokenizer.encode_arrays([text])[0][0].tolist()  # PromptError if too long
+    spans = phrase_spans(ids, separator_ids)
+    if not spans:
+        raise PromptError(f"the prompt {text!r} has no phrase, only separators such as '.'; "
+                          "give e.g. 'a cat. a remote control.'")
+    offsets = tokenizer.offsets(text)  # the same tokens as ids
+    return spans, [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]
+
+
 def phrase_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Score of each phrase: the max over its tokens.
 
@@ -210,6 +245,8 @@ def phrase_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]]) 
         raise PromptError("the prompt has no phrase (only separators such as '.')")
     if spans[-1][1] > token_scores.shape[-1]:
         raise ValueError(f"span {spans[-1]} is beyond the {token_scores.shape[-1]} token scores")
+    import torch
+
     return torch.stack([token_scores[..., s:e].amax(dim=-1) for s, e in spans], dim=-1)
 
 

@@ -399,7 +399,7 @@ def serve(args: argparse.Namespace) -> int:
     name = model_name(args)
     args.device = args.device or check_device(None)  # main() has checked it; the default when called directly
     try:
-        model = load_detector(args)
+        model = load_detector(args, threads=args.threads or None)  # an ONNX export runs on onnxruntime
     except CheckpointError as exc:
         return error(str(exc))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -1,0 +1,150 @@
+"""One training step of gdino against transformers' Grounding DINO: time and peak memory.
+
+    python bench/train_step.py --threads 2 --steps 3               # full tiny model at 800x1333, batch 1
+    python bench/train_step.py --preset small --size 320 --steps 2  # smoke test of the script
+
+A step is the forward pass with ``labels`` (the loss), the backward pass and an AdamW step. Both
+implementations load the same checkpoint (the random-weight grounding-dino-tiny that
+``bench/compare.py`` builds, unless ``--model DIR``) and get the same saved input tensors and
+targets. Each runs in its own process, one after the other, so that each peak RSS is its own.
+Both run in eval mode (no dropout: ours has none, and it changes no amount of work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = {"hf": "transformers (reference)", "gdino": "gdino (ours)"}
+PROMPT_IDS = [101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102]  # "a cat. a remote control."
+
+
+def _compare_module() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_inputs(height: int, width: int, batch: int, path: Path) -> None:
+    """Seeded pixels, the prompt and two targets per image, saved for both workers."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([PROMPT_IDS] * batch)
+    labels = [
+        {"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.35, 0.5, 0.5, 0.8], [0.2, 0.3, 0.15, 0.1]])}
+        for _ in range(batch)
+    ]
+    torch.save(
+        {"pixel_values": torch.randn(batch, 3, height, width, generator=g), "input_ids": ids,
+         "attention_mask": torch.ones_like(ids), "labels": labels},
+        path,
+    )  # fmt: skip
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Loads one implementation, runs warm-up and timed steps, prints one JSON line."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker == "hf":
+        from transformers import GroundingDinoForObjectDetection as Model
+    else:
+        from gdino import AutoModelForZeroShotObjectDetection as Model
+    device = torch.device(args.device)
+    model = Model.from_pretrained(args.model).to(device).eval()
+    data = torch.load(args.inputs)
+    inputs = {k: data[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")}
+    labels = [{k: v.to(device) for k, v in t.items()} for t in data["labels"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(**inputs, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, float(out.loss.detach())
+
+    for _ in range(args.warmup):
+        step()
+    times, losses = zip(*(step() for _ in range(args.steps)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    print(json.dumps({"times_s": times, "losses": losses, "peak_rss_mb": peak, "peak_gpu_mb": gpu}))
+
+
+def run_worker(impl: str, args: argparse.Namespace, model: Path, inputs: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", impl, "--model", str(model), "--inputs", str(inputs),
+           "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{NAMES[impl]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=list(NAMES), help=argparse.SUPPRESS)
+    p.add_argument("--inputs", help=argparse.SUPPRESS)
+    p.add_argument("--model", help="checkpoint directory (Hugging Face layout); default: a random one, built once")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="which random checkpoint to build")
+    p.add_argument("--size", type=int, default=800, help="image height; the width is round(size * 1333 / 800)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="also write the measurements to this file")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    model = Path(args.model) if args.model else _compare_module().ensure_model(args.preset)
+    width = round(args.size * 1333 / 800)
+    report: dict[str, Any] = {"size": [args.size, width], "batch": args.batch, "threads": args.threads, "device": args.device}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "inputs.pt"
+        make_inputs(args.size, width, args.batch, inputs)
+        for impl in ("hf", "gdino"):
+            report[impl] = run_worker(impl, args, model, inputs)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    h, w = report["size"]
+    print(f"one training step (forward with labels, backward, AdamW), {h}x{w}, batch {report['batch']}, "
+          f"{report['threads']} threads, {report['device']}")  # fmt: skip
+    rows = {}
+    for impl in ("hf", "gdino"):
+        r = report[impl]
+        rows[impl] = (statistics.median(r["times_s"]), r["peak_gpu_mb"] or r["peak_rss_mb"])
+        print(f"  {NAMES[impl]:26s} step {rows[impl][0]:8.2f} s   peak memory {rows[impl][1]:8.0f} MB   "
+              f"loss {r['losses'][0]:.4f}")  # fmt: skip
+    (t_hf, m_hf), (t_ours, m_ours) = rows["hf"], rows["gdino"]
+    print(f"  speed-up {t_hf / t_ours:.2f}x, memory ratio {m_ours / m_hf:.2f} (ours / reference)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

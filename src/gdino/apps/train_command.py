@@ -1,0 +1,109 @@
+"""``gdino train`` and ``gdino shapes``: thin command-line layers over ``gdino.training``.
+
+``gdino train --data train.json --model IDEA-Research/grounding-dino-tiny --out runs/x`` fine-tunes;
+``--model config:shapes`` (or ``config:tiny``) starts from a preset's architecture with random
+weights. ``gdino shapes --out DIR`` writes the synthetic shapes data set (train, val, held_out).
+Imports nothing heavy until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .arguments import positive_int
+
+EXIT_BAD_INPUT = 2
+
+
+def add_arguments(commands: Any) -> None:
+    """Adds ``train`` and ``shapes`` to ``gdino``'s subparsers."""
+    train = commands.add_parser("train", help="fine-tune (or train from a preset) on COCO, ODVG or YOLO data")
+    train.add_argument("--data", type=Path, required=True, help="COCO .json, ODVG .jsonl or YOLO folder")
+    train.add_argument("--images", type=Path, default=None,
+                       help="image folder of a COCO/ODVG file (default: its folder)")
+    train.add_argument("--model", required=True,
+                       help="hub id, directory, checkpoint file, or config:shapes / config:tiny (random weights)")
+    train.add_argument("--out", type=Path, required=True, help="output folder: epoch-N/ checkpoints, history.jsonl")
+    train.add_argument("--val", type=Path, default=None, help="COCO .json to compute mAP on after each epoch")
+    train.add_argument("--val-limit", type=positive_int, default=None, help="validate on the first N images only")
+    train.add_argument("--epochs", type=positive_int, default=12)
+    train.add_argument("--batch-size", type=positive_int, default=2)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--lr-backbone", type=float, default=None,
+                       help="Swin's learning rate (default lr/10 fine-tuning, lr from a preset)")
+    train.add_argument("--lr-text", type=float, default=None, help="BERT's learning rate (default as --lr-backbone)")
+    train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    train.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear warm-up steps")
+    train.add_argument("--clip", type=float, default=0.1, help="gradient norm clipping (0: none; default 0.1)")
+    train.add_argument("--freeze", default="", help="comma list of parts to keep fixed: backbone,text")
+    train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="autocast precision (bf16/fp16 on GPU; bf16 on CPUs that have it natively)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--image-size", type=positive_int, default=None, metavar="SHORT",
+                       help="short side of training images and of the saved processor (default: the model's)")
+    train.add_argument("--no-augment", action="store_true", help="only resize (no flip, multi-scale, crop)")
+    train.add_argument("--max-labels", type=positive_int, default=80, help="labels in a caption (default 80)")
+    train.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also write OUT/last every N steps")
+    train.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in all")
+    train.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint, validate) after this long")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    train.add_argument("--export-original", action="store_true",
+                       help="also write groundingdino.pth (the original repository's layout) each epoch")
+
+    shapes = commands.add_parser("shapes", help="write the synthetic shapes data set (COCO files)")
+    shapes.add_argument("--out", type=Path, required=True)
+    shapes.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
+    shapes.add_argument("--val", type=int, default=200, help="validation images, seen pairs (default 200)")
+    shapes.add_argument("--held-out", type=int, default=200, help="images with held-out pairs (default 200)")
+    shapes.add_argument("--seed", type=int, default=0)
+
+
+def settings_of(args: argparse.Namespace) -> Any:
+    """The ``TrainSettings`` the arguments ask for."""
+    from ..training.trainer import TrainSettings
+
+    return TrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr_backbone,
+        lr_text=args.lr_text, weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
+        clip_max_norm=args.clip, freeze=tuple(p.strip() for p in args.freeze.split(",") if p.strip()),
+        dtype=None if args.dtype == "fp32" else args.dtype, device=args.device, seed=args.seed,
+        image_size=args.image_size, augment=not args.no_augment, max_labels=args.max_labels,
+        save_every=args.save_every, max_steps=args.max_steps, max_minutes=args.max_minutes,
+        export_original=args.export_original, val_limit=args.val_limit,
+    )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs ``train`` or ``shapes``; a bad setting or unusable data is a one-line error, status 2."""
+    from ..checkpoint.loading import CheckpointError
+    from ..training.samples import DataError
+    from ..training.trainer import TrainError, train
+
+    try:
+        if args.command == "shapes":
+            return _shapes(args)
+        data: Any = args.data
+        if args.images is not None:
+            from ..training.datasets import read_dataset
+
+            data = read_dataset(args.data, args.images)
+        result = train(data, args.model, args.out, settings_of(args), val=args.val, resume=args.resume)
+    except (TrainError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"gdino: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    print(f"train: last checkpoint {result.checkpoint}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    from ..training.shapes import write_shapes_dataset
+
+    counts = {"train": args.train, "val": args.val, "held_out": args.held_out}
+    for split, path in write_shapes_dataset(args.out, {k: v for k, v in counts.items() if v}, args.seed).items():
+        print(f"shapes: {split}: {path}", file=sys.stderr, flush=True)
+    return 0

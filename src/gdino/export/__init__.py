@@ -1,0 +1,1 @@
+"""Exports of the detector to other runtimes (``gdino.export.onnx``)."""

@@ -1,0 +1,559 @@
+"""The training loop: optimiser, schedule, precision, checkpoints, validation and resuming.
+
+    from gdino.training.trainer import TrainSettings, train
+    result = train("train.json", "config:shapes", "runs/shapes", TrainSettings(epochs=8, image_size=256))
+
+The recipe is Open-GroundingDino's fine-tuning one: AdamW (weight decay 1e-4), a lower learning
+rate for the image backbone and the text encoder (``lr_backbone`` 1e-5 against 1e-4), gradient
+clipping at 0.1 (DINO's ``clip_max_norm``), a step decay (x0.1) late in training, or a cosine
+schedule, after an optional linear warm-up.
+
+Each epoch writes ``OUT/epoch-N/`` in the Hugging Face layout (``config.json``,
+``model.safetensors``, tokenizer and preprocessor files), which both ``gdino`` and transformers'
+``GroundingDinoForObjectDetection.from_pretrained`` load, plus ``trainer_state.pt`` (optimiser,
+schedule, RNG, data position) that ``resume`` continues from; ``save_every`` steps also writes
+``OUT/last/``. The data order of an epoch depends only on ``(seed, epoch)`` (see ``loader``), so a
+resumed run on CPU ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gdino.config import GroundingDinoConfig
+from gdino.detector import GroundingDinoForObjectDetection
+from gdino.processing.processor import GroundingDinoProcessor
+
+from .augment import Augment, AugmentSettings
+from .captions import CaptionBuilder
+from .loader import Example, collate, epoch_order, examples
+from .samples import Dataset, Problem
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, Callable[[], GroundingDinoConfig]] = {
+    "shapes": GroundingDinoConfig.shapes,
+    "tiny": GroundingDinoConfig.tiny,
+    "small_test": GroundingDinoConfig.small_test,
+}
+FREEZABLE = ("backbone", "text")
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainError(ValueError):
+    """Training cannot start: a bad setting, an unknown preset, nothing to resume from."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train.
+
+    Attributes:
+        epochs: passes over the data.
+        batch_size: images a step.
+        lr: learning rate of everything but the backbone and the text encoder.
+        lr_backbone: the Swin backbone's learning rate (``None``: ``lr / 10``).
+        lr_text: BERT's learning rate (``None``: ``lr / 10``).
+        weight_decay: AdamW's.
+        schedule: ``"step"`` (x0.1 at ``lr_drop`` of the steps) or ``"cosine"`` (to 1% of lr).
+        lr_drop: where the step schedule drops, a fraction of all steps.
+        warmup_steps: linear warm-up from 0.
+        clip_max_norm: gradient clipping (0: none).
+        freeze: parts whose weights stay as they are: ``"backbone"``, ``"text"``.
+        dtype: ``None`` (float32), ``"bf16"`` or ``"fp16"``: autocast for the forward pass.
+        device: where to train.
+        seed: fixes the initialisation, the data order and the augmentation.
+        image_size: short side of training images (long side at most 1333/800 of it), and of the
+            saved processor; ``None`` keeps the model's processor settings (800).
+        augment: flip, multi-scale resize and crop; ``False`` only resizes to ``image_size``.
+        max_labels: most labels in a detection caption.
+        save_every: also write ``OUT/last/`` every this many steps (0: only at epoch ends).
+        max_steps: stop (with a checkpoint) after this many steps in all; ``None``: run all epochs.
+        max_minutes: stop (with a checkpoint and validation) once training has taken this long.
+        export_original: also write ``groundingdino.pth`` in the original repository's layout.
+        val_limit: validate on the first this many images only.
+    """
+
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 1e-4
+    lr_backbone: float | None = None
+    lr_text: float | None = None
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    lr_drop: float = 0.8
+    warmup_steps: int = 0
+    clip_max_norm: float = 0.1
+    freeze: tuple[str, ...] = ()
+    dtype: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    image_size: int | None = None
+    augment: bool = True
+    max_labels: int = 80
+    save_every: int = 0
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    export_original: bool = False
+    val_limit: int | None = None
+
+    def check(self) -> None:
+        """Raises ``TrainError`` for a setting that cannot work."""
+        unknown = set(self.freeze) - set(FREEZABLE)
+        if unknown:
+            raise TrainError(f"cannot freeze {sorted(unknown)}; choose from {', '.join(FREEZABLE)}")
+        if self.schedule not in ("step", "cosine"):
+            raise TrainError(f"schedule must be 'step' or 'cosine', not {self.schedule!r}")
+        if self.dtype not in (None, "fp32", "bf16", "fp16"):
+            raise TrainError(f"dtype must be bf16, fp16 or fp32, not {self.dtype!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise TrainError("epochs and batch size must be at least 1 and lr positive")
+
+
+@dataclass
+class Position:
+    """Where training is: ``epoch`` and how far into its order (``offset`` samples), ``step`` in all."""
+
+    epoch: int = 0
+    offset: int = 0
+    step: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did: the last checkpoint, each epoch's mean losses and validation metrics."""
+
+    checkpoint: Path | None
+    position: Position
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def init_weights(model: nn.Module, seed: int = 0) -> None:
+    """A trainable random start, as Deformable DETR / DINO initialise (the constructors' defaults
+    elsewhere): deformable sampling offsets on a ring per head, zero attention weights, xavier
+    value/output projections, and box heads whose last layer is zero (queries start at their
+    reference boxes). The two norms whose outputs meet the text in the class head (the decoder's
+    last and the encoder output's) start at 0.1 scale: the logits are plain dot products, and
+    at unit scale they start at several units, so the focal loss of ~20k negative query-token
+    pairs starts in the thousands."""
+    from gdino.model.deformable import MultiScaleDeformableAttention
+    from gdino.model.heads import MLP
+
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, MultiScaleDeformableAttention):
+            _init_deformable(module)
+    for name in ("transformer.decoder.norm", "transformer.enc_output_norm"):
+        norm = model.get_submodule(name)
+        assert isinstance(norm, nn.LayerNorm)
+        nn.init.constant_(norm.weight, 0.1)
+    for name in ("bbox_embed", "transformer.enc_out_bbox_embed"):
+        head = model.get_submodule(name)
+        assert isinstance(head, MLP)
+        last = head.layers[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+
+def _init_deformable(m: Any) -> None:
+    """``m``: a ``MultiScaleDeformableAttention``."""
+    heads, levels, points = int(m.n_heads), int(m.n_levels), int(m.n_points)
+    nn.init.zeros_(m.sampling_offsets.weight)
+    angles = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    grid = torch.stack([angles.cos(), angles.sin()], -1)  # (heads, 2)
+    grid = grid / grid.abs().max(-1, keepdim=True).values
+    grid = grid.view(heads, 1, 1, 2).repeat(1, levels, points, 1)  # (heads, levels, points, 2)
+    grid = grid * torch.arange(1, points + 1, dtype=torch.float32).view(1, 1, points, 1)
+    with torch.no_grad():
+        m.sampling_offsets.bias.copy_(grid.flatten())
+    nn.init.zeros_(m.attention_weights.weight)
+    nn.init.zeros_(m.attention_weights.bias)
+    for proj in (m.value_proj, m.output_proj):
+        nn.init.xavier_uniform_(proj.weight)
+        nn.init.zeros_(proj.bias)
+
+
+def build_model(spec: str | Path, seed: int = 0) -> GroundingDinoForObjectDetection:
+    """The model to train: ``config:NAME`` (a preset: shapes, tiny, small_test) with random
+    weights, else whatever ``from_pretrained`` loads (hub id, directory, checkpoint file)."""
+    text = str(spec)
+    if text.startswith("config:"):
+        name = text.removeprefix("config:")
+        if name not in PRESETS:
+            raise TrainError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return from_config(PRESETS[name](), seed)
+    return GroundingDinoForObjectDetection.from_pretrained(text)
+
+
+def from_config(config: GroundingDinoConfig, seed: int = 0) -> GroundingDinoForObjectDetection:
+    """A randomly initialised model of ``config`` with the packaged processor."""
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config)
+    init_weights(model, seed)
+    model.processor = GroundingDinoProcessor.default(config.max_text_len)
+    return model
+
+
+def part_of(name: str) -> str:
+    """``"backbone"``, ``"text"`` (BERT) or ``"head"`` (everything else) for a parameter name."""
+    if name.startswith("backbone."):
+        return "backbone"
+    if name.startswith("bert."):
+        return "text"
+    return "head"
+
+
+def freeze(model: nn.Module, parts: Sequence[str]) -> int:
+    """Turns off gradients of the named parts; returns how many parameters were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if part_of(name) in parts:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings, from_scratch: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one group per part with its learning rate.
+
+    Unset backbone and text rates are ``lr / 10`` when fine-tuning, ``lr`` when ``from_scratch``."""
+    default = settings.lr if from_scratch else settings.lr / 10
+    rates = {"head": settings.lr,
+             "backbone": settings.lr_backbone if settings.lr_backbone is not None else default,
+             "text": settings.lr_text if settings.lr_text is not None else default}
+    groups: dict[str, list[nn.Parameter]] = {"head": [], "backbone": [], "text": []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[part_of(name)].append(param)
+    params = [{"params": p, "lr": rates[k], "name": k} for k, p in groups.items() if p]
+    if not params:
+        raise TrainError("every parameter is frozen: nothing to train")
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def lr_factor(step: int, total: int, settings: TrainSettings) -> float:
+    """The learning-rate multiplier at ``step`` of ``total``: warm-up, then step or cosine."""
+    if settings.warmup_steps and step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    if settings.schedule == "cosine":
+        done = (step - settings.warmup_steps) / max(1, total - settings.warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return 0.1 if step >= int(settings.lr_drop * total) else 1.0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total: int,
+                   settings: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    """Steps once per optimiser step; ``total`` steps in all."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, settings))
+
+
+def autocast(device: torch.device, dtype: str | None) -> AbstractContextManager[Any]:
+    """Autocast for the forward pass: any half type on CUDA, bf16 on a CPU with native bf16.
+
+    Raises:
+        TrainError: fp16 on CPU, or bf16 on a CPU that would emulate it (slower than float32).
+    """
+    if dtype in (None, "fp32"):
+        return nullcontext()
+    half = torch.bfloat16 if dtype == "bf16" else torch.float16
+    if device.type == "cpu":
+        from gdino.checkpoint.loading import _NATIVE_CPU_FLAGS
+
+        if half == torch.float16 or not _cpu_has(_NATIVE_CPU_FLAGS[torch.bfloat16]):
+            raise TrainError(f"--dtype {dtype} on this CPU would be emulated (slower than fp32); "
+                             "train in fp32 on CPU, or bf16/fp16 on a GPU")
+    return torch.autocast(device.type, dtype=half)
+
+
+def _cpu_has(flags: Sequence[str], cpuinfo: str = "/proc/cpuinfo") -> bool:
+    try:
+        with open(cpuinfo) as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in have for flag in flags)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(model: GroundingDinoForObjectDetection, batch: Sequence[Example], optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, settings: TrainSettings,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """Forward with labels, backward, clip, step; returns the loss terms as floats."""
+    device = model.device
+    inputs, labels = collate(batch, model.processor)
+    inputs = inputs.to(device)
+    labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
+    with autocast(device, settings.dtype):
+        outputs = model(**inputs, labels=labels)
+    loss = outputs.loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {float(loss)}; lower --lr or use fp32")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if settings.clip_max_norm > 0:
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(trainable, settings.clip_max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    terms = {k: float(v.detach()) for k, v in outputs.loss_dict.items()}
+    return {"loss": float(loss.detach()), **terms}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Run:
+    """Everything the loop carries: the model, its optimiser and schedule, data and settings."""
+
+    model: GroundingDinoForObjectDetection
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    dataset: Dataset
+    captions: CaptionBuilder
+    augment: Augment | None
+    settings: TrainSettings
+    out: Path
+    position: Position
+    scaler: torch.amp.GradScaler | None = None
+    log: IO[str] = sys.stderr
+    began: float = field(default_factory=time.monotonic)
+
+    def out_of_time(self) -> bool:
+        s = self.settings
+        return (s.max_steps is not None and self.position.step >= s.max_steps) or (
+            s.max_minutes is not None and time.monotonic() - self.began >= 60 * s.max_minutes)
+
+
+def set_image_size(processor: GroundingDinoProcessor, short: int | None) -> GroundingDinoProcessor:
+    """The processor with its images resized to ``short`` (long side at most 1333/800 of it)."""
+    if short is None:
+        return processor
+    settings = replace(processor.image_settings, shortest_edge=short, longest_edge=round(short * 1333 / 800))
+    return GroundingDinoProcessor(processor.tokenizer, settings)
+
+
+def make_augment(settings: TrainSettings) -> Augment | None:
+    """The original recipe, scaled to ``image_size``; ``None`` without augmentation."""
+    if not settings.augment:
+        return None
+    if settings.image_size is None:
+        return Augment()
+    return Augment(AugmentSettings.scaled(settings.image_size / 800))
+
+
+def state_of(run: Run) -> dict[str, Any]:
+    """What ``resume`` needs besides the weights."""
+    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "position": asdict(run.position),
+             "settings": asdict(run.settings)}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Puts the optimiser, schedule, RNG and data position back as a checkpoint saved them."""
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.position = Position(**state["position"])
+
+
+def checkpoint(run: Run, name: str) -> Path:
+    """Writes ``OUT/name/`` (model, processor, resume state) and, if asked, the original layout."""
+    from .checkpoints import ORIGINAL_FILE, export_original, save_pretrained
+
+    directory = save_pretrained(run.model, run.out / name, run.model.processor, state_of(run))
+    if run.settings.export_original:
+        export_original(run.model, directory / ORIGINAL_FILE)
+    return directory
+
+
+def epoch_batches(run: Run) -> Iterator[list[Example]]:
+    """The rest of the current epoch in batches; advances ``run.position.offset`` past each."""
+    s, pos = run.settings, run.position
+    order = epoch_order(len(run.dataset), s.seed, pos.epoch)
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))  # sample index -> its place in the order
+    batch: list[Example] = []
+
+    def report(problem: Problem) -> None:
+        print(f"train: {problem}", file=run.log, flush=True)
+
+    for ex in examples(run.dataset, run.captions, run.augment, s.seed, pos.epoch, pos.offset, on_problem=report):
+        batch.append(ex)
+        if len(batch) == s.batch_size:
+            pos.offset = int(where[batch[-1].index]) + 1  # set before the step, so a checkpoint after it is right
+            yield batch
+            batch = []
+    pos.offset = len(order)
+    if batch:
+        yield batch
+
+
+def run_epoch(run: Run) -> tuple[dict[str, float], bool]:
+    """Trains on the rest of the epoch; returns the mean loss terms and whether ``max_steps`` stopped it."""
+    from gdino.apps.progress import Progress
+
+    s, pos = run.settings, run.position
+    totals: dict[str, float] = {}
+    steps = 0
+    left = len(run.dataset) - pos.offset
+    with Progress(left, f"epoch {pos.epoch + 1}/{s.epochs}", stream=run.log) as progress:
+        for batch in epoch_batches(run):
+            terms = train_step(run.model, batch, run.optimizer, run.scheduler, s, run.scaler)
+            pos.step += 1
+            steps += 1
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+            progress.postfix = f"loss {terms['loss']:.3f} lr {run.scheduler.get_last_lr()[0]:.2e}"
+            progress.update(len(batch))
+            if run.out_of_time():
+                return _means(totals, steps), True
+            if s.save_every and pos.step % s.save_every == 0:
+                checkpoint(run, "last")
+    return _means(totals, steps), False
+
+
+def _means(totals: dict[str, float], steps: int) -> dict[str, float]:
+    return {k: v / max(1, steps) for k, v in totals.items()}
+
+
+def validate(model: GroundingDinoForObjectDetection, annotations: Path, limit: int | None = None,
+             log: IO[str] | None = None) -> dict[str, float]:
+    """COCO metrics of ``model`` on a COCO file (images relative to its folder), as ``gdino eval coco``."""
+    from gdino.evaluate import evaluate_coco, model_detector
+
+    was_training = model.training
+    model.eval()
+    try:
+        result = evaluate_coco(annotations.parent, annotations, lambda names: model_detector(model, names),
+                               limit=limit, log=log)
+    finally:
+        model.train(was_training)
+    return result.metrics
+
+
+def load_data(data: str | Path | Dataset, log: IO[str]) -> Dataset:
+    """Reads the training data and prints its bad-record report (the records skipped)."""
+    from .datasets import read_dataset
+
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    print(f"train: {dataset.report()}", file=log, flush=True)
+    if not len(dataset):
+        raise TrainError(f"{dataset.source}: no usable training images")
+    return dataset
+
+
+def start(data: str | Path | Dataset, model: str | Path | GroundingDinoForObjectDetection, out: str | Path,
+          settings: TrainSettings, resume: bool = False, log: IO[str] = sys.stderr) -> Run:
+    """Everything set up to train: data, model (or the last checkpoint's), optimiser, schedule."""
+    settings.check()
+    out = Path(out)
+    dataset = load_data(data, log)
+    state, spec = None, model if isinstance(model, (str, Path)) else ""
+    if resume:
+        from .checkpoints import latest, load_state
+
+        found = latest(out)
+        if found is None:
+            print(f"train: nothing to resume in {out}; starting afresh", file=log, flush=True)
+        else:
+            print(f"train: resuming from {found}", file=log, flush=True)
+            model, state = GroundingDinoForObjectDetection.from_pretrained(found), load_state(found)
+    if not isinstance(model, GroundingDinoForObjectDetection):
+        model = build_model(model, settings.seed)
+    model.processor = set_image_size(model.processor, settings.image_size)
+    model.to(settings.device).train()
+    freeze(model, settings.freeze)
+    optimizer = make_optimizer(model, settings, from_scratch=str(spec).startswith("config:"))
+    steps_per_epoch = math.ceil(len(dataset) / settings.batch_size)
+    scheduler = make_scheduler(optimizer, settings.epochs * steps_per_epoch, settings)
+    scaler = torch.amp.GradScaler("cuda") if settings.dtype == "fp16" and model.device.type == "cuda" else None
+    captions = CaptionBuilder(model.processor.tokenizer, dataset.names, settings.max_labels)
+    run = Run(model, optimizer, scheduler, dataset, captions, make_augment(settings), settings, out, Position(),
+              scaler, log)
+    if state is not None:
+        restore(run, state)
+    else:
+        torch.manual_seed(settings.seed)
+    return run
+
+
+def train(data: str | Path | Dataset, model: str | Path | GroundingDinoForObjectDetection, out: str | Path,
+          settings: TrainSettings | None = None, val: str | Path | None = None, resume: bool = False,
+          log: IO[str] | None = None) -> TrainResult:
+    """Trains ``model`` on ``data``, writing ``OUT/epoch-N/`` after each epoch (and its validation
+    metrics to ``OUT/history.jsonl`` when ``val``, a COCO file, is given).
+
+    Args:
+        data: a COCO ``.json``, ODVG ``.jsonl``, YOLO folder, or a read ``Dataset``.
+        model: a model, a hub id / directory / checkpoint file, or ``config:shapes`` (random init).
+        out: the output folder.
+        settings: how to train (the defaults when ``None``).
+        val: COCO annotations to compute mAP on after each epoch.
+        resume: continue from the last checkpoint in ``out`` (if there is none, start afresh).
+        log: where progress goes (stderr when None).
+    """
+    settings = settings if settings is not None else TrainSettings()
+    log = log if log is not None else sys.stderr
+    run = start(data, model, out, settings, resume, log)
+    result = TrainResult(None, run.position)
+    while run.position.epoch < settings.epochs:
+        means, stopped = run_epoch(run)
+        if not stopped:
+            run.position.epoch, run.position.offset = run.position.epoch + 1, 0
+        record: dict[str, Any] = {"epoch": run.position.epoch, "step": run.position.step,
+                                  "seconds": round(time.monotonic() - run.began, 1), **means}
+        if val is not None:
+            record["val"] = validate(run.model, Path(val), settings.val_limit, log)
+        result.checkpoint = checkpoint(run, "last" if stopped else f"epoch-{run.position.epoch}")
+        result.history.append(record)
+        _append_history(run.out / "history.jsonl", record)
+        print(f"train: {result.checkpoint.name}: " + _summary(record), file=log, flush=True)
+        if stopped:
+            break
+    return result
+
+
+def _append_history(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _summary(record: dict[str, Any]) -> str:
+    text = f"loss {record.get('loss', float('nan')):.4f} ({record['seconds']:.0f} s)"
+    if "val" in record:
+        text += f", val AP {record['val']['AP']:.3f} AP50 {record['val']['AP50']:.3f}"
+    return text
