@@ -148,7 +148,8 @@ class WindowAttention(nn.Module):
         nw = windows.shape[1]
         # Steps pay on CPU (cache, page faults); on a GPU each would be a round of small kernels.
         # In one piece under torch.compile / torch.export too: steps would fix the graph's size.
-        if torch.is_grad_enabled() or nw <= WINDOWS_PER_STEP or windows.device.type != "cpu" or torch.compiler.is_compiling():
+        on_cpu = windows.device.type == "cpu"
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or nw <= WINDOWS_PER_STEP or not on_cpu:
             return self._attend(windows, shift_mask)
         out = torch.empty_like(windows)
         for start in range(0, nw, WINDOWS_PER_STEP):
