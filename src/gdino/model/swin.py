@@ -268,7 +268,9 @@ class SwinStage(nn.Module):
         if len(self.blocks) < 2 or not self.shift:
             return None
         ws = self.window
-        hp, wp = -(-x.shape[1] // ws) * ws, -(-x.shape[2] // ws) * ws
+        # Rounded up with non-negative operands: an exported floor division of a negative number
+        # becomes ONNX's Div, which truncates (the mask then had too few windows).
+        hp, wp = (x.shape[1] + ws - 1) // ws * ws, (x.shape[2] + ws - 1) // ws * ws
         return shift_window_mask(hp, wp, ws, self.shift, x.dtype, x.device)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
