@@ -34,7 +34,8 @@ def residual_ffn(
     residual = x if residual is None else residual
     rows = x.numel() // x.shape[-1]
     # Steps pay on CPU only; a compiled or exported graph must not bake the steps in.
-    if torch.is_grad_enabled() or rows <= ROWS_PER_STEP or x.device.type != "cpu" or torch.compiler.is_compiling():
+    # (is_compiling first: comparing a symbolic row count would put a guard on the batch size).
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or rows <= ROWS_PER_STEP or x.device.type != "cpu":
         return linear2(activation(linear1(x))).add_(residual)
     flat = x.reshape(rows, x.shape[-1])  # (N, D)
     flat_residual = residual.reshape(rows, residual.shape[-1])  # (N, D)

@@ -148,8 +148,8 @@ class WindowAttention(nn.Module):
         nw = windows.shape[1]
         # Steps pay on CPU (cache, page faults); on a GPU each would be a round of small kernels.
         # In one piece under torch.compile / torch.export too: steps would fix the graph's size.
-        whole = torch.is_grad_enabled() or windows.device.type != "cpu" or torch.compiler.is_compiling()
-        if whole or nw <= WINDOWS_PER_STEP:
+        on_cpu = windows.device.type == "cpu"
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or nw <= WINDOWS_PER_STEP or not on_cpu:
             return self._attend(windows, shift_mask)
         out = torch.empty_like(windows)
         for start in range(0, nw, WINDOWS_PER_STEP):
@@ -268,7 +268,9 @@ class SwinStage(nn.Module):
         if len(self.blocks) < 2 or not self.shift:
             return None
         ws = self.window
-        hp, wp = -(-x.shape[1] // ws) * ws, -(-x.shape[2] // ws) * ws
+        # Rounded up with non-negative operands: an exported floor division of a negative number
+        # becomes ONNX's Div, which truncates (the mask then had too few windows).
+        hp, wp = (x.shape[1] + ws - 1) // ws * ws, (x.shape[2] + ws - 1) // ws * ws
         return shift_window_mask(hp, wp, ws, self.shift, x.dtype, x.device)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
