@@ -20,12 +20,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from .boxes import cxcywh_to_xyxy
 from .chunking import score_chunks, top_k
 from .classes import label_query
-from .image import ImageError, to_rgb
+from .image import ImageError, read_annotated_image
 from .progress import Progress, read_ahead
 
 if TYPE_CHECKING:
@@ -92,26 +91,9 @@ def model_detector(model: GroundingDinoForObjectDetection, names: Sequence[str],
 
 
 def read_image(path: Path, info: dict[str, Any]) -> np.ndarray:
-    """The image as the annotations see it: as stored, or EXIF-rotated when only that fits their size.
-
-    Raises:
-        ImageError: the file cannot be read, or its size fits the annotation's neither way.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            raw = img.copy()
-    except FileNotFoundError:
-        raise ImageError(f"image file not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 (truncated, corrupt, not an image ...)
-        raise ImageError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    """The image as the annotations see it (``gdino.image.read_annotated_image``); ``info`` is its COCO record."""
     size = (info.get("width"), info.get("height"))
-    if None not in size and raw.size != size:
-        rotated = ImageOps.exif_transpose(raw)
-        if rotated.size != size:
-            raise ImageError(f"{path} is {raw.size[0]}x{raw.size[1]} but the annotations say {size[0]}x{size[1]}")
-        raw = rotated
-    return np.asarray(to_rgb(raw))
+    return read_annotated_image(path, None if None in size else size)  # type: ignore[arg-type]
 
 
 def evaluate_coco(
