@@ -394,3 +394,27 @@ def test_good_numbers_pass(capsys):
     assert (args.port, args.batch_wait_ms, args.max_upload_mb) == (0, 0.0, 0.5)
     args = _parser().parse_args(["label", "d", "--classes", "c", "--out", "o", "--nms", "0.5"])
     assert math.isclose(args.nms, 0.5) and args.batch_size == 4
+
+
+EXTREME_SHAPES = [(1, 1), (1, 5000), (5000, 1), (5000, 10), (1333, 30)]  # (width, height)
+
+
+def test_extreme_shapes_are_detected_and_labelled(fast_dir, tmp_path, capsys):
+    """Images with fewer image tokens than queries (issue 10, item 3) go through detect and label."""
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for w, h in EXTREME_SHAPES:
+        Image.fromarray(np.full((h, w, 3), 128, dtype=np.uint8)).save(folder / f"{w}x{h}.png")
+    images = sorted(folder.iterdir())
+    status, out, err = run_main(capsys, "detect", *images, "--prompt", PROMPT, "--model", fast_dir,
+                                "--box-threshold", "0")  # fmt: skip
+    assert status == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["width"], r["height"]) for r in records] == [tuple(map(int, p.stem.split("x"))) for p in images]
+    assert all(r["detections"] for r in records)  # threshold 0: every image gives boxes
+    status, _, err = run_main(capsys, "label", folder, "--classes", "cat,dog", "--format", "coco",
+                             "--out", tmp_path / "out", "--model", fast_dir, "--box-threshold", "0")  # fmt: skip
+    assert status == 0, err
+    coco = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert len(coco["images"]) == len(EXTREME_SHAPES)
+    assert not (tmp_path / "out" / "errors.txt").exists() or not (tmp_path / "out" / "errors.txt").read_text().strip()

@@ -626,7 +626,9 @@ def test_sigterm_stops_gdino_serve_while_long_label_lists_are_queued(fast_dir, t
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         _wait_until(lambda: _healthy(base), timeout=120)
-        labels = ["".join(chr(0x4E00 + (i * 100 + j) % 20000) for j in range(100)) for i in range(300)]  # 2 a chunk
+        # 300 distinct labels of 100 characters (the last one unique to the label): 2 a chunk
+        labels = ["".join(chr(0x4E00 + (i * 100 + j) % 20000) for j in range(99)) + chr(0x4E00 + 20000 + i) for i in range(300)]  # fmt: skip
+        assert len(set(labels)) == len(labels)
         answers: list[int] = []
 
         def ask() -> None:

@@ -20,12 +20,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from ..boxes import to_pixels
 from ..postprocess import top_k
 from ..processing.classes import label_query
-from ..processing.image import ImageError, to_rgb
+from ..processing.image import ImageError, read_annotated_image
 from .progress import Progress, read_ahead
 
 if TYPE_CHECKING:
@@ -101,26 +100,9 @@ def model_detector(model: GroundingDinoForObjectDetection, names: Sequence[str],
 
 
 def read_image(path: Path, info: dict[str, Any]) -> np.ndarray:
-    """The image as the annotations see it: as stored, or EXIF-rotated when only that fits their size.
-
-    Raises:
-        ImageError: the file cannot be read, or its size fits the annotation's neither way.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            raw = img.copy()
-    except FileNotFoundError:
-        raise ImageError(f"image file not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 (truncated, corrupt, not an image ...)
-        raise ImageError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    size = (info.get("width"), info.get("height"))
-    if None not in size and raw.size != size:
-        rotated = ImageOps.exif_transpose(raw)
-        if rotated.size != size:
-            raise ImageError(f"{path} is {raw.size[0]}x{raw.size[1]} but the annotations say {size[0]}x{size[1]}")
-        raw = rotated
-    return np.asarray(to_rgb(raw))
+    """The image as the annotations see it (``read_annotated_image``); ``info`` is its COCO record."""
+    width, height = info.get("width"), info.get("height")
+    return read_annotated_image(path, None if width is None or height is None else (int(width), int(height)))
 
 
 def evaluate_coco(

@@ -140,10 +140,14 @@ def query_count(padding_mask: Tensor, num_queries: int) -> int:
     Args:
         padding_mask: (B, S) True on padding tokens.
     """
+    if torch.compiler.is_compiling():  # export: no data-dependent size; exported images are never padded
+        return torch.sym_min(num_queries, padding_mask.shape[1])  # type: ignore[return-value]
     return min(num_queries, int((~padding_mask).sum(1).max()))
 
 
 def query_padding(padding_mask: Tensor, index: Tensor) -> Tensor | None:
     """(B, Q) True where a query was selected from a padding token (see the module docstring), or None if none was."""
     padded = torch.gather(padding_mask, 1, index)
+    if torch.compiler.is_compiling():  # export: no data-dependent branch (masking with no True is a no-op)
+        return padded
     return padded if bool(padded.any()) else None

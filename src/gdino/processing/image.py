@@ -133,6 +133,30 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     )
 
 
+def read_annotated_image(path: str | os.PathLike[str], size: tuple[int, int] | None) -> np.ndarray:
+    """The image as its annotations see it, ``(H, W, 3)`` uint8: as stored, or EXIF-rotated when only
+    that fits ``size`` (width, height; None takes it as stored). ``gdino eval coco`` and the training
+    data read images by this rule.
+
+    Raises:
+        ImageError: the file cannot be read, or its size fits the annotations' neither way.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            raw = img.copy()
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 (truncated, corrupt, not an image ...)
+        raise ImageError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if size is not None and raw.size != size:
+        rotated = ImageOps.exif_transpose(raw)
+        if rotated.size != size:
+            raise ImageError(f"{path} is {raw.size[0]}x{raw.size[1]} but the annotations say {size[0]}x{size[1]}")
+        raw = rotated
+    return np.asarray(to_rgb(raw))
+
+
 def load_image(image: ImageLike) -> Image.Image:
     """Any supported image input -> an RGB PIL image.
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from gdino.processing.image import ImageError, to_rgb
+from gdino.processing.image import ImageError, read_annotated_image
 
 logger = logging.getLogger(__name__)
 
@@ -191,24 +191,10 @@ def check_image(path: Path, width: int | None, height: int | None) -> tuple[int,
 
 
 def read_image(sample: Sample) -> np.ndarray:
-    """The sample's image, ``(H, W, 3)`` uint8, as its boxes see it: as stored, or EXIF-rotated when
-    only that fits its size (the rule ``gdino eval coco`` reads images by).
+    """The sample's image, ``(H, W, 3)`` uint8, as its boxes see it (``read_annotated_image``: as stored,
+    or EXIF-rotated when only that fits its size, the rule ``gdino eval coco`` reads images by).
 
     Raises:
         ImageError: the file cannot be decoded or its size fits neither way.
     """
-    try:
-        with Image.open(sample.image) as img:
-            img.load()
-            raw = img.copy()
-    except FileNotFoundError:
-        raise ImageError(f"image file not found: {sample.image}") from None
-    except Exception as e:  # noqa: BLE001 (truncated, corrupt, not an image ...)
-        raise ImageError(f"cannot read {sample.image}: {type(e).__name__}: {e}") from None
-    if raw.size != (sample.width, sample.height):
-        rotated = ImageOps.exif_transpose(raw)
-        if rotated.size != (sample.width, sample.height):
-            raise ImageError(f"{sample.image} is {raw.size[0]}x{raw.size[1]} but the annotations say "
-                             f"{sample.width}x{sample.height}")
-        raw = rotated
-    return np.asarray(to_rgb(raw))
+    return read_annotated_image(sample.image, (sample.width, sample.height))
