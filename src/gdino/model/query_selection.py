@@ -141,7 +141,7 @@ def query_count(padding_mask: Tensor, num_queries: int) -> int:
         padding_mask: (B, S) True on padding tokens.
     """
     if torch.compiler.is_compiling():  # export: no data-dependent size; exported images are never padded
-        return torch.sym_min(num_queries, padding_mask.shape[1])  # type: ignore[return-value]
+        return torch.sym_min(num_queries, padding_mask.shape[1])
     return min(num_queries, int((~padding_mask).sum(1).max()))
 
 
