@@ -8,8 +8,8 @@ int8 dynamically quantised copy), then runs each backend in its own worker proce
 image and prompt, one after the other: load, one warm-up pass, ``--iters`` timed passes of the
 whole ``detect`` (image graph, text graph, detection graph and decoding; for transformers the
 processor and the forward pass). Each worker reports its median latency, its peak RSS
-(``getrusage``) and the raw top-100 outputs, from which the int8 and OpenVINO agreement with
-onnxruntime fp32 is computed (queries matched by box, as bench/compare.py does).
+(``getrusage``) and every query's box and best score, from which the agreement with onnxruntime
+fp32 is computed: its 20 best queries, each matched by box to the other run's queries.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def _run_backend(name: str, model_dir: Path, export_dir: Path, int8_dir: Path, a
     if name in ("ort", "ort-int8", "openvino"):
         import gdino.onnx
 
-        detector = gdino.onnx.load(int8_dir if name == "ort-int8" else export_dir, threads=args.threads)
-        if name == "openvino":
-            _use_openvino(detector, export_dir, args.threads)
+        runtime = "openvino" if name == "openvino" else "onnxruntime"
+        detector = gdino.onnx.load(int8_dir if name == "ort-int8" else export_dir, threads=args.threads,
+                                   runtime=runtime)
 
         def once() -> Any:
             encoded = detector.encode_image(args.image)
@@ -77,59 +77,43 @@ def _run_backend(name: str, model_dir: Path, export_dir: Path, int8_dir: Path, a
         t = time.perf_counter()
         logits, boxes = once()
         times.append(time.perf_counter() - t)
-    logits, boxes = np.asarray(logits)[0], np.asarray(boxes)[0]
-    top = np.argsort(-logits.max(-1))[:100]
+    logits, boxes = np.asarray(logits, dtype=np.float64)[0], np.asarray(boxes, dtype=np.float64)[0]
     return {
         "backend": name, "load_s": round(load_s, 2), "latency_s": round(statistics.median(times), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "top_logits": logits[top].tolist(), "top_boxes": boxes[top].tolist(),
+        "top_scores": (1 / (1 + np.exp(-logits.max(-1)))).tolist(), "top_boxes": boxes.tolist(),
     }  # fmt: skip
 
 
 def _normalized(prompt: str) -> str:
-    from gdino.text import normalize_prompt
+    from gdino.processing.prompts import normalize_prompt
 
     return normalize_prompt(prompt)
 
 
-def _use_openvino(detector: Any, export_dir: Path, threads: int) -> None:
-    """Swaps the detector's onnxruntime sessions for OpenVINO compiled models of the same graphs."""
-    import openvino as ov
+def _agreement(base: dict, other: dict, top: int = 20) -> dict:
+    """``base``'s ``top`` best queries, each matched to the query of ``other`` (any of its queries)
+    whose box overlaps it most: the smallest and median IoU, and the largest score difference.
 
-    core = ov.Core()
-    core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
-
-    class Session:
-        def __init__(self, path: Path) -> None:
-            self.model = core.compile_model(core.read_model(str(path)), "CPU")
-            self.names = [o.get_any_name() for o in self.model.outputs]
-
-        def run(self, _: Any, feed: dict) -> list:
-            result = self.model(feed)
-            return [result[o] for o in self.model.outputs]
-
-        def get_outputs(self) -> list:
-            return [argparse.Namespace(name=n) for n in self.names]
-
-    detector.sessions = {name: Session(export_dir / file) for name, file in detector.settings["graphs"].items()}
-
-
-def _agreement(base: dict, other: dict) -> dict:
-    """Top-100 of ``base`` matched by box to ``other``'s top 100: min IoU and max score difference."""
+    Matching by box, not by rank: near-tied proposals may be selected in another order (int8
+    rounding, another runtime's arithmetic), which moves queries without changing detections.
+    """
     import numpy as np
 
     def xyxy(b: np.ndarray) -> np.ndarray:
         return np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], -1)
 
-    b0, b1 = xyxy(np.array(base["top_boxes"])), xyxy(np.array(other["top_boxes"]))
-    s0 = 1 / (1 + np.exp(-np.array(base["top_logits"]).max(-1)))
-    s1 = 1 / (1 + np.exp(-np.array(other["top_logits"]).max(-1)))
+    s0, s1 = np.array(base["top_scores"]), np.array(other["top_scores"])
+    best = np.argsort(-s0, kind="stable")[:top]
+    b0, b1 = xyxy(np.array(base["top_boxes"])[best]), xyxy(np.array(other["top_boxes"]))
     lt, rb = np.maximum(b0[:, None, :2], b1[None, :, :2]), np.minimum(b0[:, None, 2:], b1[None, :, 2:])
     inter = (rb - lt).clip(min=0).prod(-1)
-    area = lambda b: (b[:, 2:] - b[:, :2]).prod(-1)  # noqa: E731
-    iou = inter / (area(b0)[:, None] + area(b1)[None] - inter)
+    area0, area1 = (b0[:, 2:] - b0[:, :2]).prod(-1), (b1[:, 2:] - b1[:, :2]).prod(-1)
+    iou = inter / (area0[:, None] + area1[None] - inter)
     match = iou.argmax(1)
-    return {"min_iou": round(float(iou.max(1).min()), 4), "max_score_diff": round(float(np.abs(s0 - s1[match]).max()), 4)}
+    best_iou = iou.max(1)
+    return {"min_iou": round(float(best_iou.min()), 4), "median_iou": round(float(np.median(best_iou)), 4),
+            "max_score_diff": round(float(np.abs(s0[best] - s1[match]).max()), 4)}
 
 
 def main() -> None:
@@ -189,6 +173,7 @@ def main() -> None:
 
 def _random_checkpoint(directory: Path) -> Path:
     import torch
+
     from reference import build_reference, save_reference
 
     with torch.no_grad():

@@ -159,3 +159,39 @@ def test_cli_detect_runs_on_an_export(export_dir, data_dir, capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["width"] == 600 and record["detections"]
     assert {d["label"] for d in record["detections"]} <= {"cat", "cup"}
+
+
+def test_openvino_runtime_detects_as_onnxruntime(export_dir, data_dir):
+    """``gdino.onnx.load(DIR, runtime="openvino")`` compiles the same graphs: the same detections."""
+    pytest.importorskip("openvino")
+    from gdino import onnx as runtime
+
+    image = data_dir / "coffee.png"
+    reference = runtime.load(export_dir, threads=2)
+    compiled = runtime.load(export_dir, threads=2, runtime="openvino")
+    assert compiled.runtime == "openvino"
+    for prompt in ("a cat. a remote control.", ["cat", "remote control", "st. bernard"]):
+        ours = reference.detect(image, prompt, box_threshold=0.0, text_threshold=0.0)
+        theirs = compiled.detect(image, prompt, box_threshold=0.0, text_threshold=0.0)
+        assert len(theirs.boxes) > 20
+        for box, score, label in zip(ours.boxes[:20], ours.scores[:20], ours.labels[:20]):
+            j = int(np.abs(theirs.boxes - box).max(-1).argmin())  # matched by box: near-tied selections may swap
+            assert np.abs(theirs.boxes[j] - box).max() < 0.05 and abs(theirs.scores[j] - score) < 1e-3
+            assert theirs.labels[j] == label
+    with pytest.raises(ValueError, match="unknown runtime"):
+        runtime.load(export_dir, runtime="tensorrt")
+
+
+def test_cli_runs_an_export_on_openvino_and_refuses_the_runtime_for_a_checkpoint(export_dir, small_dir, data_dir,
+                                                                                  capsys):  # fmt: skip
+    pytest.importorskip("openvino")
+    from gdino.cli import main
+
+    assert main(["detect", str(data_dir / "coffee.png"), "--prompt", "cat,cup", "--model", str(export_dir),
+                 "--runtime", "openvino", "--box-threshold", "0.0"]) == 0  # fmt: skip
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["width"] == 600 and record["detections"]
+    assert main(["detect", str(data_dir / "coffee.png"), "--prompt", "cat", "--model", str(small_dir),
+                 "--runtime", "openvino"]) == 2  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "runs ONNX exports" in error

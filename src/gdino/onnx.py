@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -34,18 +35,54 @@ def is_export(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / SETTINGS_FILE).is_file()
 
 
+RUNTIMES = ("onnxruntime", "openvino")
+
+
 def load(
-    directory: str | os.PathLike[str], providers: Sequence[str] | None = None, threads: int | None = None
+    directory: str | os.PathLike[str],
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    runtime: str = "onnxruntime",
 ) -> OnnxDetector:
     """Loads an export for ``detect``.
 
     Args:
         directory: what ``gdino export onnx`` wrote.
-        providers: onnxruntime execution providers, e.g. ``["OpenVINOExecutionProvider"]``; the
-            CPU provider by default.
-        threads: intra-op threads (onnxruntime's default: one per physical core).
+        providers: onnxruntime execution providers, e.g. ``["CUDAExecutionProvider"]``; the CPU
+            provider by default. Only with ``runtime="onnxruntime"``.
+        threads: intra-op threads (the runtime's default: one per physical core).
+        runtime: ``"onnxruntime"``, or ``"openvino"`` (``pip install openvino``), which compiles the
+            same ``.onnx`` files for the CPU; see bench/README.md for which is faster where.
     """
-    return OnnxDetector(directory, providers, threads)
+    return OnnxDetector(directory, providers, threads, runtime)
+
+
+class _Output:
+    """An output's name, as onnxruntime's ``NodeArg`` gives it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class OpenVinoSession:
+    """One ``.onnx`` graph compiled by OpenVINO for the CPU, with onnxruntime's ``run``/``get_outputs``."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import openvino as ov  # only this runtime needs it
+
+        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self._outputs = [_Output(o.get_any_name()) for o in self.compiled.outputs]
+        self._request = self.compiled.create_infer_request()
+
+    def get_outputs(self) -> list[_Output]:
+        return self._outputs
+
+    def run(self, names: Sequence[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs named (all, in graph order, for None) on ``feed``, as numpy arrays."""
+        results = self._request.infer(feed)
+        values = {o.get_any_name(): np.array(results[o]) for o in self.compiled.outputs}
+        return [values[n] for n in (names or [o.name for o in self._outputs])]
 
 
 @dataclass(frozen=True)
@@ -65,22 +102,25 @@ class OnnxDetector:
     device = "cpu"
 
     def __init__(
-        self, directory: str | os.PathLike[str], providers: Sequence[str] | None = None, threads: int | None = None
+        self,
+        directory: str | os.PathLike[str],
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        runtime: str = "onnxruntime",
     ) -> None:
-        import onnxruntime as ort  # here, so that is_export works without it
-
         root = Path(directory)
         if not is_export(root):
             raise FileNotFoundError(f"{root} holds no ONNX export ({SETTINGS_FILE} is missing); "
                                     "write one with `gdino export onnx --out DIR`")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+        if providers and runtime != "onnxruntime":
+            raise ValueError("providers are onnxruntime's; OpenVINO runs on the CPU here")
         self.settings = json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        chosen = list(providers) if providers else ["CPUExecutionProvider"]
-        self.sessions = {
-            name: ort.InferenceSession(str(root / file), options, providers=chosen)
-            for name, file in self.settings["graphs"].items()
+        self.runtime = runtime
+        graphs = {name: root / file for name, file in self.settings["graphs"].items()}
+        self.sessions = _ort_sessions(graphs, providers, threads) if runtime == "onnxruntime" else {
+            name: OpenVinoSession(path, threads) for name, path in graphs.items()
         }
         self.max_text_len = int(self.settings["max_text_len"])
         self.special_token_ids = tuple(self.settings["special_token_ids"])
@@ -177,6 +217,17 @@ class OnnxDetector:
 
 
 # ------------------------------------------------------------------------------ decoding, numpy
+
+
+def _ort_sessions(graphs: dict[str, Path], providers: Sequence[str] | None, threads: int | None) -> dict[str, Any]:
+    """An onnxruntime ``InferenceSession`` per graph (the CPU provider unless ``providers``)."""
+    import onnxruntime as ort  # here, so that is_export works without it
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    chosen = list(providers) if providers else ["CPUExecutionProvider"]
+    return {name: ort.InferenceSession(str(path), options, providers=chosen) for name, path in graphs.items()}
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

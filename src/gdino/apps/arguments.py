@@ -51,6 +51,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default=None,
+                        help="what runs an ONNX export given as --model (default onnxruntime)")
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -68,14 +70,24 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_detector(args: argparse.Namespace, threads: int | None = None) -> Any:
     """The model the options name, in eval mode (``--device`` already checked by ``check_device``),
-    or the onnxruntime detector (``gdino.onnx``, ``threads`` intra-op threads) when it names an ONNX export."""
+    or the ONNX detector (``gdino.onnx`` on ``--runtime``, ``threads`` intra-op threads) when it names an export.
+
+    Raises:
+        CheckpointError: ``--runtime`` given for a model that is not an ONNX export, or the model cannot be loaded.
+    """
     from ..onnx import is_export  # cheap: onnxruntime is imported by load
 
     name = model_name(args)
+    runtime = getattr(args, "runtime", None)
     if is_export(name):
         from ..onnx import load
 
-        return load(name, threads=threads)
+        return load(name, threads=threads, runtime=runtime or "onnxruntime")
+    from ..checkpoint.loading import CheckpointError  # here: an export needs no torch
+
+    if runtime is not None:
+        raise CheckpointError(f"--runtime {runtime} runs ONNX exports and {name} is not one; "
+                              "write one with `gdino export onnx --model MODEL --out DIR`")
     from ..detector import GroundingDinoForObjectDetection
 
     return GroundingDinoForObjectDetection.from_pretrained(
