@@ -54,6 +54,8 @@ class CocoEvaluation:
             ``bbox`` [x, y, w, h], ``score``).
         images: how many images were evaluated.
         failed: (file name, reason) of images that could not be read; they count as found nothing.
+        per_category: category name -> {"AP": ..., "AP50": ...} (all areas, 100 detections); -1 where
+            the evaluated images hold none of that category.
     """
 
     metrics: dict[str, float]
@@ -61,6 +63,7 @@ class CocoEvaluation:
     results: list[dict[str, Any]]
     images: int
     failed: list[tuple[str, str]] = field(default_factory=list)
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _coco() -> Any:
@@ -134,8 +137,8 @@ def evaluate_coco(
     category_ids = np.array([c["id"] for c in categories])
     image_ids = sorted(truth.getImgIds())[:limit]
     results, failed = _detect_all(Path(images), truth.loadImgs(image_ids), detector, category_ids, max_dets, log)
-    metrics, table = _score(truth, results, image_ids, COCO, COCOeval, log)
-    return CocoEvaluation(metrics, table, results, len(image_ids), failed)
+    metrics, table, per_category = _score(truth, results, image_ids, COCO, COCOeval, log)
+    return CocoEvaluation(metrics, table, results, len(image_ids), failed, per_category)
 
 
 def _read_annotations(annotations: Path, COCO: Any, log: IO[str]) -> Any:
@@ -190,8 +193,8 @@ def _results(image_id: int, found: Found, category_ids: np.ndarray, max_dets: in
 
 
 def _score(truth: Any, results: list[dict[str, Any]], image_ids: list[int], COCO: Any, COCOeval: Any,
-           log: IO[str]) -> tuple[dict[str, float], str]:
-    """pycocotools' bbox evaluation over ``image_ids``; the 12 numbers and the summary table."""
+           log: IO[str]) -> tuple[dict[str, float], str, dict[str, dict[str, float]]]:
+    """pycocotools' bbox evaluation over ``image_ids``: the 12 numbers, the summary table, AP by category."""
     with contextlib.redirect_stdout(log):
         if results:
             found = truth.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])  # loadRes adds keys
@@ -207,7 +210,23 @@ def _score(truth: Any, results: list[dict[str, Any]], image_ids: list[int], COCO
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         evaluation.summarize()
-    return dict(zip(METRICS, (float(v) for v in evaluation.stats))), table.getvalue()
+    names = {c["id"]: c["name"] for c in truth.loadCats(evaluation.params.catIds)}
+    precision = evaluation.eval["precision"]
+    per_category = {names[c]: _category_ap(precision, k) for k, c in enumerate(evaluation.params.catIds)}
+    return dict(zip(METRICS, (float(v) for v in evaluation.stats))), table.getvalue(), per_category
+
+
+def _category_ap(precision: np.ndarray, k: int) -> dict[str, float]:
+    """AP (IoU 0.50:0.95) and AP50 of category ``k`` from pycocotools' accumulated precision.
+
+    ``precision`` is (T IoU thresholds, R recall points, K categories, A areas, M max-dets), -1 where
+    undefined; area "all" is index 0 and 100 detections the last max-dets setting.
+    """
+    p = precision[:, :, k, 0, -1]  # (T, R)
+    ap = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    p50 = p[0]
+    ap50 = float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0
+    return {"AP": ap, "AP50": ap50}
 
 
 def write_report(path: Path, evaluation: CocoEvaluation, **about: Any) -> None:
@@ -215,6 +234,7 @@ def write_report(path: Path, evaluation: CocoEvaluation, **about: Any) -> None:
     from .exports import write_atomic
 
     report = {"metrics": evaluation.metrics, "stats": [evaluation.metrics[m] for m in METRICS],
-              "images": evaluation.images, "detections": len(evaluation.results),
+              "per_category": evaluation.per_category, "images": evaluation.images,
+              "detections": len(evaluation.results),
               "failed": [{"image": name, "error": reason} for name, reason in evaluation.failed], **about}
     write_atomic(path, json.dumps(report, indent=2) + "\n")
