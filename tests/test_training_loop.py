@@ -65,6 +65,20 @@ def test_loss_falls(shapes, tmp_path):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
+def test_without_augmentation_images_are_trained_at_the_image_size(shapes, tmp_path):
+    """``augment=False`` still resizes to ``image_size`` (as the saved processor will at inference)."""
+    settings = TrainSettings(epochs=1, max_steps=1, **{**FAST, "image_size": 64})
+    run = start(shapes["train"], "config:small_test", tmp_path, settings, log=io.StringIO())
+    seen: list[tuple[int, ...]] = []
+    run.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(tuple(kwargs["pixel_values"].shape)),
+                                        with_kwargs=True)  # fmt: skip
+    result = train(shapes["train"], run.model, tmp_path / "run", settings, log=io.StringIO())
+    assert result.position.step == 1 and len(seen) == 1
+    assert min(seen[0][2:]) == 64, seen  # the images are 96-128 pixels a side
+    saved = GroundingDinoForObjectDetection.from_pretrained(result.checkpoint)
+    assert saved.processor.image_settings.shortest_edge == 64
+
+
 def test_resume_ends_with_the_same_weights(shapes, tmp_path):
     """6 steps straight equal 3 steps, a stop (checkpoint in last/), and --resume for the rest."""
     settings = TrainSettings(epochs=3, **FAST)

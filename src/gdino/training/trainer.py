@@ -299,7 +299,8 @@ def train_step(model: GroundingDinoForObjectDetection, batch: Sequence[Example],
                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """Forward with labels, backward, clip, step; returns the loss terms as floats."""
     device = model.device
-    inputs, labels = collate(batch, model.processor)
+    # Augmented images are already sized; without augmentation the processor resizes them to --image-size.
+    inputs, labels = collate(batch, model.processor, resize=not settings.augment)
     inputs = inputs.to(device)
     labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
     with autocast(device, settings.dtype):
