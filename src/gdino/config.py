@@ -153,10 +153,12 @@ class GroundingDinoConfig:
         enhancer, language-guided query selection, deformable decoder, 4 feature levels), narrower
         and shallower: about 4.3M parameters, 2.0M of them BERT's word embeddings. It has two BERT
         layers, two encoder and three decoder layers and 100 queries, for a model that learns
-        rather than one that merely runs.
+        rather than one that merely runs; two Swin blocks in each of the first three stages, so
+        that their second block's shifted windows join the first's (one block a stage only sees
+        within its windows, which cut shapes apart).
         """
         return cls(
-            swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+            swin=SwinConfig(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8)),
             text=BertConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256),
             d_model=64,
             num_queries=100,
