@@ -243,6 +243,7 @@ def test_loss_matches_transformers_small(small_reference, small_dir):
     check_against_reference(small_reference, ours, SMALL_SIZE)
 
 
+@pytest.mark.slow  # both full-size training graphs
 def test_loss_matches_transformers(reference_model, our_model):
     """The full-size parity checkpoint, two images at a reduced size, auxiliary losses on."""
     check_against_reference(reference_model, our_model.eval(), FULL_SIZE)

@@ -25,6 +25,8 @@ ort = pytest.importorskip("onnxruntime")
 from gdino.export.onnx import export_onnx  # noqa: E402
 from gdino.model.grounding_dino import GroundingDino, TextFeatures  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a full-size export (minutes) and onnxruntime runs at four sizes
+
 TOP = 100
 LONG_LABELS = [f"thing number {i}" for i in range(62)]  # 62 labels of 3 words: about 250 tokens
 PROMPTS = ("a cat.", "a cat. a remote control. a sofa with cushions.", ". ".join(LONG_LABELS) + ".")

@@ -30,6 +30,8 @@ from gdino.training.trainer import (
 )
 from gdino.weights import Checkpoint, load_strict, read_state_dict
 
+pytestmark = pytest.mark.slow  # training runs, checkpoints, resumes
+
 FAST: dict[str, Any] = {"batch_size": 2, "image_size": 96, "augment": False, "max_labels": 6, "lr": 1e-3}
 
 
