@@ -24,6 +24,10 @@ from .convert import StateDict, hf_to_ours, original_to_ours
 _HUB_FILES = ["config.json", "model.safetensors", "*.json", "vocab.txt"]
 _ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name"
+PACKAGED_MODELS: dict[str, str] = {
+    "gdino-shapes": "the shapes model, trained from scratch by scripts/train_shapes.sh (coloured shapes only)",
+}
+"""Models shipped inside the package, by name: they load with no network."""
 
 
 class CheckpointError(ValueError):
@@ -70,11 +74,30 @@ def resolve(
     if path.is_dir():
         return _from_directory(path)
     text = str(model)
+    if text in PACKAGED_MODELS:  # a local path of the same name won above
+        return _from_directory(packaged_model_dir(text))
     if not _HUB_ID.match(text) or text.endswith((*_ORIGINAL_SUFFIXES, ".safetensors")):
-        raise CheckpointError(f"no such file or directory: {text} (nor is it a hub id like {DEFAULT_MODEL_ID!r})")
+        raise CheckpointError(
+            f"no such file or directory: {text} (nor is it a hub id like {DEFAULT_MODEL_ID!r}"
+            f" or a packaged model: {', '.join(PACKAGED_MODELS)})"
+        )
     cache = cache_dir if cache_dir is None or isinstance(cache_dir, (str, Path)) else Path(cache_dir)
     options = HubOptions(cache, revision, token, local_files_only, force_download)
     return _from_directory(_download(text, options))
+
+
+def packaged_model_dir(name: str) -> Path:
+    """The directory of a model shipped in the package (``PACKAGED_MODELS``).
+
+    Raises:
+        CheckpointError: ``name`` is not a packaged model, or its files are missing from this install.
+    """
+    if name not in PACKAGED_MODELS:
+        raise CheckpointError(f"no packaged model {name!r}; packaged: {', '.join(PACKAGED_MODELS)}")
+    directory = Path(__file__).resolve().parent.parent / "data" / name
+    if not (directory / "model.safetensors").is_file():
+        raise CheckpointError(f"the packaged model {name!r} is missing from this install ({directory})")
+    return directory
 
 
 @dataclass(frozen=True)
@@ -214,7 +237,10 @@ def load_model(
                          force_download=force_download)
     default = "original" if checkpoint.layout == "original" else "transformers"
     config = read_config(checkpoint).with_box_refinement(box_refinement or default)
-    state_dict = read_state_dict(checkpoint)
+    # A checkpoint stored in half precision (the packaged gdino-shapes, fp16 uploads) loads as float32
+    # like any other; ``dtype`` alone decides the precision the model runs in.
+    state_dict = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+                  for k, v in read_state_dict(checkpoint).items()}
     with torch.device("meta"):  # no memory and no random init: the file's tensors are assigned
         net = model_class(config, init_weights=False)
     load_strict(net, state_dict, str(checkpoint.weights))
