@@ -87,12 +87,11 @@ class Scene:
 
 
 def find_photos(extra: Sequence[str | Path] = ()) -> list[Path]:
-    """Photos for backgrounds: the images in ``extra`` folders/files, else the project's examples
-    (``examples/``, ``tests/data/``, and ``../shared/data/images`` beside the repository), looked up
-    when called. Duplicate file names count once; sorted by name, so the choice is stable."""
+    """Photos for backgrounds: the images in ``extra`` folders/files, else the project's photos
+    (``tests/data/``, and ``../shared/data/images`` beside the repository), looked up when called.
+    Duplicate file names count once; sorted by name, so the choice is stable."""
     repo = Path(__file__).resolve().parents[3]
-    places = [Path(p) for p in extra] or [repo / "examples", repo / "tests" / "data",
-                                          repo.parent / "shared" / "data" / "images"]
+    places = [Path(p) for p in extra] or [repo / "tests" / "data", repo.parent / "shared" / "data" / "images"]
     found: dict[str, Path] = {}
     for place in places:
         files = [place] if place.is_file() else sorted(place.glob("*")) if place.is_dir() else []
