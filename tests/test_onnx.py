@@ -197,3 +197,15 @@ def test_cli_runs_an_export_on_openvino_and_refuses_the_runtime_for_a_checkpoint
                  "--runtime", "openvino"]) == 2  # fmt: skip
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "runs ONNX exports" in error
+
+
+def test_fp16_export_is_refused_in_one_line_before_loading(tmp_path, capsys):
+    """Tracing the half-precision parts fails today (mixed dtypes in the fusion): refused up front, nothing written."""
+    from gdino.cli import main
+
+    out = tmp_path / "fp16"
+    assert main(["export", "onnx", "--model", str(tmp_path / "no-such-model"), "--out", str(out),
+                 "--dtype", "fp16"]) == 2  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "fp16 cannot be exported yet" in error
+    assert not out.exists()

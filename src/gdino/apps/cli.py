@@ -102,8 +102,10 @@ def export(args: argparse.Namespace) -> int:
     from ..checkpoint.loading import CheckpointError
     from ..config import DEFAULT_MODEL_ID
     from ..detector import GroundingDinoForObjectDetection
-    from ..export.onnx import export_onnx
+    from ..export.onnx import FP16_EXPORT_UNSUPPORTED, export_onnx
 
+    if args.dtype == "fp16":  # refused before the model loads and minutes of tracing fail
+        return error(FP16_EXPORT_UNSUPPORTED)
     try:
         model = GroundingDinoForObjectDetection.from_pretrained(args.model or DEFAULT_MODEL_ID, device="cpu")
     except CheckpointError as e:

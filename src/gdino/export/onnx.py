@@ -117,6 +117,8 @@ def export_onnx(
         raise ValueError(f"opset {opset} has no GridSample; give 16 or more")
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"dtype must be fp32 or fp16, not {dtype!r}")
+    if dtype == "fp16":
+        raise ValueError(FP16_EXPORT_UNSUPPORTED)
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8 or None, not {quantize!r}")
     processor: Any = getattr(model, "processor", None)
@@ -147,6 +149,12 @@ def export_onnx(
     (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     logger.info("exported to %s in %.1f s", directory, settings["export_seconds"])
     return settings
+
+
+FP16_EXPORT_UNSUPPORTED = (
+    "--dtype fp16 cannot be exported yet: tracing the half-precision parts fails where the text-image fusion "
+    "mixes float16 and float32 (baddbmm); export fp32 (any execution provider runs it) or --quantize int8"
+)
 
 
 def _use_grid_sample(model: nn.Module, on: bool) -> None:
