@@ -84,6 +84,7 @@ def test_gradients_match_reference(monkeypatch: pytest.MonkeyPatch, chunk_rows: 
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_gradcheck_float64() -> None:
     value, shapes, locations, weights = _inputs(b=2, q=3, n_heads=2, head_dim=2, dtype=torch.float64)
     leaves = [t.requires_grad_() for t in (value, locations, weights)]

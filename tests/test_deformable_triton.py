@@ -235,6 +235,7 @@ def test_availability_and_no_dispatch_on_cpu(monkeypatch: pytest.MonkeyPatch) ->
     torch.testing.assert_close(ms_deform_attn(*args), ms_deform_attn_reference(*args), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_package_imports_without_triton() -> None:
     code = """if True:
         import sys

@@ -271,6 +271,7 @@ def test_fusion_matches_straightforward_at_real_widths_fp64(realistic) -> None:
     torch.testing.assert_close(out_t, expected[1], atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_fusion_bf16_is_as_accurate_as_straightforward(realistic) -> None:
     layer, inputs, expected = realistic
     layer16, inputs16 = _to(layer, torch.bfloat16), _inputs_to(inputs, torch.bfloat16)

@@ -215,6 +215,7 @@ def test_command_end_to_end(fast_dir, data_dir, tmp_path):
                                atol=0.02)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_command_bad_input(tmp_path, fast_dir):
     run = subprocess.run(
         [sys.executable, "-m", "gdino.cli", "eval", "coco", "--images", str(tmp_path), "--annotations",

@@ -156,6 +156,7 @@ def test_outputs_and_errors(folder, fast_dir, tmp_path):
     assert len(coco.getAnnIds()) <= boxes and len(coco.getAnnIds()) >= boxes - 5  # a few may clip to nothing
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_other_settings_are_refused(folder, fast_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -174,12 +175,14 @@ def test_other_settings_are_refused(folder, fast_dir, tmp_path):
     [(["--classes", " , "], "no classes"), (["--classes", "cat,dog,cat"], "twice"), (["--classes", "cat,Cat"], "same label"),
      (["--classes", "cat", "--box-threshold", "2"], "--box-threshold")],
 )
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_bad_arguments(folder, tmp_path, args, needle):
     run = gdino(folder, "--out", tmp_path / "out", "--model", tmp_path / "no-model", *args)
     assert run.returncode == 2
     assert needle in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_no_images(tmp_path, fast_dir):
     (tmp_path / "empty").mkdir()
     run = gdino(tmp_path / "empty", "--classes", "cat", "--model", fast_dir, "--out", tmp_path / "out")
@@ -246,6 +249,7 @@ def test_one_run_per_output_folder(tmp_path):
     again.close()
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_a_wrong_model_does_not_block_the_folder(folder, fast_dir, tmp_path):
     out = tmp_path / "out"
     wrong = gdino(folder, "--classes", "cat", "--model", tmp_path / "no-such-model", "--out", out)

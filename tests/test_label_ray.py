@@ -36,6 +36,7 @@ def photos(data_dir, tmp_path_factory) -> Path:
     return make_photos(tmp_path_factory.mktemp("photos"), data_dir)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_without_ray_or_with_workers_alone(photos, tmp_path, monkeypatch):
     from gdino.apps.label_ray import RayMissingError, import_ray
 

@@ -53,6 +53,7 @@ def test_detect_example_runs(hub_env):
     assert "ok" in result.stdout
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_training_loss_example_runs(hub_env):
     """The loss example, after the model card's snippet (which defines model, processor and image)."""
     check = "\nassert torch.isfinite(outputs.loss) and 'loss_giou_enc' in outputs.loss_dict\nprint('ok')"

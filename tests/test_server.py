@@ -391,6 +391,7 @@ def test_a_huge_label_list_is_refused_at_once(client):
     assert_error(post(client, png(), prompt="x" * 5000), 413, "prompt_too_long")
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_label_chunks_are_bounded_and_tokenised_off_the_event_loop(model):
     """10,000 two-character labels need ~119 chunks: tokenising them takes seconds, in a thread."""
     app = create_app(model, Settings(max_labels=20_000, max_chunks=100))
@@ -490,6 +491,7 @@ def test_a_gone_clients_queued_job_is_not_run(model):
     assert health["batches"]["dropped"] == 1 and health["queue"]["pending"] == 0
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_shutdown_is_bounded_with_long_jobs_queued(model, monkeypatch):
     """Two label lists of ~24 chunks each (0.3 s per chunk here) queued; stopping takes about one chunk."""
     passes = model.detect_features

@@ -52,6 +52,7 @@ def test_load_no_5xx_and_every_answer_right(bench, fast_dir):
     assert report.server["batches"]["requests"] == 200
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_serve_reports_a_missing_model_and_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "gdino.cli", "serve", "--model", str(tmp_path / "nothing")],
                           capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -166,6 +166,7 @@ def test_hub_id_loads_from_a_prefilled_cache(small_dir, tmp_path, data_dir):
     assert '"detections"' in result.stdout
 
 
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_unreachable_hub_gives_a_short_clear_error(tmp_path, data_dir):
     env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
     result = _run_cli(["detect", str(data_dir / "chelsea.png"), "--prompt", "a cat.", "--model", "someone/missing-model"], env)
