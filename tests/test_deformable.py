@@ -168,3 +168,38 @@ def test_rejects_spatial_shapes_that_do_not_match() -> None:
         ms_deform_attn(value, shapes[:-1], locations[:, :, :, :-1], weights[:, :, :, :-1])
     with pytest.raises(ValueError, match="spatial_shapes"):
         ms_deform_attn(value, shapes[:-1], locations, weights)
+
+
+@pytest.mark.parametrize("table_grad", [True, False])
+def test_cpu_backward_equals_embedding_bags_own(table_grad: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    rows, k, hd = 400, 12, 8
+    index = torch.randint(0, rows, (300, k), generator=g, dtype=torch.int32)
+    index[:, 0] = 7  # a row many bags read, and (likely) rows no bag reads
+    table = torch.randn(rows, hd, generator=g)
+    weights = torch.rand(300, k, generator=g)
+    upstream = torch.randn(300, hd, generator=g)
+    grads = []
+    for fn in (deformable._WeightedGather.apply,
+               lambda i, t, w: torch.nn.functional.embedding_bag(i, t, mode="sum", per_sample_weights=w)):
+        t, w = table.clone().requires_grad_(table_grad), weights.clone().requires_grad_()
+        (fn(index, t, w) * upstream).sum().backward()
+        grads.append((t.grad, w.grad))
+    ours, theirs = grads
+    if table_grad:
+        torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
+        assert ours[0][7].abs().sum() > 0
+    else:
+        assert ours[0] is None
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_backward_is_deterministic() -> None:
+    value, shapes, locations, weights = _inputs(b=2, q=300, n_heads=4, head_dim=8, n_points=4)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        ms_deform_attn(leaves[0], shapes, leaves[1], leaves[2]).square().sum().backward()
+        runs.append([t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

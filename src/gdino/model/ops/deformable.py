@@ -3,7 +3,10 @@
 ``ms_deform_attn`` turns every sample into its four bilinear corners, folds the attention weight
 into the corner weights and reads all levels at once with a single weighted gather
 (``F.embedding_bag``) from the (B * S * nH, hd) view of the values; on CUDA with triton installed
-it hands over to the fused kernels (``deformable_triton``). ``ms_deform_attn_reference`` is the
+it hands over to the fused kernels (``deformable_triton``). On CPU its backward (``_WeightedGather``)
+scatters the values' gradient by sorting the table rows once and gathering per row, which is
+3-8x faster than ``embedding_bag``'s own dense backward (the largest single cost of a training
+step). ``ms_deform_attn_reference`` is the
 straightforward per-level ``grid_sample`` version (as in transformers) that it is tested against.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +101,10 @@ def ms_deform_attn(
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         index, mixed = _bags(layout, locations[r0:r1], weights[r0:r1], r0, value.dtype, needs_grad)
-        outs.append(F.embedding_bag(index, table, mode="sum", per_sample_weights=mixed))
+        if needs_grad and value.device.type == "cpu":
+            outs.append(_WeightedGather.apply(index, table, mixed))
+        else:
+            outs.append(F.embedding_bag(index, table, mode="sum", per_sample_weights=mixed))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(b, n_queries, n_heads * head_dim)
 
@@ -202,6 +209,45 @@ def _bags(
             torch.mul(wy[y].view(shape), wx[x].view(shape), out=mixed[:, :, j])
     index = index.view(n * layout.n_heads, 4 * lp).to(torch.int32 if layout.exact32 else torch.int64)
     return index, mixed.view(n * layout.n_heads, 4 * lp)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """``F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)`` with a faster CPU
+    backward for the table.
+
+    ``embedding_bag``'s dense backward accumulates one (bag, slot) at a time into the table's
+    gradient. Here the (bag, slot) pairs are sorted by table row once (a stable sort, so the
+    summation order, and so the result, is the same on every run), and each table row's gradient
+    is then itself a weighted ``embedding_bag`` over the output gradient's rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, index: Tensor, table: Tensor, weights: Tensor) -> Tensor:
+        """index: (n, K) table rows; table: (T, hd); weights: (n, K). Returns (n, hd)."""
+        ctx.save_for_backward(index, table, weights)
+        return F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
+        index, table, weights = ctx.saved_tensors
+        n, k = index.shape
+        flat = index.reshape(-1).long()  # (n * K,)
+        grad = grad.contiguous()
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[1]:
+            order = torch.argsort(flat, stable=True)  # (bag, slot) pairs grouped by table row
+            counts = torch.bincount(flat, minlength=table.shape[0])  # (T,)
+            offsets = counts.cumsum(0).sub_(counts)  # where each table row's pairs start in ``order``
+            bag_of = order.div(k, rounding_mode="floor")  # the output row of each sorted pair
+            grad_table = F.embedding_bag(bag_of, grad, offsets, mode="sum",
+                                         per_sample_weights=weights.reshape(-1)[order])  # (T, hd)
+        if ctx.needs_input_grad[2]:
+            offsets = torch.arange(0, n * k, k, device=index.device)
+            bag_of = torch.arange(n, device=index.device).repeat_interleave(k)
+            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, table, flat, offsets, bag_of, 0, -1).view(n, k)  # mode 0: sum
+        return None, grad_table, grad_weights
 
 
 def _use_triton(value: Tensor) -> bool:
