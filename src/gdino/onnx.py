@@ -169,16 +169,18 @@ class OnnxDetector:
     def detect(
         self,
         images: ImageLike | Sequence[ImageLike] | EncodedImages,
-        prompt: TextInput,
+        prompt: TextInput | None = None,
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         *,
         token_spans: TokenSpans | None = None,
         nms_threshold: float | None = None,
+        labels: Sequence[str] | None = None,
     ) -> Detections | list[Detections]:
-        """Finds the prompt's phrases or labels; arguments and results as the PyTorch ``detect``."""
+        """Finds the prompt's phrases or labels; arguments and results as the PyTorch ``detect``
+        (``labels=[...]``, instead of ``prompt``, is a label list)."""
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
-        queries = queries_for_images(prompt, len(encoded.sizes), self.tokenizer, token_spans)
+        queries = queries_for_images(prompt, len(encoded.sizes), self.tokenizer, token_spans, labels=labels)
         resolved: list[ClassQuery | tuple[str, list[tuple[int, int]], list[str]]] = [
             q if isinstance(q, ClassQuery) else (q, *phrase_names(q, self.tokenizer, self.special_token_ids))
             for q in queries

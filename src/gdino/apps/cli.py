@@ -63,6 +63,8 @@ def _add_detect(detect: argparse.ArgumentParser) -> None:
     detect.add_argument("--prompt", required=True, help='"a cat. a remote control." or labels "cat,remote control"')
     detect.add_argument("--box-threshold", type=fraction, default=0.35, help="0 to 1 (default 0.35)")
     detect.add_argument("--text-threshold", type=fraction, default=0.25, help="0 to 1 (default 0.25)")
+    detect.add_argument("--nms", type=fraction, default=None, metavar="IOU",
+                        help="drop a box overlapping a better box of its label by more than this IoU (0 to 1)")
     detect.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     detect.add_argument("--output", type=Path, help="write JSON Lines here instead of stdout")
     detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
@@ -93,7 +95,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
     onnx.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the export to")
     onnx.add_argument("--opset", type=int, default=18)
-    onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                      help="fp16: Swin, BERT and the feature enhancer in half precision, for GPU providers")
     onnx.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation of the weights")
 
 
@@ -102,10 +105,10 @@ def export(args: argparse.Namespace) -> int:
     from ..checkpoint.loading import CheckpointError
     from ..config import DEFAULT_MODEL_ID
     from ..detector import GroundingDinoForObjectDetection
-    from ..export.onnx import FP16_EXPORT_UNSUPPORTED, export_onnx
+    from ..export.onnx import QUANTIZE_FP16, export_onnx
 
-    if args.dtype == "fp16":  # refused before the model loads and minutes of tracing fail
-        return error(FP16_EXPORT_UNSUPPORTED)
+    if args.dtype == "fp16" and args.quantize:  # refused before the model loads and minutes of tracing
+        return error(QUANTIZE_FP16)
     try:
         model = GroundingDinoForObjectDetection.from_pretrained(args.model or DEFAULT_MODEL_ID, device="cpu")
     except CheckpointError as e:
@@ -259,7 +262,8 @@ def _run_model(model: Any, loaded: list[tuple[int, Any]], prompt: TextInput,
     if not loaded:
         return []
     try:
-        found = model.detect([image for _, image in loaded], prompt, args.box_threshold, args.text_threshold)
+        found = model.detect([image for _, image in loaded], prompt, args.box_threshold, args.text_threshold,
+                             nms_threshold=args.nms)
     except ValueError as e:  # ImageError and the like: this input cannot be used, the others can
         if len(loaded) > 1:
             return [r for item in loaded for r in _run_model(model, [item], prompt, args)]

@@ -117,10 +117,10 @@ def export_onnx(
         raise ValueError(f"opset {opset} has no GridSample; give 16 or more")
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"dtype must be fp32 or fp16, not {dtype!r}")
-    if dtype == "fp16":
-        raise ValueError(FP16_EXPORT_UNSUPPORTED)
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8 or None, not {quantize!r}")
+    if quantize and dtype == "fp16":
+        raise ValueError(QUANTIZE_FP16)
     processor: Any = getattr(model, "processor", None)
     if processor is None and (tokenizer is None or image_settings is None):
         raise ValueError("the model has no processor: give tokenizer and image_settings")
@@ -151,10 +151,7 @@ def export_onnx(
     return settings
 
 
-FP16_EXPORT_UNSUPPORTED = (
-    "--dtype fp16 cannot be exported yet: tracing the half-precision parts fails where the text-image fusion "
-    "mixes float16 and float32 (baddbmm); export fp32 (any execution provider runs it) or --quantize int8"
-)
+QUANTIZE_FP16 = "--quantize int8 quantises the weights of an fp32 export; drop --dtype fp16 or --quantize"
 
 
 def _use_grid_sample(model: nn.Module, on: bool) -> None:

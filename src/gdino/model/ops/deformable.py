@@ -39,8 +39,11 @@ def ms_deform_attn_reference(
 
     The straightforward version (per-level ``grid_sample``, then a weighted sum), as transformers
     computes it: the reference ``ms_deform_attn`` is tested against. Arguments and result as
-    ``ms_deform_attn``.
+    ``ms_deform_attn``; as there, half-precision values are sampled at float32 locations (the
+    values are widened for the sampling) and the result has the values' dtype.
     """
+    dtype = value.dtype
+    value = value.to(torch.promote_types(dtype, sampling_locations.dtype))
     b, _, n_heads, head_dim = value.shape
     _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
@@ -52,8 +55,8 @@ def ms_deform_attn_reference(
         samples.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
     sampled = torch.stack(samples, dim=-2).flatten(-2)  # (B*nH, hd, Q, nL*nP)
     weights = attention_weights.transpose(1, 2).reshape(b * n_heads, 1, n_queries, n_levels * n_points)
-    out = (sampled * weights).sum(-1).view(b, n_heads * head_dim, n_queries)  # (B, nH*hd, Q)
-    return out.transpose(1, 2)  # (B, Q, nH*hd)
+    out = (sampled * weights.to(sampled.dtype)).sum(-1).view(b, n_heads * head_dim, n_queries)  # (B, nH*hd, Q)
+    return out.transpose(1, 2).to(dtype)  # (B, Q, nH*hd)
 
 
 def ms_deform_attn(
