@@ -12,6 +12,12 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
 
+def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    """(..., 4) (x0, y0, x1, y1) -> (cx, cy, w, h)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
 def to_pixels(boxes: Tensor, width: float | Tensor, height: float | Tensor) -> Tensor:
     """(..., 4) (cx, cy, w, h) relative to an image -> (x0, y0, x1, y1) in its pixels.
 

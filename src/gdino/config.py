@@ -155,7 +155,9 @@ class GroundingDinoConfig:
         layers, two encoder and three decoder layers and 100 queries, for a model that learns
         rather than one that merely runs; two Swin blocks in each of the first three stages, so
         that their second block's shifted windows join the first's (one block a stage only sees
-        within its windows, which cut shapes apart).
+        within its windows, which cut shapes apart). Trained with a loss on every decoder layer
+        (``auxiliary_loss``), as the original recipe does: from scratch, the earlier layers have
+        no other signal.
         """
         return cls(
             swin=SwinConfig(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8)),
@@ -168,6 +170,7 @@ class GroundingDinoConfig:
             decoder_layers=3,
             decoder_ffn_dim=256,
             decoder_heads=4,
+            auxiliary_loss=True,
         )
 
     @classmethod

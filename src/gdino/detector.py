@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,10 @@ from .processing.image import ImageLike, images_to_list, load_image
 from .processing.processor import GroundingDinoProcessor
 from .processing.prompts import TextInput
 from .processing.text import phrase_names
+
+if TYPE_CHECKING:
+    from .loss.denoise import DenoiseSettings
+    from .model.features import DenoisingQueries
 
 log = logging.getLogger(__name__)
 
@@ -141,24 +145,40 @@ class GroundingDinoForObjectDetection(GroundingDino):
         pixel_mask: torch.Tensor | None = None,
         query_index: torch.Tensor | None = None,
         intermediate: bool = False,
+        denoise: DenoisingQueries | None = None,
         labels: Sequence[dict[str, torch.Tensor]] | None = None,
+        denoising: DenoiseSettings | None = None,
     ) -> GroundingDinoOutput:
         """``model(**inputs)``, and with ``labels`` also ``outputs.loss`` and ``outputs.loss_dict``.
 
         ``labels`` follow transformers: per image ``{"class_labels": (N,) int64 indices of the
         prompt's phrases, "boxes": (N, 4) float (cx, cy, w, h) normalised to the image}``; see
         ``gdino.loss.criterion`` for the terms, their keys and weights. Without labels nothing
-        beyond the detections is computed.
+        beyond the detections is computed. ``denoising`` (with ``labels``) adds DINO's
+        contrastive denoising queries and their ``*_dn`` loss terms (``gdino.loss.denoise``);
+        transformers has no such option, so its loss is matched only without it. ``denoise``
+        passes ready-made denoising queries (``GroundingDino.forward``); ``denoising`` makes them.
         """
+        dn = None
+        if labels is not None and denoising is not None:
+            from .loss.denoise import make_denoising
+
+            dn = make_denoising(input_ids, labels, self.config, denoising)
         outputs = super().forward(
             pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, query_index,
-            intermediate=intermediate or labels is not None,
+            intermediate=intermediate or labels is not None, denoise=denoise if dn is None else dn.queries,
         )  # fmt: skip
         if labels is None:
             return outputs
         from .loss.criterion import grounding_loss  # training code is loaded only to train
 
         outputs.loss, outputs.loss_dict = grounding_loss(outputs, input_ids, attention_mask, labels, self.config)
+        if dn is not None:
+            from .loss.denoise import denoising_loss
+
+            extra, terms = denoising_loss(outputs, input_ids, attention_mask, dn, self.config)
+            outputs.loss = outputs.loss + extra
+            outputs.loss_dict.update(terms)
         return outputs
 
     @property

@@ -24,7 +24,7 @@ the batch has as many phrases); here each image's classes index its own prompt.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,14 @@ class Targets:
         token_maps: per image, (N_i, W) float, 1 on the tokens of each target's phrase.
         boxes: per image, (N_i, 4) (cx, cy, w, h) normalised to the image.
         num_boxes: the number of target boxes in the batch, at least 1 (the terms' divisor).
+        phrases: per image, (P_i, W) float, 1 on each of the prompt's phrases' tokens (the rows
+            ``token_maps`` were taken from; denoising draws its flipped labels from them).
     """
 
     token_maps: list[Tensor]
     boxes: list[Tensor]
     num_boxes: float
+    phrases: list[Tensor] = field(default_factory=list)
 
 
 def phrase_token_maps(input_ids: Tensor, special_token_ids: Sequence[int], width: int) -> list[Tensor]:
@@ -84,7 +87,7 @@ def make_targets(
     """
     if len(labels) != len(phrase_maps):
         raise ValueError(f"labels has {len(labels)} entries for a batch of {len(phrase_maps)} images")
-    token_maps, boxes = [], []
+    token_maps, boxes, tables = [], [], []
     for i, (label, phrases) in enumerate(zip(labels, phrase_maps)):
         if "class_labels" not in label or "boxes" not in label:
             raise ValueError(f"labels[{i}] needs 'class_labels' and 'boxes', it has {sorted(label)}")
@@ -109,7 +112,8 @@ def make_targets(
             raise ValueError(f"labels[{i}]: boxes must be finite (cx, cy, w, h) with w, h >= 0")
         token_maps.append(phrases[classes])
         boxes.append(box)
-    return Targets(token_maps, boxes, max(float(sum(len(b) for b in boxes)), 1.0))
+        tables.append(phrases)
+    return Targets(token_maps, boxes, max(float(sum(len(b) for b in boxes)), 1.0), tables)
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: float, alpha: float, gamma: float = 2.0) -> Tensor:
@@ -206,9 +210,7 @@ def grounding_loss(
         raise ValueError("the loss needs the model's outputs with intermediate=True")
     width = outputs.logits.shape[-1]
     targets = make_targets(labels, phrase_token_maps(input_ids, config.special_token_ids, width), outputs.logits.device)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    text_mask = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]))  # (B, W)
+    text_mask = prompt_mask(input_ids, attention_mask, width)
     loss_dict, _ = set_losses(outputs.decoder_logits[-1], outputs.decoder_pred_boxes[-1], targets, text_mask, config)
     if config.auxiliary_loss:
         for i in range(outputs.decoder_logits.shape[0] - 1):
@@ -220,6 +222,13 @@ def grounding_loss(
     loss = sum(v * weights[k] for k, v in loss_dict.items() if k in weights)  # transformers' order
     assert isinstance(loss, Tensor)
     return loss, loss_dict
+
+
+def prompt_mask(input_ids: Tensor, attention_mask: Tensor | None, width: int) -> Tensor:
+    """(B, width) True on the prompt's tokens (``attention_mask``'s ones; all of ``input_ids`` when None)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]))
 
 
 def _normalised(token_maps: list[Tensor]) -> list[Tensor]:

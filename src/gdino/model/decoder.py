@@ -67,7 +67,7 @@ class DecoderLayer(nn.Module):
             spatial_shapes: (height, width) of each level, S = sum of height * width.
             text: (B, T, D) text tokens.
             text_allowed: (B, 1, 1, T) bool, True on real (non-padding) tokens.
-            query_allowed: (B, 1, 1, Q) bool, True on queries others may attend; None: all.
+            query_allowed: bool broadcastable to (B, 1, Q, Q), True where query i may attend query j; None: all.
 
         Returns:
             (B, Q, D) updated queries.
@@ -112,7 +112,7 @@ class Decoder(nn.Module):
         text: Tensor,
         text_padding_mask: Tensor,
         box_head: nn.Module,
-        query_padding_mask: Tensor | None = None,
+        query_allowed: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decodes the queries, refining their reference boxes after every layer.
 
@@ -126,8 +126,9 @@ class Decoder(nn.Module):
             text: (B, T, D) text tokens from the encoder.
             text_padding_mask: (B, T) bool, True on padding tokens.
             box_head: the detector's shared box head, (..., D) -> (..., 4) delta in logit space.
-            query_padding_mask: (B, Q) bool, True on queries no other query may attend (selected
-                from padding, see ``query_selection``), or None.
+            query_allowed: bool, broadcastable to (B, 1, Q, Q): True where query i may attend
+                query j (False on queries selected from padding, see ``query_selection``, and
+                between denoising groups), or None: everywhere.
 
         Returns:
             hidden: (L, B, Q, D) every layer's output after the final norm.
@@ -135,7 +136,6 @@ class Decoder(nn.Module):
                 (the initial ones for layer 0); see ``heads.predict_boxes``.
         """
         text_allowed = ~text_padding_mask[:, None, None, :]  # (B, 1, 1, T)
-        query_allowed = None if query_padding_mask is None else ~query_padding_mask[:, None, None, :]  # (B, 1, 1, Q)
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, nL, 4)
         x, hidden, references = queries, [], []
         for i, layer in enumerate(self.layers):

@@ -31,6 +31,28 @@ class TextFeatures:
 
 
 @dataclass
+class DenoisingQueries:
+    """Extra decoder queries for denoising training (DN-DETR, DINO's contrastive denoising):
+    noised copies of the target boxes, decoded beside the matching queries, which never see them.
+
+    A query's content is the enhanced text averaged over its phrase's tokens (no parameters of its
+    own, so checkpoints keep the published layout). Queries come in groups; a group sees itself
+    and the matching queries, never another group.
+
+    Attributes:
+        token_maps: (B, N, W) each query's phrase as token weights summing to 1 (W >= T).
+        boxes: (B, N, 4) the noised (cx, cy, w, h) in [0, 1]: the queries' initial reference boxes.
+        valid: (B, N) False on slots that pad an image with fewer targets than the batch's most.
+        groups: (N, N) True where query i may attend query j (the same group).
+    """
+
+    token_maps: Tensor
+    boxes: Tensor
+    valid: Tensor
+    groups: Tensor
+
+
+@dataclass
 class ImageFeatures:
     """The multi-scale image features, before the feature enhancer.
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import GroundingDinoConfig
 from .bert import BertEncoder, phrase_masks
-from .features import ImageFeatures, TextFeatures, pad_levels, stack_images
+from .features import DenoisingQueries, ImageFeatures, TextFeatures, pad_levels, stack_images
 from .heads import MLP, contrastive_logits, refine_boxes
 from .swin import SwinBackbone
 from .transformer import Decoded, Transformer
@@ -45,6 +45,8 @@ class GroundingDinoOutput:
         encoder_logits, encoder_pred_boxes: (B, num_queries, max_text_len) and
             (B, num_queries, 4), the selected proposals' logits and boxes before the decoder,
             not detached; only with ``intermediate=True``.
+        denoise_logits, denoise_pred_boxes: (L, B, N, max_text_len) and (L, B, N, 4), every
+            decoder layer's predictions for the denoising queries, when the forward had any.
         loss, loss_dict: the total loss and its named terms, when ``labels`` were given
             (``GroundingDinoForObjectDetection``).
     """
@@ -57,6 +59,8 @@ class GroundingDinoOutput:
     decoder_pred_boxes: Tensor | None = None
     encoder_logits: Tensor | None = None
     encoder_pred_boxes: Tensor | None = None
+    denoise_logits: Tensor | None = None
+    denoise_pred_boxes: Tensor | None = None
     loss: Tensor | None = None
     loss_dict: dict[str, Tensor] | None = None
 
@@ -168,9 +172,15 @@ class GroundingDino(nn.Module):
         logits = _mask_padded(logits, decoded.padded, float("-inf"))  # queries on padding (see query_selection)
         return logits, _mask_padded(self._boxes(hidden, refs), decoded.padded, 0.0), decoded.index
 
-    def decode(self, image: ImageFeatures, text: TextFeatures, query_index: Tensor | None = None) -> Decoded:
+    def decode(
+        self,
+        image: ImageFeatures,
+        text: TextFeatures,
+        query_index: Tensor | None = None,
+        denoise: DenoisingQueries | None = None,
+    ) -> Decoded:
         """Feature enhancer, query selection and decoder, up to the heads (``Transformer``, see ``Decoded``)."""
-        decoded: Decoded = self.transformer(image, text, self.bbox_embed, query_index)
+        decoded: Decoded = self.transformer(image, text, self.bbox_embed, query_index, denoise)
         return decoded
 
     def _boxes(self, hidden: Tensor, references: Tensor) -> Tensor:
@@ -190,7 +200,16 @@ class GroundingDino(nn.Module):
         """
         width = self.config.max_text_len
         layers = [contrastive_logits(h, decoded.memory_text, text_padding_mask, width) for h in decoded.hidden]
+        extra: dict[str, Tensor] = {}
+        if decoded.denoise_hidden is not None and decoded.denoise_references is not None:
+            extra = {
+                "denoise_logits": torch.stack([
+                    contrastive_logits(h, decoded.memory_text, text_padding_mask, width) for h in decoded.denoise_hidden
+                ]),  # (L, B, N, W)
+                "denoise_pred_boxes": self._boxes(decoded.denoise_hidden, decoded.denoise_references),  # (L, B, N, 4)
+            }
         return {
+            **extra,
             "decoder_logits": _mask_padded(torch.stack(layers), decoded.padded, float("-inf")),  # (L, B, Q, W)
             "decoder_pred_boxes": _mask_padded(self._boxes(decoded.hidden, decoded.references), decoded.padded, 0.0),
             "encoder_logits": contrastive_logits(
@@ -208,6 +227,7 @@ class GroundingDino(nn.Module):
         pixel_mask: Tensor | None = None,
         query_index: Tensor | None = None,
         intermediate: bool = False,
+        denoise: DenoisingQueries | None = None,
     ) -> GroundingDinoOutput:
         """The whole detector on a processed batch (the processor's output can be passed as ``**inputs``).
 
@@ -217,13 +237,15 @@ class GroundingDino(nn.Module):
         such as ``pixel_masks``, or transformers' ``output_attentions``, ``return_dict``, which this
         model does not implement, or ``labels``: the loss is computed by
         ``GroundingDinoForObjectDetection``) raises ``TypeError`` rather than being ignored.
+        ``denoise`` (training) adds denoising queries, whose predictions come back in
+        ``denoise_logits`` and ``denoise_pred_boxes`` (it implies ``intermediate``).
         """
         text = self.text_features(input_ids, attention_mask, token_type_ids)
         image = self.image_features(pixel_values, pixel_mask)
-        if not intermediate:
+        if not intermediate and denoise is None:
             logits, boxes, index = self.detect_features(image, text, query_index)
             return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
-        decoded = self.decode(image, text, query_index)
+        decoded = self.decode(image, text, query_index, denoise)
         extra = self.intermediate_outputs(decoded, text.padding_mask)
         return GroundingDinoOutput(
             logits=extra["decoder_logits"][-1],
@@ -234,6 +256,8 @@ class GroundingDino(nn.Module):
             decoder_pred_boxes=extra["decoder_pred_boxes"],
             encoder_logits=extra["encoder_logits"],
             encoder_pred_boxes=extra["encoder_pred_boxes"],
+            denoise_logits=extra.get("denoise_logits"),
+            denoise_pred_boxes=extra.get("denoise_pred_boxes"),
         )
 
 

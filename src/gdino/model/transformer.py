@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import GroundingDinoConfig
 from .decoder import Decoder
 from .encoder import FeatureEnhancer
-from .features import ImageFeatures, TextFeatures
+from .features import DenoisingQueries, ImageFeatures, TextFeatures
 from .heads import MLP
 from .init import embedding
 from .position import sine_position_embedding
@@ -36,6 +36,8 @@ class Decoded:
             loss trains the proposal head through them; the decoder gets them detached).
         padded: (B, Q) True on queries selected from padding tokens, or None when there are none
             (see ``query_selection``: images with fewer tokens than queries, in a padded batch).
+        denoise_hidden, denoise_references: (L, B, N, D) and (L, B, N, 4), the same for the
+            denoising queries when there were any (training), else None.
     """
 
     hidden: Tensor
@@ -45,6 +47,8 @@ class Decoded:
     proposal_tokens: Tensor
     proposal_boxes: Tensor
     padded: Tensor | None = None
+    denoise_hidden: Tensor | None = None
+    denoise_references: Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -69,7 +73,12 @@ class Transformer(nn.Module):
             nn.init.normal_(self.level_embed)
 
     def forward(
-        self, image: ImageFeatures, text: TextFeatures, box_head: nn.Module, query_index: Tensor | None = None
+        self,
+        image: ImageFeatures,
+        text: TextFeatures,
+        box_head: nn.Module,
+        query_index: Tensor | None = None,
+        denoise: DenoisingQueries | None = None,
     ) -> Decoded:
         """Enhances image and text features, selects the queries and decodes them.
 
@@ -78,6 +87,8 @@ class Transformer(nn.Module):
             text: the encoded prompt.
             box_head: the box head shared by every decoder layer (refines the reference boxes).
             query_index: (B, Q) image tokens to decode instead of the best-scoring ones.
+            denoise: denoising queries to decode before the matching ones (training only); the
+                matching queries' results are the same with or without them.
         """
         shapes = image.shapes
         source, padding = image.flatten()  # (B, S, D), (B, S) True on padding
@@ -93,13 +104,26 @@ class Transformer(nn.Module):
             self, memory, padding, shapes, memory_text, text.padding_mask, query_index
         )
         padded = query_padding(padding, index)  # (B, Q) or None: queries on padding, see query_selection
+        allowed = None if padded is None else ~padded[:, None, None, :]  # (B, 1, 1, Q)
         # Both the original and transformers detach the initial reference boxes: the decoder's
         # losses do not train the proposal head (the encoder-proposal loss does, see Decoded).
+        starts = references.detach()
+        n = 0
+        if denoise is not None:
+            n = denoise.boxes.shape[1]
+            content = denoise.token_maps[..., : memory_text.shape[1]].to(memory_text.dtype) @ memory_text  # (B, N, D)
+            queries = torch.cat([content.to(queries.dtype), queries], 1)  # (B, N + Q, D)
+            starts = torch.cat([denoise.boxes.to(starts.dtype), starts], 1)  # (B, N + Q, 4)
+            allowed = denoise_attention(denoise, padded, queries.shape[1] - n)
         hidden, refs = self.decoder(
-            queries, references.detach(), memory, padding, shapes, ratios, memory_text, text.padding_mask,
-            box_head, padded,
+            queries, starts, memory, padding, shapes, ratios, memory_text, text.padding_mask, box_head, allowed
+        )
+        if not n:
+            return Decoded(hidden, refs, memory_text, index, chosen, references, padded)
+        return Decoded(
+            hidden[:, :, n:], refs[:, :, n:], memory_text, index, chosen, references, padded,
+            denoise_hidden=hidden[:, :, :n], denoise_references=refs[:, :, :n],
         )  # fmt: skip
-        return Decoded(hidden, refs, memory_text, index, chosen, references, padded)
 
     def _positions(self, image: ImageFeatures, dtype: torch.dtype) -> Tensor:
         """(B, S, D) sine position embedding of every image token plus its level's embedding."""
@@ -112,3 +136,19 @@ class Transformer(nn.Module):
             ],
             1,
         )
+
+
+def denoise_attention(denoise: DenoisingQueries, padded: Tensor | None, n_matching: int) -> Tensor:
+    """(B, 1, N + Q, N + Q) the decoder's self-attention mask with N denoising queries first: a
+    denoising query sees its own group and the matching queries; a matching query sees only the
+    matching queries (so its result is the same without denoising); nobody sees padding slots."""
+    b, n = denoise.valid.shape
+    device = denoise.valid.device
+    keys = torch.ones(b, n + n_matching, dtype=torch.bool, device=device)  # (B, N + Q) attendable
+    keys[:, :n] = denoise.valid
+    if padded is not None:
+        keys[:, n:] = ~padded
+    rows = torch.ones(n + n_matching, n + n_matching, dtype=torch.bool, device=device)  # (N + Q, N + Q)
+    rows[:n, :n] = denoise.groups
+    rows[n:, :n] = False
+    return rows[None, None] & keys[:, None, None, :]
