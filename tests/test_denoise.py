@@ -100,8 +100,10 @@ def test_matching_queries_are_unchanged_and_groups_do_not_see_each_other() -> No
     plain = model(**inputs, labels=LABELS)
     torch.manual_seed(1)
     with_dn = model(**inputs, labels=LABELS, denoising=DenoiseSettings(queries=12))
-    torch.testing.assert_close(with_dn.logits, plain.logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(with_dn.pred_boxes, plain.pred_boxes, atol=1e-6, rtol=0)
+    # Equal but for float rounding (more rows can take another matmul kernel on another CPU); a
+    # leak through attention would move logits of tens by far more.
+    torch.testing.assert_close(with_dn.logits, plain.logits, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(with_dn.pred_boxes, plain.pred_boxes, atol=1e-5, rtol=0)
     for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_ce_enc"):
         torch.testing.assert_close(with_dn.loss_dict[key], plain.loss_dict[key], atol=1e-4, rtol=1e-5)
     dn_keys = {k for k in with_dn.loss_dict if "_dn" in k}
@@ -120,10 +122,10 @@ def test_matching_queries_are_unchanged_and_groups_do_not_see_each_other() -> No
     moved.boxes[:, 6:] = moved.boxes[:, 6:].flip(-1).clamp(0.05, 0.95)
     second = GroundingDino.forward(model, **inputs, intermediate=True, denoise=moved)
     assert first.denoise_logits is not None and second.denoise_logits is not None
-    torch.testing.assert_close(second.denoise_logits[:, :, :6], first.denoise_logits[:, :, :6], atol=1e-5, rtol=0)
+    torch.testing.assert_close(second.denoise_logits[:, :, :6], first.denoise_logits[:, :, :6], atol=1e-4, rtol=1e-5)
     change = (second.denoise_logits[:, :, 6:] - first.denoise_logits[:, :, 6:]).detach().nan_to_num(0.0)  # -inf: padding
     assert float(change.abs().max()) > 1e-3
-    torch.testing.assert_close(second.logits, first.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(second.logits, first.logits, atol=1e-4, rtol=1e-5)
 
 
 def test_denoising_trains_the_decoder_and_lowers_its_loss() -> None:

@@ -24,7 +24,7 @@ the batch has as many phrases); here each image's classes index its own prompt.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class Targets:
     token_maps: list[Tensor]
     boxes: list[Tensor]
     num_boxes: float
-    phrases: list[Tensor] = field(default_factory=list)
+    phrases: list[Tensor]
 
 
 def phrase_token_maps(input_ids: Tensor, special_token_ids: Sequence[int], width: int) -> list[Tensor]:
@@ -145,10 +145,16 @@ def classification_loss(
 def box_losses(boxes: Tensor, matches: Matches, targets: Targets) -> tuple[Tensor, Tensor]:
     """``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU) of the matched boxes. ``boxes`` (B, Q, 4) (cx, cy, w, h)."""
     predicted = torch.cat([boxes[b, q.to(boxes.device)] for b, (q, _) in enumerate(matches)])  # (M, 4)
-    wanted = torch.cat([targets.boxes[b][t.to(boxes.device)] for b, (_, t) in enumerate(matches)]).to(boxes.dtype)
-    l1 = F.l1_loss(predicted, wanted, reduction="none").sum() / targets.num_boxes
+    wanted = torch.cat([targets.boxes[b][t.to(boxes.device)] for b, (_, t) in enumerate(matches)])
+    return paired_box_losses(predicted, wanted, targets.num_boxes)
+
+
+def paired_box_losses(predicted: Tensor, wanted: Tensor, divisor: float) -> tuple[Tensor, Tensor]:
+    """L1 and 1 - GIoU of (M, 4) (cx, cy, w, h) boxes against their (M, 4) targets, each summed / ``divisor``."""
+    wanted = wanted.to(predicted.dtype)
+    l1 = F.l1_loss(predicted, wanted, reduction="none").sum() / divisor
     giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(wanted)))
-    return l1, (1 - giou).sum() / targets.num_boxes
+    return l1, (1 - giou).sum() / divisor
 
 
 @torch.no_grad()

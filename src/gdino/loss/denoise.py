@@ -27,11 +27,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..boxes import cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
+from ..boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from ..config import GroundingDinoConfig
 from ..model.features import DenoisingQueries
 from ..model.grounding_dino import GroundingDinoOutput
-from .criterion import Targets, loss_weights, make_targets, phrase_token_maps, prompt_mask, sigmoid_focal_loss
+from .criterion import (
+    Targets,
+    loss_weights,
+    make_targets,
+    paired_box_losses,
+    phrase_token_maps,
+    prompt_mask,
+    sigmoid_focal_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,7 @@ def _flip_labels(maps: Tensor, targets: Targets, b: int, label_noise: float,
                  generator: torch.Generator | None) -> Tensor:
     """``maps`` (M, W) with each row replaced, with probability ``label_noise / 2``, by a random
     phrase of image ``b``'s prompt."""
-    phrases = targets.phrases[b] if targets.phrases else targets.token_maps[b]
+    phrases = targets.phrases[b]
     if label_noise <= 0 or len(phrases) < 2:
         return maps
     flip = torch.rand(len(maps), generator=generator, device=maps.device) < label_noise / 2
@@ -175,7 +183,7 @@ def denoising_losses(
         logits: (L, B, N, W); boxes: (L, B, N, 4); text_mask: (B, W) True on the prompt's tokens.
     """
     divisor = denoising.num_boxes * denoising.groups
-    keep = (denoising.queries.valid[:, :, None] & text_mask[:, None, :])  # (B, N, W)
+    keep = denoising.queries.valid[:, :, None] & text_mask[:, None, :]  # (B, N, W)
     positive = denoising.positive
     wanted = denoising.boxes[positive]  # (M, 4)
     layers = logits.shape[0]
@@ -184,12 +192,10 @@ def denoising_losses(
         if i < layers - 1 and not config.auxiliary_loss:
             continue
         suffix = "_dn" if i == layers - 1 else f"_dn_{i}"
-        predicted = boxes[i][positive]  # (M, 4)
-        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(wanted.to(predicted.dtype))))
         terms["loss_ce" + suffix] = sigmoid_focal_loss(
             logits[i][keep], denoising.token_maps.to(logits.dtype)[keep], divisor, config.focal_alpha)
-        terms["loss_bbox" + suffix] = (predicted - wanted).abs().sum() / divisor
-        terms["loss_giou" + suffix] = (1 - giou).sum() / divisor
+        l1, giou = paired_box_losses(boxes[i][positive], wanted, divisor)
+        terms["loss_bbox" + suffix], terms["loss_giou" + suffix] = l1, giou
     return terms
 
 
