@@ -1,12 +1,14 @@
 """One training step of gdino against transformers' Grounding DINO: time and peak memory.
 
-    python bench/train_step.py --threads 2 --steps 3               # full tiny model at 800x1333, batch 1
+    python bench/train_step.py --threads 2 --steps 3 --rounds 2    # full tiny model at 800x1333, batch 1
     python bench/train_step.py --preset small --size 320 --steps 2  # smoke test of the script
 
 A step is the forward pass with ``labels`` (the loss), the backward pass and an AdamW step. Both
 implementations load the same checkpoint (the random-weight grounding-dino-tiny that
 ``bench/compare.py`` builds, unless ``--model DIR``) and get the same saved input tensors and
-targets. Each runs in its own process, one after the other, so that each peak RSS is its own.
+targets. Each runs in its own process, one after the other, so that each peak RSS is its own;
+with ``--rounds 2`` each runs twice, in alternating order (the step times of a shared machine
+drift by tens of percent over minutes), and the medians are over all timed steps.
 Both run in eval mode (no dropout: ours has none, and it changes no amount of work).
 """
 
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="worker processes per implementation, alternating (medians over all their steps)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
@@ -124,12 +128,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.pt"
         make_inputs(args.size, width, args.batch, inputs)
-        for impl in ("hf", "gdino"):
-            report[impl] = run_worker(impl, args, model, inputs)
+        runs: dict[str, list[dict[str, Any]]] = {"hf": [], "gdino": []}
+        for round_ in range(args.rounds):
+            # Rounds alternate which goes first, so that a slow spell of a shared machine is shared.
+            for impl in ("hf", "gdino") if round_ % 2 == 0 else ("gdino", "hf"):
+                runs[impl].append(run_worker(impl, args, model, inputs))
+        for impl, worker_runs in runs.items():
+            report[impl] = merge_runs(worker_runs)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One implementation's rounds as one record: every timed step, the highest peak memory."""
+    gpu = [r["peak_gpu_mb"] for r in runs if r["peak_gpu_mb"] is not None]
+    return {
+        "times_s": [t for r in runs for t in r["times_s"]],
+        "losses": [x for r in runs for x in r["losses"]],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "peak_gpu_mb": max(gpu) if gpu else None,
+        "rounds": runs,
+    }
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -142,6 +163,8 @@ def print_report(report: dict[str, Any]) -> None:
         rows[impl] = (statistics.median(r["times_s"]), r["peak_gpu_mb"] or r["peak_rss_mb"])
         print(f"  {NAMES[impl]:26s} step {rows[impl][0]:8.2f} s   peak memory {rows[impl][1]:8.0f} MB   "
               f"loss {r['losses'][0]:.4f}")  # fmt: skip
+    for impl in ("hf", "gdino"):
+        print(f"  {NAMES[impl]:26s} steps {', '.join(f'{t:.1f}' for t in report[impl]['times_s'])} s")
     (t_hf, m_hf), (t_ours, m_ours) = rows["hf"], rows["gdino"]
     print(f"  speed-up {t_hf / t_ours:.2f}x, memory ratio {m_ours / m_hf:.2f} (ours / reference)")
 

@@ -15,7 +15,7 @@ if [ ! -f "$DATA/held_out.json" ]; then
 fi
 start=$(date +%s)
 $GDINO train --data "$DATA/train.json" --val "$DATA/val.json" --val-limit 60 --model config:shapes --out "$OUT/run" \
-  --epochs "${EPOCHS:-5}" --batch-size 2 --lr 5e-4 --schedule cosine --warmup 100 \
+  --epochs "${EPOCHS:-6}" --batch-size 2 --lr 5e-4 --schedule cosine --warmup 100 \
   --image-size 240 --no-augment --max-labels 24 --denoise 100 --max-minutes "${MAX_MINUTES:-28}" --save-every 50 --resume "$@"
 echo "train_shapes: training took $(( $(date +%s) - start )) s" >&2
 LAST=$(ls -td "$OUT"/run/epoch-* "$OUT"/run/last 2>/dev/null | head -1)  # the newest checkpoint (last: stopped by time)

@@ -170,28 +170,35 @@ def test_rejects_spatial_shapes_that_do_not_match() -> None:
         ms_deform_attn(value, shapes[:-1], locations, weights)
 
 
-@pytest.mark.parametrize("table_grad", [True, False])
-def test_cpu_backward_equals_embedding_bags_own(table_grad: bool) -> None:
+def test_cpu_backward_pieces_equal_embedding_bags_own() -> None:
+    """The sorted table gradient and the weights' gradient that ``_SampledGather`` uses equal
+    ``embedding_bag``'s autograd, with a row many bags read and (likely) rows none reads."""
     g = torch.Generator().manual_seed(3)
     rows, k, hd = 400, 12, 8
     index = torch.randint(0, rows, (300, k), generator=g, dtype=torch.int32)
-    index[:, 0] = 7  # a row many bags read, and (likely) rows no bag reads
-    table = torch.randn(rows, hd, generator=g)
-    weights = torch.rand(300, k, generator=g)
+    index[:, 0] = 7
+    table = torch.randn(rows, hd, generator=g).requires_grad_()
+    weights = torch.rand(300, k, generator=g).requires_grad_()
     upstream = torch.randn(300, hd, generator=g)
-    grads = []
-    for fn in (deformable._WeightedGather.apply,
-               lambda i, t, w: torch.nn.functional.embedding_bag(i, t, mode="sum", per_sample_weights=w)):
-        t, w = table.clone().requires_grad_(table_grad), weights.clone().requires_grad_()
-        (fn(index, t, w) * upstream).sum().backward()
-        grads.append((t.grad, w.grad))
-    ours, theirs = grads
-    if table_grad:
-        torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
-        assert ours[0][7].abs().sum() > 0
-    else:
-        assert ours[0] is None
-    torch.testing.assert_close(ours[1], theirs[1], atol=1e-5, rtol=1e-5)
+    out = torch.nn.functional.embedding_bag(index, table, mode="sum", per_sample_weights=weights)
+    (out * upstream).sum().backward()
+    ours_table = deformable._table_gradient(index, weights.detach(), upstream, rows)
+    torch.testing.assert_close(ours_table, table.grad, atol=1e-5, rtol=1e-5)
+    assert ours_table[7].abs().sum() > 0
+    torch.testing.assert_close(deformable._weights_gradient(index, table.detach(), upstream), weights.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_training_keeps_only_locations_and_weights() -> None:
+    """Under autograd the corner indices and weights (4x the samples) are recomputed in the
+    backward, not kept: what the step saves is the table and its inputs."""
+    value, shapes, locations, weights = _inputs(b=2, q=9)
+    leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        ms_deform_attn(leaves[0], shapes, leaves[1], leaves[2])
+    k = weights[0, 0].numel()  # nH * nL * nP samples per query
+    assert (2 * 9, 2, k) in saved and (2 * 9, k) in saved
+    assert all(shape[-1] != 4 * k // weights.shape[2] for shape in saved)  # no (bags, 4 * nL * nP) tensor
 
 
 def test_cpu_backward_is_deterministic() -> None:

@@ -106,3 +106,31 @@ def test_prompt_cache_follows_new_weights(small_dir, change):
         direct = GroundingDino.text_features(model, *args).features
     assert (direct - before).abs().max() > 1e-3  # the change matters
     torch.testing.assert_close(cached, direct, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("refresh", ["eval", "clear_text_cache"])
+def test_prompt_cache_after_a_fused_optimizer_step(small_dir, refresh):
+    """A fused AdamW step changes the weights without bumping their version counters (the cache's
+    fingerprint cannot see it): switching modes, as a training loop's evaluation does, or
+    ``clear_text_cache()`` makes the next call encode with the new weights."""
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(small_dir)
+    tokens = model.processor(text=["a cat. a lamp."])
+    args = (tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
+    with torch.no_grad():
+        before = model.text_features(*args).features
+    optimizer = torch.optim.AdamW(model.bert.parameters(), lr=1e-2, fused=True)
+    for p in model.bert.parameters():
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in model.bert.parameters()]
+    optimizer.step()
+    assert versions == [p._version for p in model.bert.parameters()]  # what makes this case special
+    if refresh == "eval":
+        model.train()
+        model.eval()
+    else:
+        model.clear_text_cache()
+    with torch.no_grad():
+        cached = model.text_features(*args).features
+        direct = GroundingDino.text_features(model, *args).features
+    assert (direct - before).abs().max() > 1e-3
+    torch.testing.assert_close(cached, direct, atol=1e-6, rtol=0)

@@ -16,7 +16,7 @@ from gdino.checkpoint.loading import CheckpointError, packaged_model_dir, resolv
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "shapes.png"
-SHIPPED_AP50 = 0.828  # measured on the seed-777 set below when the model was packaged
+SHIPPED_AP50 = 0.848  # measured on the seed-777 set below when the model was packaged
 DEMO_THRESHOLD = 0.25  # scripts/demo.sh's --box-threshold
 
 
@@ -74,7 +74,7 @@ def test_gdino_detect_finds_the_shapes_of_the_demo_image(tmp_path):
                  str(DEMO_THRESHOLD), "--nms", "0.5", "--output", str(out), "--annotate", str(tmp_path / "drawn")]) == 0
     found = json.loads(out.read_text())["detections"]
     right = [(n, b) for n, b in objects if any(d["label"] == n and _iou(d["box"], b) >= 0.5 for d in found)]
-    assert len(right) >= 5, (right, found)  # measured: 5 of 6 (the small orange triangle is missed)
+    assert len(right) >= 5, (right, found)  # measured: 5 of 6 (the green circle is missed)
     assert all(any(_iou(d["box"], b) >= 0.5 for _, b in objects) for d in found), found
     assert not {"blue star", "purple square"} & {d["label"] for d in found}
     assert (tmp_path / "drawn" / "shapes.png").stat().st_size > 1000
@@ -82,9 +82,9 @@ def test_gdino_detect_finds_the_shapes_of_the_demo_image(tmp_path):
 
 @pytest.mark.slow
 def test_the_shipped_model_keeps_its_measured_ap50_on_images_it_never_saw(shapes_model, tmp_path):
-    """The shipped model on 60 images it never saw: AP50 0.828 when it was packaged, held to the
-    target of 0.8 (on the training script's own 100 validation images it scores 0.797; README,
-    "The shapes model"), and every seen pair found (median per-pair AP50 0.861)."""
+    """The shipped model on 60 images it never saw: AP50 0.848 when it was packaged, held to the
+    target of 0.8 (on the training script's own 100 validation images it scores 0.865; README,
+    "The shapes model"), and every seen pair found (median per-pair AP50 0.864, worst 0.715)."""
     from gdino.apps.evaluate import evaluate_coco, model_detector
     from gdino.training.shapes import write_shapes_dataset
 
@@ -94,5 +94,5 @@ def test_the_shipped_model_keeps_its_measured_ap50_on_images_it_never_saw(shapes
     assert evaluation.failed == []
     assert evaluation.metrics["AP50"] >= min(SHIPPED_AP50 - 0.02, 0.8), evaluation.table
     seen = [v["AP50"] for v in evaluation.per_category.values() if v["AP50"] >= 0]
-    assert len(seen) == 21 and float(np.median(seen)) >= 0.75, evaluation.per_category  # measured 0.861
-    assert min(seen) >= 0.4, evaluation.per_category  # measured 0.616
+    assert len(seen) == 21 and float(np.median(seen)) >= 0.75, evaluation.per_category  # measured 0.864
+    assert min(seen) >= 0.5, evaluation.per_category  # measured 0.715

@@ -199,8 +199,23 @@ def test_cli_shapes_and_train(tmp_path, capsys):
               "--out", str(tmp_path / "run"), "--image-size", "96", "--no-augment"]
     assert main([*common, "--freeze", "decoder"]) == 2
     assert "cannot freeze ['decoder']" in capsys.readouterr().err
-    assert main([*common, "--max-steps", "1", "--freeze", "backbone,text"]) == 0
+    assert main([*common, "--max-steps", "1", "--freeze", "backbone,text", "--aux-loss", "on"]) == 0
     err = capsys.readouterr().err
     assert "2 images, no bad records" in err and "loss" in err and "images/s" in err
     assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "last" / "config.json").read_text())["auxiliary_loss"] is True
     assert json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])["step"] == 1
+
+
+@pytest.mark.parametrize("aux_loss", [True, False])
+def test_aux_loss_setting_decides_the_per_layer_terms(shapes, tmp_path, aux_loss):
+    """``aux_loss`` overrides the config's ``auxiliary_loss``: per-layer terms (``loss_ce_0``...) or none."""
+    settings = TrainSettings(epochs=1, aux_loss=aux_loss, **FAST)
+    run = start(shapes["train"], "config:small_test", tmp_path, settings, log=io.StringIO())
+    inputs, labels = collate(next(epoch_batches(run)), run.model.processor)
+    with torch.no_grad():
+        out = run.model(**inputs, labels=labels)
+    layers = run.model.config.decoder_layers
+    per_layer = {f"loss_{k}_{i}" for k in ("ce", "bbox", "giou") for i in range(layers - 1)}
+    assert layers > 1 and run.model.config.auxiliary_loss is aux_loss
+    assert per_layer <= set(out.loss_dict) if aux_loss else not per_layer & set(out.loss_dict)

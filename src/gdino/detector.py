@@ -84,7 +84,10 @@ class GroundingDinoForObjectDetection(GroundingDino):
     """Grounding DINO with loading, a processor, ``encode_image`` and ``detect``.
 
     Prompts already seen are not re-encoded: BERT's output for each distinct prompt is kept in a
-    small cache (``text_cache_size`` entries) while gradients are off.
+    small cache (``text_cache_size`` entries) while gradients are off. New text-side weights empty
+    it (see ``_text_cache``), and so does every ``train()`` / ``eval()``; a loop that steps a fused
+    optimizer (``torch.optim.AdamW(..., fused=True)``, whose kernels leave the weights' version
+    counters alone) without switching modes calls ``clear_text_cache()``.
     """
 
     processor: GroundingDinoProcessor
@@ -333,12 +336,23 @@ class GroundingDinoForObjectDetection(GroundingDino):
                 cache.popitem(last=False)
         return _pad_text([cache[row] for row in rows], input_ids.shape[1])
 
+    def train(self, mode: bool = True) -> GroundingDinoForObjectDetection:
+        """``nn.Module.train`` (and so ``eval``), emptying the prompt cache: a training loop's
+        evaluation, even one after fused optimizer steps, encodes its prompts with the new weights."""
+        self.clear_text_cache()
+        return super().train(mode)
+
+    def clear_text_cache(self) -> None:
+        """Forgets every cached prompt encoding."""
+        self.__dict__.pop("_text_cache_fingerprint", None)
+        self.__dict__.pop("_prompt_cache", None)
+
     def _text_cache(self) -> OrderedDict[tuple[int, ...], TextFeatures]:
         """The prompt cache, emptied first if any weight it depends on changed since it was filled.
 
         The weights are fingerprinted by identity, storage, dtype, device and in-place version
         counter of every BERT and ``feat_map`` tensor: ``load_state_dict`` (copying or assigning),
-        ``to()``, ``set_precision`` and an optimizer step each change at least one of them.
+        ``to()``, ``set_precision`` and a (non-fused) optimizer step each change at least one of them.
         """
         tensors = [*self.bert.parameters(), *self.bert.buffers(), *self.feat_map.parameters()]
         fingerprint = tuple((id(t), t.data_ptr(), _version(t), t.dtype, t.device) for t in tensors)

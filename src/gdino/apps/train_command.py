@@ -50,6 +50,9 @@ def add_arguments(commands: Any) -> None:
     train.add_argument("--max-labels", type=positive_int, default=80, help="labels in a caption (default 80)")
     train.add_argument("--denoise", type=int, default=0, metavar="QUERIES",
                        help="contrastive denoising queries per step (DINO: 100; default 0, off)")
+    train.add_argument("--aux-loss", choices=("on", "off"), default=None,
+                       help="losses on every decoder layer (default: the model config's auxiliary_loss; "
+                            "the published config has it off, the original recipe on)")
     train.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also write OUT/last every N steps")
     train.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in all")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint, validate) after this long")
@@ -77,6 +80,7 @@ def settings_of(args: argparse.Namespace) -> Any:
         image_size=args.image_size, augment=not args.no_augment, max_labels=args.max_labels,
         save_every=args.save_every, max_steps=args.max_steps, max_minutes=args.max_minutes,
         export_original=args.export_original, val_limit=args.val_limit, denoise=args.denoise,
+        aux_loss=None if args.aux_loss is None else args.aux_loss == "on",
     )  # fmt: skip
 
 

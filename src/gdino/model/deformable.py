@@ -71,7 +71,8 @@ class MultiScaleDeformableAttention(nn.Module):
         b, n_queries, _ = query.shape
         v = self.value_proj(value)
         if value_padding_mask is not None:
-            v = v.masked_fill_(value_padding_mask[..., None], 0.0)
+            mask = value_padding_mask[..., None]
+            v = v.masked_fill(mask, 0.0) if torch.is_grad_enabled() else v.masked_fill_(mask, 0.0)
         v = v.view(b, v.shape[1], self.n_heads, -1)  # (B, S, nH, hd)
         shape = (b, n_queries, self.n_heads, self.n_levels, self.n_points)
         # Both query projections as one matmul; the parameters stay two Linear layers (checkpoint names).
@@ -81,8 +82,10 @@ class MultiScaleDeformableAttention(nn.Module):
             torch.cat((self.sampling_offsets.weight, self.attention_weights.weight)),
             torch.cat((self.sampling_offsets.bias, self.attention_weights.bias)),
         )
-        offsets = projected[..., :n_offsets].view(*shape, 2)  # (B, Q, nH, nL, nP, 2)
-        weights = projected[..., n_offsets:].view(b, n_queries, self.n_heads, -1)  # (B, Q, nH, nL*nP)
+        # split, not two slices: each slice's backward would zero-fill a gradient of the whole.
+        offsets, weights = projected.split([n_offsets, projected.shape[-1] - n_offsets], dim=-1)
+        offsets = offsets.view(*shape, 2)  # (B, Q, nH, nL, nP, 2)
+        weights = weights.view(b, n_queries, self.n_heads, -1)  # (B, Q, nH, nL*nP)
         # Softmax and sampling locations in float32 whatever the layer's dtype (a no-op in float32):
         # a bfloat16 location on a 150-pixel-wide level is only good to about half a pixel.
         weights = _wide(weights).softmax(-1).view(shape)  # (B, Q, nH, nL, nP)

@@ -74,7 +74,8 @@ class DeformableEncoderLayer(nn.Module):
         """Image tokens (B, S, D), their position embedding (B, S, D), reference points
         (B, S, nL, 2) and padding mask (B, S) (True = padding) -> (B, S, D)."""
         attended = self.self_attn(vision + vision_pos, reference_points, vision, spatial_shapes, padding_mask)
-        vision = self.norm1(attended.add_(vision))
+        # Out of place under autograd: in place on the projection's (view) output costs a copy of it.
+        vision = self.norm1(attended + vision if torch.is_grad_enabled() else attended.add_(vision))
         return self.norm2(residual_ffn(vision, self.linear1, self.linear2))
 
 

@@ -88,6 +88,9 @@ class TrainSettings:
         denoise: DINO's contrastive denoising queries per step (0: none; DINO uses 100): noised
             copies of the targets that the decoder learns to refine or reject
             (``gdino.loss.denoise``); speeds up convergence, most of all from scratch.
+        aux_loss: also a loss on every decoder layer but the last (the original recipe does);
+            ``None`` keeps the model config's ``auxiliary_loss`` (the published config has it off,
+            transformers' default). The saved checkpoints' configs record the choice.
     """
 
     epochs: int = 12
@@ -113,6 +116,7 @@ class TrainSettings:
     export_original: bool = False
     val_limit: int | None = None
     denoise: int = 0
+    aux_loss: bool | None = None
 
     def check(self) -> None:
         """Raises ``TrainError`` for a setting that cannot work."""
@@ -253,7 +257,11 @@ def make_optimizer(model: nn.Module, settings: TrainSettings, from_scratch: bool
     params = [{"params": p, "lr": rates[k], "name": k} for k, p in groups.items() if p]
     if not params:
         raise TrainError("every parameter is frozen: nothing to train")
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    # The fused kernel (one pass over each parameter) on CPU and CUDA: on CPU the default is a
+    # Python loop of ~10 ops per parameter tensor, ~7% of a shapes-model step.
+    trained = [p for group in groups.values() for p in group]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in trained)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused or None)
 
 
 def lr_factor(step: int, total: int, settings: TrainSettings) -> float:
@@ -508,6 +516,8 @@ def start(data: str | Path | Dataset, model: str | Path | GroundingDinoForObject
     if not isinstance(model, GroundingDinoForObjectDetection):
         model = build_model(model, settings.seed)
     model.processor = set_image_size(model.processor, settings.image_size)
+    if settings.aux_loss is not None:
+        model.config = replace(model.config, auxiliary_loss=settings.aux_loss)  # what the loss reads
     model.to(settings.device).train()
     freeze(model, settings.freeze)
     optimizer = make_optimizer(model, settings, from_scratch=str(spec).startswith("config:"))
