@@ -42,18 +42,17 @@ def residual_ffn(
     """``residual + linear2(activation(linear1(x)))`` for ``x`` (..., D); ``residual`` defaults to ``x``."""
     residual = x if residual is None else residual
     rows = x.numel() // x.shape[-1]
+    grad = torch.is_grad_enabled()
     # Steps pay on CPU only; a compiled or exported graph must not bake the steps in.
     # (is_compiling first: comparing a symbolic row count would put a guard on the batch size).
-    if torch.compiler.is_compiling() or x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type):
-        out = linear2(activation(linear1(x)))
-        return out + residual if torch.is_grad_enabled() else out.add_(residual)
-    if torch.is_grad_enabled() and activation in _BACKWARDS and linear1.bias is not None and linear2.bias is not None:
+    whole = torch.compiler.is_compiling() or x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type)
+    if not whole and grad and activation in _BACKWARDS and linear1.bias is not None and linear2.bias is not None:
         flat = x.reshape(rows, x.shape[-1])  # (N, D)
         out = _RecomputedFFN.apply(flat, linear1.weight, linear1.bias, linear2.weight, linear2.bias, activation)
         return residual + out.view(*x.shape[:-1], -1)
-    if torch.is_grad_enabled() or rows <= ROWS_PER_STEP:
+    if whole or grad or rows <= ROWS_PER_STEP:
         out = linear2(activation(linear1(x)))
-        return out + residual if torch.is_grad_enabled() else out.add_(residual)
+        return out + residual if grad else out.add_(residual)
     flat = x.reshape(rows, x.shape[-1])  # (N, D)
     flat_residual = residual.reshape(rows, residual.shape[-1])  # (N, D)
     out = torch.empty_like(flat_residual)
