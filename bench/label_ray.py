@@ -71,7 +71,7 @@ def small_model(short_side: int = 800) -> Path:
 
 
 def timed(run: Any, times: list[tuple[float, int]]) -> Any:
-    """A ``gdino.label`` runner that notes when each batch reaches the journal."""
+    """A ``gdino.apps.label`` runner that notes when each batch reaches the journal."""
 
     def wrapper(root: Path, names: list[str], journal: Any, progress: Any) -> None:
         add = journal.add
@@ -84,8 +84,8 @@ def timed(run: Any, times: list[tuple[float, int]]) -> Any:
 def label(folder: Path, model: Path, workers: int | None, actor: type | None = None,
           batch_size: int = 2) -> dict[str, float]:
     """One labelling run into a fresh OUT; ``workers`` None is the single-process run."""
-    from gdino.detector import GroundingDinoForObjectDetection
-    from gdino.label import Settings, _local_runner, label_folder
+    from gdino.inference.detector import GroundingDinoForObjectDetection
+    from gdino.apps.label import Settings, local_runner, label_folder
     from gdino.apps.label_ray import RayOptions, image_settings, ray_runner
 
     settings = Settings(CLASSES, str(model), 0.3, None)
@@ -95,7 +95,7 @@ def label(folder: Path, model: Path, workers: int | None, actor: type | None = N
             net = GroundingDinoForObjectDetection.from_pretrained(model).eval()
             return lambda images: net.detect(images, list(CLASSES), 0.3)
 
-        runner = _local_runner(make_detector, batch_size)
+        runner = local_runner(make_detector, batch_size)
     else:
         options = RayOptions(None, str(model), CLASSES, 0.3, None, batch_size, workers, "cpu" if actor is None else None)
         runner = ray_runner(options, image_settings(str(model)), log=io.StringIO(), actor=actor)
@@ -125,8 +125,8 @@ def stages(args: argparse.Namespace) -> None:
     """Per image: decode + EXIF + RGB (``_read``), resize to the model's input, bytes sent to an actor."""
     from dataclasses import replace
 
-    from gdino.image import preprocess_image
-    from gdino.label import _read
+    from gdino.processing.image import preprocess_image
+    from gdino.apps.label import read_entry
     from gdino.apps.label_ray import image_settings
 
     folder = make_folder(args.images, args.size)
@@ -135,7 +135,7 @@ def stages(args: argparse.Namespace) -> None:
     nbytes = 0
     for path in sorted(folder.iterdir()):
         t0 = time.perf_counter()
-        _, image, _ = _read(folder, path.name)
+        _, image, _ = read_entry(folder, path.name)
         t1 = time.perf_counter()
         pixels = preprocess_image(image, resize)
         t2 = time.perf_counter()

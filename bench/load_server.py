@@ -168,7 +168,7 @@ class ServerProcess:
     def __init__(self, model: str | Path, threads: int, api_key: str | None = None, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "gdino.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+        self.command = [sys.executable, "-m", "gdino", "serve", "--model", str(model), "--host", "127.0.0.1",
                         "--port", str(self.port), "--threads", str(threads), *extra]  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if k != "GDINO_API_KEY"}
         if api_key:

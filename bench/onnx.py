@@ -40,10 +40,10 @@ def _run_backend(name: str, model_dir: Path, export_dir: Path, int8_dir: Path, a
 
     t0 = time.perf_counter()
     if name in ("ort", "ort-int8", "openvino"):
-        import gdino.onnx
+        import gdino.runtime.onnx
 
         runtime = "openvino" if name == "openvino" else "onnxruntime"
-        detector = gdino.onnx.load(int8_dir if name == "ort-int8" else export_dir, threads=args.threads,
+        detector = gdino.runtime.onnx.load(int8_dir if name == "ort-int8" else export_dir, threads=args.threads,
                                    runtime=runtime)
 
         def once() -> Any:
@@ -140,7 +140,7 @@ def main() -> None:
         export_dir = args.export
     else:
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "gdino.cli", "export", "onnx", "--model", str(model_dir), "--out",
+        subprocess.run([sys.executable, "-m", "gdino", "export", "onnx", "--model", str(model_dir), "--out",
                         str(export_dir)], check=True)  # fmt: skip
         report["export_fp32_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()

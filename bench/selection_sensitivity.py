@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _selection_scores(model, inputs) -> torch.Tensor:
     """The scores query selection ranks (``query_selection.proposal_scores``) for image 0, sorted."""
-    from gdino.model import query_selection
+    from gdino.models.grounding_dino import query_selection
 
     captured = {}
     score = query_selection.proposal_scores

@@ -9,7 +9,7 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -c constraints.txt -e .
 PUBLISHED=IDEA-Research/grounding-dino-tiny
-if [ -z "${MODEL:-}" ] && ! .venv/bin/python -c "from gdino.checkpoint.loading import resolve; resolve('$PUBLISHED')" 2>/dev/null; then
+if [ -z "${MODEL:-}" ] && ! .venv/bin/python -c "from gdino.utils.hub import resolve; resolve('$PUBLISHED')" 2>/dev/null; then
   echo "demo: $PUBLISHED cannot be downloaded (no network?) and is not cached; running the packaged shapes model gdino-shapes on examples/shapes.png instead" >&2
   .venv/bin/gdino detect examples/shapes.png --model gdino-shapes --annotate out/ \
       --box-threshold 0.25 --nms 0.5 --prompt "red circle,green circle,yellow circle,orange circle,green square,red triangle,orange triangle,blue star"

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gdino.boxes import box_iou, cxcywh_to_xyxy
+from gdino.inference.postprocess import box_iou
+from gdino.utils.boxes import cxcywh_to_xyxy
 
 TOP_K = 100  # queries compared for detection agreement
 MIN_IOU, MAX_SCORE_DIFF = 0.9, 0.02  # what the speed issue asks of a reduced-precision run
@@ -41,7 +42,7 @@ def match_top_queries(
         s0 = base_logits[b].sigmoid().max(-1).values
         s1 = other_logits[b].sigmoid().max(-1).values.nan_to_num(nan=float("inf"))
         order = s0.nan_to_num(nan=-1.0).argsort(descending=True)[:top_k]
-        iou = box_iou(cxcywh_to_xyxy(base_boxes[b][order]), cxcywh_to_xyxy(other_boxes[b]))  # (k, Q)
+        iou = torch.from_numpy(box_iou(cxcywh_to_xyxy(base_boxes[b][order]).double().numpy(), cxcywh_to_xyxy(other_boxes[b]).double().numpy()))  # (k, Q)
         iou = iou.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         taken = torch.zeros(iou.shape[1], dtype=torch.bool)
         for i, q in enumerate(order.tolist()):

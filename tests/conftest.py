@@ -65,6 +65,22 @@ def small_dir(small_reference, tmp_path_factory) -> Path:
     return save_reference(small_reference, tmp_path_factory.mktemp("small-hf"))
 
 
+@pytest.fixture(scope="module")
+def small_model(small_dir):
+    """gdino's model on ``small_dir``, in eval mode: one per test module, so no module sees another's changes."""
+    from gdino import GroundingDinoForObjectDetection
+
+    return GroundingDinoForObjectDetection.from_pretrained(small_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def fast_model(fast_dir):
+    """gdino's model on ``fast_dir`` (160-pixel images), in eval mode, one per test module."""
+    from gdino import GroundingDinoForObjectDetection
+
+    return GroundingDinoForObjectDetection.from_pretrained(fast_dir).eval()
+
+
 @pytest.fixture(scope="session")
 def fast_dir(small_dir, tmp_path_factory) -> Path:
     """``small_dir`` with images resized to 160 pixels on the short side (256 at most): for apps' tests."""

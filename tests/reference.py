@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).parents[1]  # the repository
 DATA = Path(__file__).parent / "data"
 VOCAB = Path(__file__).parents[1] / "src" / "gdino" / "data" / "bert-base-uncased-vocab.txt"
 NOISE = 0.02

@@ -1,34 +1,51 @@
-"""The package's layering, read from the source: no import cycles, and each layer imports only downward.
+"""The package's layering, read from the source: one layer per folder, imports only downward, no
+import cycles, no alias modules, and no import of a path that was removed.
 
 Every ``import`` and ``from ... import`` of a gdino module counts, at module level or inside a
 function, under ``TYPE_CHECKING`` or not: a cycle through a deferred import is still two modules
-that each need the other. Shims left at old paths (a module that only re-exports another) are
-kept out of the graph, since nothing inside the package may import them.
+that each need the other. Every module is in the graph; none is left out.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).parents[1] / "src"
+ROOT = Path(__file__).parents[1]
+SRC = ROOT / "src"
 PACKAGE = SRC / "gdino"
 
-# Layers, lowest first: a module may import its own layer and the ones before it.
-LAYERS = [
-    ("config", "boxes"),
-    ("model",),
-    ("checkpoint", "processing"),
-    ("detections", "postprocess", "loss", "detector"),
-    ("export", "onnx"),
-    # Fine-tuning runs the detector as an application does (its epochs show the apps' progress bar);
-    # gdino.apps.train_command is its command line. Module cycles are still refused (test_no_import_cycles).
-    ("training", "apps"),
-]
-# Top-level names no layer may import (none at present; a package added on top of the apps would go here).
-UPPER: tuple[str, ...] = ()
+# One folder a layer, lowest first: a module may import its own layer and the ones before it.
+LAYERS = (
+    "utils",  # boxes, checks, progress, files, hub: nothing of gdino below them
+    "models",  # one folder per model family; tensors only
+    "processing",  # prompts, label lists, tokenizer, images, the processor
+    "checkpoint",  # key conversion, strict loading, saving
+    "loss",  # matcher, criterion, denoising
+    "inference",  # the detector, the one decode and detect loop, Detections
+    "runtime",  # torch-free runtimes for exported graphs
+    "export",  # writing exported graphs
+    "evaluation",  # the COCO protocol
+    "training",  # data sets, captions, augmentation, the loop
+    "apps",  # the command line, labelling, exports, drawing, the server
+)
+# The package itself (its lazy public names) and ``python -m gdino`` sit on top of every layer.
+TOP = ("gdino", "gdino.__main__")
+# What a layer may take from the package's ``__init__``: the version string, nothing else.
+FROM_TOP = {"gdino.__version__"}
+
+# Old module paths, removed in 0.2 (CHANGELOG.md); nothing may import them again.
+REMOVED = (
+    "gdino.arguments", "gdino.boxes", "gdino.checks", "gdino.chunking", "gdino.classes", "gdino.cli",
+    "gdino.commands", "gdino.config", "gdino.convert", "gdino.detections", "gdino.detector", "gdino.draw",
+    "gdino.evaluate", "gdino.exports", "gdino.image", "gdino.label", "gdino.model", "gdino.onnx",
+    "gdino.postprocess", "gdino.progress", "gdino.prompts", "gdino.server", "gdino.text", "gdino.weights",
+    "gdino.apps.evaluate", "gdino.apps.progress", "gdino.training.checkpoints", "gdino.training.loss",
+    "gdino.training.matcher",
+)  # fmt: skip
 
 
 def _module_name(path: Path) -> str:
@@ -38,13 +55,25 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _is_shim(tree: ast.Module) -> bool:
-    """A module whose body is a docstring and re-exports (and a ``__main__`` guard) only."""
+def _is_alias(tree: ast.Module) -> bool:
+    """A module that only re-exports others: its body is a docstring, imports, ``__all__`` and guards.
+
+    A package ``__init__`` that forwards attribute look-ups (a module-level ``__getattr__``) is one
+    too; the top package's lazy public names are the one exception (``TOP``).
+    """
     body = [node for node in tree.body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
-    allowed = (ast.ImportFrom, ast.Import, ast.If)
-    return bool(body) and all(isinstance(node, allowed) for node in body) and any(
-        isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names) for node in body
-    )
+    if any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__" for node in body):
+        return True
+    imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    rest = [node for node in body if node not in imports and not _is_all_or_main_guard(node)]
+    gdino_imports = [n for n in imports if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("gdino"))]
+    return bool(gdino_imports) and not rest
+
+
+def _is_all_or_main_guard(node: ast.stmt) -> bool:
+    if isinstance(node, ast.Assign):
+        return all(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+    return isinstance(node, ast.If)
 
 
 def _imports(path: Path, module: str, tree: ast.Module) -> set[str]:
@@ -63,23 +92,22 @@ def _imports(path: Path, module: str, tree: ast.Module) -> set[str]:
                 target = node.module or ""
             if target.split(".")[0] != "gdino":
                 continue
-            found.add(target)
-            for alias in node.names:
-                found.add(f"{target}.{alias.name}")
+            names = {f"{target}.{alias.name}" for alias in node.names}
+            found |= names if target == "gdino" else names | {target}
     return found
 
 
-def _graph() -> tuple[dict[str, set[str]], set[str]]:
-    trees = {}
-    for path in PACKAGE.rglob("*.py"):
-        trees[_module_name(path)] = (path, ast.parse(path.read_text(encoding="utf-8")))
-    shims = {name for name, (_, tree) in trees.items() if _is_shim(tree)}
-    modules = set(trees) - shims
+def _trees() -> dict[str, tuple[Path, ast.Module]]:
+    return {_module_name(p): (p, ast.parse(p.read_text(encoding="utf-8"))) for p in PACKAGE.rglob("*.py")}
+
+
+def _graph() -> dict[str, set[str]]:
+    """Every module of the package -> the modules it imports (``FROM_TOP`` names kept as given)."""
+    trees = _trees()
     graph = {}
-    for name in modules:
-        path, tree = trees[name]
-        graph[name] = {m for m in _imports(path, name, tree) if m in modules and m != name}
-    return graph, shims
+    for name, (path, tree) in trees.items():
+        graph[name] = {m for m in _imports(path, name, tree) if (m in trees or m in FROM_TOP) and m != name}
+    return graph
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -94,7 +122,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         index[node] = low[node] = len(index)
         stack.append(node)
         on_stack.add(node)
-        for other in sorted(graph[node]):
+        for other in sorted(graph.get(node, ())):
             if other not in index:
                 visit(other)
                 low[node] = min(low[node], low[other])
@@ -118,26 +146,42 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _layer(module: str) -> int | None:
-    first = module.split(".")[1] if "." in module else ""
-    for level, names in enumerate(LAYERS):
-        if first in names:
-            return level
-    return None
+    """The layer's index; ``len(LAYERS)`` for the top; None for a module in no layer."""
+    if module in TOP:
+        return len(LAYERS)
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
 
 
-def test_the_graph_sees_imports() -> None:
-    graph, shims = _graph()
-    assert "gdino.model.grounding_dino" in graph
-    assert "gdino.model.transformer" in graph["gdino.model.grounding_dino"]
-    assert "gdino.detector" in graph["gdino.apps.cli"] or any(
-        "gdino.detector" in graph[m] for m in graph if m.startswith("gdino.apps.")
-    )
-    assert "gdino.cli" in shims and "gdino.weights" in shims
+def _upward(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    found = set()
+    for name, targets in graph.items():
+        own = _layer(name)
+        assert own is not None, name
+        for target in targets - FROM_TOP:
+            level = _layer(target)
+            if level is None or level > own:
+                found.add((name, target))
+    return found
+
+
+def test_the_graph_sees_every_module() -> None:
+    graph = _graph()
+    assert set(graph) == set(_trees())
+    assert "gdino.models.grounding_dino.transformer" in graph["gdino.models.grounding_dino.model"]
+    assert "gdino.inference.detector" in graph["gdino.apps.arguments"]
+    assert "gdino.utils.progress" in graph["gdino.training.trainer"]  # a function-level import
+
+
+def test_every_module_is_in_one_layer() -> None:
+    """No module outside the layers' folders (the root holds only ``__init__`` and ``__main__``)."""
+    assert sorted(m for m in _graph() if _layer(m) is None) == []
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == set(LAYERS)
 
 
 def test_no_import_cycles() -> None:
-    graph, _ = _graph()
-    assert _cycles(graph) == []
+    assert _cycles(_graph()) == []
 
 
 def test_a_cycle_is_found() -> None:
@@ -146,29 +190,63 @@ def test_a_cycle_is_found() -> None:
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("prefix", ["gdino.model"])
-def test_model_imports_only_model_and_config(prefix: str) -> None:
-    graph, _ = _graph()
+def test_layers_import_only_downward() -> None:
+    assert _upward(_graph()) == set()
+
+
+def test_an_upward_import_is_found() -> None:
+    """The checker itself: training importing the apps is reported."""
+    graph = {"gdino.training.trainer": {"gdino.apps.cli"}, "gdino.apps.cli": {"gdino.training.trainer"}}
+    assert _upward(graph) == {("gdino.training.trainer", "gdino.apps.cli")}
+
+
+@pytest.mark.parametrize("family", sorted(p.name for p in (PACKAGE / "models").iterdir() if (p / "__init__.py").is_file()))
+def test_a_model_family_imports_only_itself_and_utils(family: str) -> None:
+    prefix = f"gdino.models.{family}"
     outside = {
         (name, target)
-        for name, targets in graph.items()
+        for name, targets in _graph().items()
         if name.startswith(prefix + ".") or name == prefix
         for target in targets
-        if not (target.startswith(prefix + ".") or target in (prefix, "gdino.config"))
+        if not (target.startswith((prefix + ".", "gdino.utils.")) or target == prefix)
     }
     assert outside == set()
 
 
-def test_layers_import_only_downward() -> None:
-    graph, _ = _graph()
-    upward = set()
-    for name, targets in graph.items():
-        own = _layer(name)
-        if own is None:
-            continue
-        for target in targets:
-            level = _layer(target)
-            first = target.split(".")[1] if "." in target else ""
-            if first in UPPER or (level is not None and level > own):
-                upward.add((name, target))
-    assert upward == set()
+def test_no_alias_modules() -> None:
+    aliases = sorted(name for name, (_, tree) in _trees().items() if name not in TOP and _is_alias(tree))
+    assert aliases == []
+
+
+def test_an_alias_is_found() -> None:
+    """The checker itself: a module of re-exports (as the removed old paths were) is one."""
+    alias = ast.parse('"""Moved."""\n\nfrom gdino.apps.cli import *  # noqa: F403\nfrom gdino.apps.cli import main\n')
+    forwarding = ast.parse("def __getattr__(name):\n    return name\n")
+    real = ast.parse("from gdino.utils.boxes import cxcywh_to_xyxy\n\nSIZE = 4\n")
+    assert _is_alias(alias) and _is_alias(forwarding) and not _is_alias(real)
+
+
+def _python_files() -> list[Path]:
+    return [p for d in ("src", "tests", "bench", "scripts") for p in (ROOT / d).rglob("*.py")]
+
+
+def test_no_import_of_a_removed_path() -> None:
+    found = []
+    for path in _python_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            found += [(path.relative_to(ROOT).as_posix(), n) for n in names if n in REMOVED]
+    assert found == []
+
+
+def test_no_command_runs_a_removed_path() -> None:
+    """``python -m gdino`` everywhere (scripts, bench, tests, docs), never an old module path."""
+    pattern = re.compile(r"""-m["',\s]+(gdino(?:\.\w+)+)""")  # a dotted module after -m, in a shell line or an argv list
+    texts = [*_python_files(), *(ROOT / "scripts").glob("*.sh"), ROOT / "README.md", ROOT / "bench" / "README.md"]
+    found = [(p.name, m) for p in texts for m in pattern.findall(p.read_text(encoding="utf-8"))]
+    assert found == []

@@ -2,7 +2,7 @@
 
     from gdino import AutoProcessor, AutoModelForZeroShotObjectDetection
 
-The names below are imported on first use (PEP 562), so that ``import gdino.onnx``, the
+The names below are imported on first use (PEP 562), so that ``import gdino.runtime.onnx``, the
 torch-free runtime, does not import torch.
 """
 
@@ -20,12 +20,12 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 # name -> (module, attribute); AutoProcessor and AutoModelForZeroShotObjectDetection are the names
 # the model card's snippet uses.
 _EXPORTS = {
-    "AutoModelForZeroShotObjectDetection": (".detector", "GroundingDinoForObjectDetection"),
+    "AutoModelForZeroShotObjectDetection": (".inference.detector", "GroundingDinoForObjectDetection"),
     "AutoProcessor": (".processing.processor", "GroundingDinoProcessor"),
-    "CheckpointError": (".checkpoint.loading", "CheckpointError"),
-    "Detections": (".detections", "Detections"),
-    "GroundingDinoConfig": (".config", "GroundingDinoConfig"),
-    "GroundingDinoForObjectDetection": (".detector", "GroundingDinoForObjectDetection"),
+    "CheckpointError": (".utils.hub", "CheckpointError"),
+    "Detections": (".inference.detections", "Detections"),
+    "GroundingDinoConfig": (".models.grounding_dino.config", "GroundingDinoConfig"),
+    "GroundingDinoForObjectDetection": (".inference.detector", "GroundingDinoForObjectDetection"),
     "GroundingDinoProcessor": (".processing.processor", "GroundingDinoProcessor"),
     "ImageError": (".processing.image", "ImageError"),
     "PromptError": (".processing.text", "PromptError"),

@@ -1,1 +1,1 @@
-"""Applications on top of the detector: the command line, labelling, exports, evaluation, the server."""
+"""Applications on top of the library: the command line, labelling, exports, drawing, the server."""

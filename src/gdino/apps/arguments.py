@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..config import DEFAULT_MODEL_ID
+from gdino.utils.hub import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
     import torch
@@ -70,25 +70,26 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_detector(args: argparse.Namespace, threads: int | None = None) -> Any:
     """The model the options name, in eval mode (``--device`` already checked by ``check_device``),
-    or the ONNX detector (``gdino.onnx`` on ``--runtime``, ``threads`` intra-op threads) when it names an export.
+    or the ONNX detector (``gdino.runtime.onnx`` on ``--runtime``, ``threads`` intra-op threads) when it
+    names an export.
 
     Raises:
         CheckpointError: ``--runtime`` given for a model that is not an ONNX export, or the model cannot be loaded.
     """
-    from ..onnx import is_export  # cheap: onnxruntime is imported by load
+    from gdino.runtime.onnx import is_export  # cheap: onnxruntime is imported by load
 
     name = model_name(args)
     runtime = getattr(args, "runtime", None)
     if is_export(name):
-        from ..onnx import load
+        from gdino.runtime.onnx import load
 
         return load(name, threads=threads, runtime=runtime or "onnxruntime")
-    from ..checkpoint.loading import CheckpointError  # here: an export needs no torch
+    from gdino.utils.hub import CheckpointError
 
     if runtime is not None:
         raise CheckpointError(f"--runtime {runtime} runs ONNX exports and {name} is not one; "
                               "write one with `gdino export onnx --model MODEL --out DIR`")
-    from ..detector import GroundingDinoForObjectDetection
+    from gdino.inference.detector import GroundingDinoForObjectDetection
 
     return GroundingDinoForObjectDetection.from_pretrained(
         name, device=args.device, dtype=torch_dtype(args.dtype)

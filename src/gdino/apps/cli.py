@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .arguments import (
+from gdino.apps.arguments import (
     EXIT_BAD_INPUT,
     UsageError,
     add_model_arguments,
@@ -30,12 +30,14 @@ from .arguments import (
     load_detector,
     positive_int,
 )
-from .exports import FORMATS  # standard library only
-from .server import add_arguments as add_serve_arguments  # standard library only; FastAPI is imported by serve
-from .train_command import add_arguments as add_train_arguments
+from gdino.apps.exports import FORMATS  # standard library only
+from gdino.apps.server import (
+    add_arguments as add_serve_arguments,  # standard library only; FastAPI is imported by serve
+)
+from gdino.apps.train_command import add_arguments as add_train_arguments
 
 if TYPE_CHECKING:
-    from ..processing.prompts import TextInput
+    from gdino.processing.prompts import TextInput
 
 DRAWN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -91,7 +93,7 @@ def _add_label(label: argparse.ArgumentParser) -> None:
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     formats = parser.add_subparsers(dest="format", required=True)
-    onnx = formats.add_parser("onnx", help="text, image and detection graphs for onnxruntime (gdino.onnx)")
+    onnx = formats.add_parser("onnx", help="text, image and detection graphs for onnxruntime (gdino.runtime.onnx)")
     onnx.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
     onnx.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the export to")
     onnx.add_argument("--opset", type=int, default=18)
@@ -102,10 +104,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export(args: argparse.Namespace) -> int:
     """Runs ``gdino export onnx``: writes the graphs and their settings into ``--out``."""
-    from ..checkpoint.loading import CheckpointError
-    from ..config import DEFAULT_MODEL_ID
-    from ..detector import GroundingDinoForObjectDetection
-    from ..export.onnx import QUANTIZE_FP16, export_onnx
+    from gdino.export.onnx import QUANTIZE_FP16, export_onnx
+    from gdino.inference.detector import GroundingDinoForObjectDetection
+    from gdino.utils.hub import DEFAULT_MODEL_ID, CheckpointError
 
     if args.dtype == "fp16" and args.quantize:  # refused before the model loads and minutes of tracing
         return error(QUANTIZE_FP16)
@@ -213,9 +214,9 @@ def detect(args: argparse.Namespace) -> int:
         args.device = check_device(args.device)
     except UsageError as e:
         return error(str(e))
-    from ..checkpoint.loading import CheckpointError
-    from ..processing.prompts import prompt_from_text
-    from ..processing.text import PromptError
+    from gdino.processing.prompts import prompt_from_text
+    from gdino.processing.text import PromptError
+    from gdino.utils.hub import CheckpointError
 
     prompt = prompt_from_text(args.prompt)
     try:
@@ -243,7 +244,7 @@ def _detect_batch(model: Any, indices: list[int], prompt: TextInput,
                   args: argparse.Namespace) -> list[tuple[int, Any, Any]]:
     """(index, image, Detections) per image of the batch, or (index, None, error message) for an
     image that cannot be read or that the model refuses (e.g. too elongated to resize)."""
-    from ..processing.image import ImageError, load_image
+    from gdino.processing.image import ImageError, load_image
 
     results: list[tuple[int, Any, Any]] = []
     loaded = []
@@ -274,7 +275,7 @@ def _run_model(model: Any, loaded: list[tuple[int, Any]], prompt: TextInput,
 
 def _annotate(image: Any, found: Any, target: Path) -> bool:
     """Draws the detections into ``target``; False (and one error line) if it cannot be written."""
-    from .draw import draw_detections
+    from gdino.apps.draw import draw_detections
 
     try:
         draw_detections(image, found).save(target)
@@ -287,21 +288,21 @@ def _annotate(image: Any, found: Any, target: Path) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        from .server import main as serve
+        from gdino.apps.server import main as serve
 
         return serve(args)
     if args.command in ("label", "eval"):
-        from .commands import main as run_task
+        from gdino.apps.commands import main as run_task
 
         return run_task(args)
     if args.command in ("train", "shapes"):
-        from .train_command import main as run_training
+        from gdino.apps.train_command import main as run_training
 
         return run_training(args)
     if args.command == "export":
         return export(args)
-    from ..detector import on_chunk
-    from .progress import ChunkProgress
+    from gdino.inference.detector import on_chunk
+    from gdino.utils.progress import ChunkProgress
 
     with on_chunk(ChunkProgress()):  # a long label list runs in passes: show them on stderr
         return detect(args)

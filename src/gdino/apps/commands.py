@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from .arguments import UsageError, check_device, check_output_file, error, load_detector, model_name
+from gdino.apps.arguments import UsageError, check_device, check_output_file, error, load_detector, model_name
 
 
 def main(args: argparse.Namespace) -> int:
@@ -24,9 +24,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from ..checkpoint.loading import CheckpointError
-    from ..processing.text import PromptError
-    from .label import LabelError, Settings, label_folder, parse_classes
+    from gdino.apps.label import LabelError, Settings, label_folder, parse_classes
+    from gdino.processing.text import PromptError
+    from gdino.utils.hub import CheckpointError
 
     if args.workers is not None and args.ray is None:
         return error("--workers is the number of Ray actors: give it with --ray")
@@ -56,7 +56,7 @@ def run_label(args: argparse.Namespace) -> int:
 
 def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
     """``--ray``: detection on Ray, journal and exports here (``gdino.label_ray``)."""
-    from .label_ray import RayOptions, image_settings, import_ray, ray_runner
+    from gdino.apps.label_ray import RayOptions, image_settings, import_ray, ray_runner
 
     import_ray()  # a clear error before anything is written
     options = RayOptions(None if args.ray == "local" else args.ray, model_name(args), tuple(classes),
@@ -65,9 +65,9 @@ def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
 
 
 def run_eval_coco(args: argparse.Namespace) -> int:
-    from ..checkpoint.loading import CheckpointError
-    from ..processing.text import PromptError
-    from .evaluate import EvalError, evaluate_coco, model_detector, write_report
+    from gdino.evaluation.coco import EvalError, evaluate_coco, model_detector, write_report
+    from gdino.processing.text import PromptError
+    from gdino.utils.hub import CheckpointError
 
     try:
         for path, option in ((args.out, "--out"), (args.detections, "--detections")):
@@ -98,7 +98,7 @@ def run_eval_coco(args: argparse.Namespace) -> int:
     if args.detections is not None:
         import json
 
-        from .exports import write_atomic
+        from gdino.utils.files import write_atomic
 
         write_atomic(args.detections, json.dumps(evaluation.results) + "\n")
     return 0

@@ -21,11 +21,12 @@ from typing import IO, Any
 
 from PIL import Image
 
-from ..processing.image import ImageError, load_image
-from ..processing.prompts import check_labels
-from ..processing.text import PromptError
-from .exports import FORMATS, Record, export, write_atomic
-from .progress import Progress, read_ahead
+from gdino.apps.exports import FORMATS, Record, export
+from gdino.processing.image import ImageError, load_image
+from gdino.processing.prompts import check_labels
+from gdino.processing.text import PromptError
+from gdino.utils.files import write_atomic
+from gdino.utils.progress import Progress, read_ahead
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 JOURNAL = ".gdino-label.jsonl"
@@ -227,7 +228,7 @@ def _lock(f: IO[bytes], path: Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def _read(root: Path, name: str) -> tuple[str, Image.Image | None, str | None]:
+def read_entry(root: Path, name: str) -> tuple[str, Image.Image | None, str | None]:
     try:
         return name, load_image(root / name), None
     except ImageError as e:
@@ -239,7 +240,7 @@ def _read(root: Path, name: str) -> tuple[str, Image.Image | None, str | None]:
 def _batches(root: Path, names: Sequence[str], size: int) -> Iterator[list[tuple[str, Image.Image | None, str | None]]]:
     """Loaded images in batches, the next batch read in threads while the caller works on this one."""
     batch = []
-    for item in read_ahead(lambda name: _read(root, name), names, ahead=size):
+    for item in read_ahead(lambda name: read_entry(root, name), names, ahead=size):
         batch.append(item)
         if len(batch) == size:
             yield batch
@@ -248,7 +249,7 @@ def _batches(root: Path, names: Sequence[str], size: int) -> Iterator[list[tuple
         yield batch
 
 
-def _detect_batch(detect: Detect, loaded: list[tuple[str, Image.Image]]) -> list[Record]:
+def detect_batch(detect: Detect, loaded: list[tuple[str, Image.Image]]) -> list[Record]:
     """Records for a batch of loaded images; if the batch fails, image by image, errors recorded."""
     try:
         found = detect([image for _, image in loaded])
@@ -256,7 +257,7 @@ def _detect_batch(detect: Detect, loaded: list[tuple[str, Image.Image]]) -> list
         if len(loaded) == 1:
             name, _ = loaded[0]
             return [{"image": name, "error": f"detection failed: {sys.exc_info()[1]!r}"}]
-        return [r for item in loaded for r in _detect_batch(detect, [item])]
+        return [r for item in loaded for r in detect_batch(detect, [item])]
     return [
         {"image": name, "width": image.width, "height": image.height, "detections": det.to_list()}
         for (name, image), det in zip(loaded, found)
@@ -304,7 +305,7 @@ def label_folder(
         if resumed:
             print(f"label: resuming, {resumed} of {len(names)} images already done", file=log, flush=True)
         if todo:
-            run = runner if runner is not None else _local_runner(make_detector, batch_size)
+            run = runner if runner is not None else local_runner(make_detector, batch_size)
             with Progress(len(todo), "label", stream=log) as progress:
                 run(root, todo, journal, progress)
         records = [journal.records[n] for n in names if n in journal.records]
@@ -330,7 +331,7 @@ def _check(fmt: str, settings: Settings) -> None:
 Runner = Callable[[Path, list[str], Journal, Progress], None]
 
 
-def _local_runner(make_detector: Callable[[], Detect], batch_size: int) -> Runner:
+def local_runner(make_detector: Callable[[], Detect], batch_size: int) -> Runner:
     """The single-process run: batches read ahead in threads, each journaled before the next."""
 
     def run(root: Path, names: list[str], journal: Journal, progress: Progress) -> None:
@@ -340,7 +341,7 @@ def _local_runner(make_detector: Callable[[], Detect], batch_size: int) -> Runne
             loaded = [(n, img) for n, img, err in batch if img is not None]
             if loaded and detect is None:
                 detect = make_detector()
-            records = _detect_batch(detect, loaded) if detect is not None and loaded else []
+            records = detect_batch(detect, loaded) if detect is not None and loaded else []
             journal.add(records + failed)
             progress.update(len(batch))
 

@@ -1,6 +1,6 @@
-"""``gdino label DIR ... --ray [ADDRESS|auto]``: the same run as ``gdino.label``, on a Ray cluster.
+"""``gdino label DIR ... --ray [ADDRESS|auto]``: the same run as ``gdino.apps.label``, on a Ray cluster.
 
-The driver (this process) keeps what ``gdino.label`` does: it lists the images, opens the
+The driver (this process) keeps what ``gdino.apps.label`` does: it lists the images, opens the
 journal, skips the images already journaled, and writes the same exports and ``errors.txt`` at
 the end. Only the detection moves to Ray Data (imported here, lazily; ``pip install gdino[ray]``):
 
@@ -39,9 +39,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..processing.image import ImageError, ImageSettings, preprocess_image
-from .label import Journal, LabelError, Runner, _detect_batch, _read
-from .progress import Progress
+from gdino.apps.label import Journal, LabelError, Runner, detect_batch, read_entry
+from gdino.processing.image import ImageError, ImageSettings, preprocess_image
+from gdino.utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def import_ray() -> Any:
 
 def ray_runner(options: RayOptions, image_settings: ImageSettings, log: IO[str] | None = None,
                actor: type | None = None) -> Runner:
-    """A ``gdino.label`` runner that detects on Ray and journals in this process.
+    """A ``gdino.apps.label`` runner that detects on Ray and journals in this process.
 
     Args:
         options: the cluster, model and detection settings.
@@ -209,7 +209,7 @@ def _read_batch(batch: dict[str, np.ndarray], root: str, settings: ImageSettings
     resize_only = replace(settings, do_rescale=False, do_normalize=False)
     for name in batch["image"]:
         name = str(name)
-        _, image, error = _read(Path(root), name)
+        _, image, error = read_entry(Path(root), name)
         pixels = np.zeros((0, 0, 3), np.uint8)
         if image is not None:
             try:  # preprocess_image's own resize (float32 of whole numbers, exact as uint8)
@@ -242,8 +242,8 @@ class _Detector:
     def __init__(self, options: RayOptions, gpu: bool, threads: int) -> None:
         import torch
 
-        from ..detector import GroundingDinoForObjectDetection
-        from .arguments import torch_dtype
+        from gdino.apps.arguments import torch_dtype
+        from gdino.inference.detector import GroundingDinoForObjectDetection
 
         torch.set_num_threads(threads)
         # Ray shows an actor only its own GPU: "cuda" is that one, whatever --device numbered
@@ -264,7 +264,7 @@ class _Detector:
             pixels = np.frombuffer(batch["pixels"][i], np.uint8).reshape(height, width, 3)  # (H, W, 3)
             original = int(batch["original_width"][i]), int(batch["original_height"][i])
             loaded.append((str(name), _Resized(pixels, *original)))
-        records = (_detect_batch(self._detect, loaded) if loaded else []) + failed  # type: ignore[arg-type]
+        records = (detect_batch(self._detect, loaded) if loaded else []) + failed  # type: ignore[arg-type]
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
     def _detect(self, images: list[_Resized]) -> list[Any]:
@@ -272,8 +272,8 @@ class _Detector:
         import torch
         from PIL import Image
 
-        from ..detector import EncodedImages
-        from ..model.grounding_dino import stack_images
+        from gdino.inference.detector import EncodedImages
+        from gdino.models.grounding_dino.model import stack_images
 
         features = []
         with torch.inference_mode():
@@ -289,7 +289,7 @@ class _Detector:
 
 def image_settings(model: str) -> ImageSettings:
     """The model's resize and normalisation settings, read as ``from_pretrained`` reads them."""
-    from ..processing.processor import GroundingDinoProcessor
+    from gdino.processing.processor import GroundingDinoProcessor
 
     return GroundingDinoProcessor.from_pretrained(model).image_settings
 

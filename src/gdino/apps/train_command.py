@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .arguments import positive_int
+from gdino.apps.arguments import positive_int
 
 EXIT_BAD_INPUT = 2
 
@@ -70,7 +70,7 @@ def add_arguments(commands: Any) -> None:
 
 def settings_of(args: argparse.Namespace) -> Any:
     """The ``TrainSettings`` the arguments ask for."""
-    from ..training.trainer import TrainSettings
+    from gdino.training.trainer import TrainSettings
 
     return TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr_backbone,
@@ -86,16 +86,16 @@ def settings_of(args: argparse.Namespace) -> Any:
 
 def main(args: argparse.Namespace) -> int:
     """Runs ``train`` or ``shapes``; a bad setting or unusable data is a one-line error, status 2."""
-    from ..checkpoint.loading import CheckpointError
-    from ..training.samples import DataError
-    from ..training.trainer import TrainError, train
+    from gdino.training.samples import DataError
+    from gdino.training.trainer import TrainError, train
+    from gdino.utils.hub import CheckpointError
 
     try:
         if args.command == "shapes":
             return _shapes(args)
         data: Any = args.data
         if args.images is not None:
-            from ..training.datasets import read_dataset
+            from gdino.training.datasets import read_dataset
 
             data = read_dataset(args.data, args.images)
         result = train(data, args.model, args.out, settings_of(args), val=args.val, resume=args.resume)
@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    from ..training.shapes import write_shapes_dataset
+    from gdino.training.shapes import write_shapes_dataset
 
     counts = {"train": args.train, "val": args.val, "held_out": args.held_out}
     for split, path in write_shapes_dataset(args.out, {k: v for k, v in counts.items() if v}, args.seed).items():

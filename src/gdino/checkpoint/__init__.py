@@ -1,2 +1,3 @@
-"""Checkpoints: hub and local resolution, strict loading (``loading``) and the pure key conversion
-between the Hugging Face layout, ours and the original repository's (``convert``)."""
+"""Checkpoints: the pure key conversion between the Hugging Face layout, ours and the original
+repository's (``convert``), strict loading (``loading``) and writing both layouts and a training
+run's state (``saving``). Model names become files in ``gdino.utils.hub``."""

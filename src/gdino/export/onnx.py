@@ -1,4 +1,4 @@
-"""ONNX export: three graphs that take any image size and prompt, for ``gdino.onnx`` (no torch).
+"""ONNX export: three graphs that take any image size and prompt, for ``gdino.runtime.onnx`` (no torch).
 
 The detector is split where its inputs split, as ``GroundingDino``'s forward is:
 
@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from ..model.deformable import MultiScaleDeformableAttention
-from ..model.grounding_dino import GroundingDino, ImageFeatures, TextFeatures
-from ..onnx import SETTINGS_FILE
+from gdino.models.grounding_dino.deformable import MultiScaleDeformableAttention
+from gdino.models.grounding_dino.model import GroundingDino, ImageFeatures, TextFeatures
+from gdino.runtime.onnx import SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def export_onnx(
 
     Args:
         model: a float32 model (``GroundingDinoForObjectDetection`` or ``GroundingDino``) on the CPU.
-        tokenizer: the ``gdino.text.TextTokenizer`` (the model's processor's by default).
-        image_settings: the ``gdino.image.ImageSettings`` (the model's processor's by default).
+        tokenizer: the ``gdino.processing.text.TextTokenizer`` (the model's processor's by default).
+        image_settings: the ``gdino.processing.image.ImageSettings`` (the model's processor's by default).
         opset: the ONNX opset (16 at least, for GridSample).
         dtype: "fp32", or "fp16" for Swin, BERT and the feature enhancer (as ``set_precision``),
             for GPU execution providers.
@@ -232,7 +232,7 @@ def _quantize(directory: Path) -> None:
 
 
 def _settings(model: GroundingDino, tokenizer: Any, image: Any, opset: int, dtype: str, quantize: str | None) -> dict:
-    """What ``gdino.onnx`` needs besides the graphs: image settings, text limits and defaults."""
+    """What ``gdino.runtime.onnx`` needs besides the graphs: image settings, text limits and defaults."""
     config = model.config
     return {
         "format": 1,

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..boxes import cxcywh_to_xyxy, generalized_box_iou
-from ..config import GroundingDinoConfig
-from ..model.grounding_dino import GroundingDinoOutput
-from .matcher import MatchCosts, hungarian_match
+from gdino.loss.matcher import MatchCosts, hungarian_match
+from gdino.models.grounding_dino.config import GroundingDinoConfig
+from gdino.models.grounding_dino.model import GroundingDinoOutput
+from gdino.utils.boxes import cxcywh_to_xyxy, generalized_box_iou
 
 Matches = list[tuple[Tensor, Tensor]]  # per image (query indices, target indices)
 

@@ -15,7 +15,7 @@ trained with denoising saves and loads exactly as one trained without.
 
 The copies come in groups (each group one positive and one negative copy of every target of the
 batch's most-annotated image); groups see only themselves and the matching queries, and the
-matching queries never see them (``gdino.model.transformer.denoise_attention``), so the
+matching queries never see them (``gdino.models.grounding_dino.transformer.denoise_attention``), so the
 matching queries' outputs are unchanged by them.
 """
 
@@ -27,11 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from ..config import GroundingDinoConfig
-from ..model.features import DenoisingQueries
-from ..model.grounding_dino import GroundingDinoOutput
-from .criterion import (
+from gdino.loss.criterion import (
     Targets,
     loss_weights,
     make_targets,
@@ -40,6 +36,10 @@ from .criterion import (
     prompt_mask,
     sigmoid_focal_loss,
 )
+from gdino.models.grounding_dino.config import GroundingDinoConfig
+from gdino.models.grounding_dino.features import DenoisingQueries
+from gdino.models.grounding_dino.model import GroundingDinoOutput
+from gdino.utils.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..boxes import cxcywh_to_xyxy, generalized_box_iou
+from gdino.utils.boxes import cxcywh_to_xyxy, generalized_box_iou
 
 FOCAL_ALPHA = 0.25  # the class cost's focal weights (fixed in DETR-family matchers)
 FOCAL_GAMMA = 2.0

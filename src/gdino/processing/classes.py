@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .prompts import label_texts, normalize_prompt, prompt_text, read_prompts
-from .text import PromptError, TextTokenizer
+from gdino.processing.prompts import label_texts, normalize_prompt, prompt_text, read_prompts
+from gdino.processing.text import PromptError, TextTokenizer
 
 __all__ = ["ClassPrompt", "ClassQuery", "TokenSpans", "label_query", "prompt_text", "queries_for_images", "span_query"]
 
 if TYPE_CHECKING:  # the ONNX runtime uses this module without torch
-    import torch
+    pass
 
 TokenSpans = Sequence[Sequence[tuple[int, int]]]
 
@@ -48,14 +48,8 @@ class ClassPrompt:
     ids: tuple[int, ...]
     tokens: tuple[tuple[int, ...], ...]
 
-    def positive_map(self, length: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """(C, length) float32: 1 / n on each of a label's n tokens, so ``probs @ map.T`` is the mean."""
-        import torch
-
-        return torch.from_numpy(self.positive_weights(length)).to(device)
-
     def positive_weights(self, length: int) -> np.ndarray:
-        """``positive_map`` as a numpy array."""
+        """(C, length) float32: 1 / n on each of a label's n tokens, so ``probs @ weights.T`` is the mean."""
         out = np.zeros((len(self.tokens), length), dtype=np.float32)
         for row, positions in enumerate(self.tokens):
             out[row, list(positions)] = 1.0 / len(positions)

@@ -16,9 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gdino.boxes import cxcywh_to_xyxy, to_pixels
-from gdino.checks import check_fraction
-from gdino.config import DEFAULT_MODEL_ID
 from gdino.processing.image import (
     ImageError,
     ImageLike,
@@ -30,6 +27,9 @@ from gdino.processing.image import (
 )
 from gdino.processing.prompts import TextInput, processor_prompts, prompts_for_images
 from gdino.processing.text import PromptError, TextTokenizer, as_id_list, phrase_spans, read_tokenizer_config
+from gdino.utils.boxes import cxcywh_to_xyxy, to_pixels
+from gdino.utils.checks import check_fraction
+from gdino.utils.hub import DEFAULT_MODEL_ID, resolve
 
 __all__ = ["BatchEncoding", "GroundingDinoProcessor", "ImageError", "ProcessorFiles", "PromptError",
            "grounded_detections", "resolve_files"]
@@ -108,11 +108,9 @@ def resolve_files(directory: str | os.PathLike) -> ProcessorFiles:
 def _resolve(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
     """The directory holding the processor files for a hub id, directory or checkpoint file.
 
-    Resolved exactly as the model's weights are (``gdino.checkpoint.loading.resolve``: hub cache, download,
+    Resolved exactly as the model's weights are (``gdino.utils.hub.resolve``: hub cache, download,
     local directory). An original ``.pth`` alone has no processor files: None, meaning defaults.
     """
-    from ..checkpoint.loading import resolve  # imported here: loading imports the model, processing does not need it
-
     path = Path(path_or_id).expanduser()
     if path.is_dir():  # a processor-only directory (no weights) is fine here
         return path
@@ -369,7 +367,7 @@ class GroundingDinoProcessor:
             ``text_labels`` (N strings: the matched tokens decoded) and ``labels`` (the same).
 
         Raises:
-            ValueError: a threshold that is not a finite number in [0, 1] (``gdino.checks``).
+            ValueError: a threshold that is not a finite number in [0, 1] (``gdino.utils.checks``).
         """
         del text_labels
         if threshold is not None and box_threshold is not None and threshold != box_threshold:

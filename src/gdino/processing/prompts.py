@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .text import PromptError
+from gdino.processing.text import PromptError
 
 TextInput = str | Sequence[str] | Sequence[str | Sequence[str]]  # what detect and the processor take
 

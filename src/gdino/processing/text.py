@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from gdino.config import SPECIAL_TOKEN_IDS
+from gdino.models.grounding_dino.config import SPECIAL_TOKEN_IDS
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the ONNX runtime uses this module without it
     import torch
@@ -229,38 +229,3 @@ def phrase_names(
                           "give e.g. 'a cat. a remote control.'")
     offsets = tokenizer.offsets(text)  # the same tokens as ids
     return spans, [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]
-
-
-def phrase_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Score of each phrase: the max over its tokens.
-
-    Args:
-        token_scores: ``(..., T)`` per-token scores (probabilities or logits), ``T >= max end``.
-        spans: phrase ranges from :func:`phrase_spans`.
-
-    Returns:
-        ``(..., P)`` with ``P = len(spans)``.
-    """
-    if len(spans) == 0:
-        raise PromptError("the prompt has no phrase (only separators such as '.')")
-    if spans[-1][1] > token_scores.shape[-1]:
-        raise ValueError(f"span {spans[-1]} is beyond the {token_scores.shape[-1]} token scores")
-    import torch
-
-    return torch.stack([token_scores[..., s:e].amax(dim=-1) for s, e in spans], dim=-1)
-
-
-def phrase_for_tokens(token_scores: torch.Tensor,
-                      spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one phrase each box belongs to: the phrase holding its best-scoring token.
-
-    Args:
-        token_scores: ``(..., T)`` per-token scores of each box (e.g. ``sigmoid(logits)``).
-        spans: phrase ranges from :func:`phrase_spans`.
-
-    Returns:
-        ``(index, score)``, both ``(...)``: the phrase index (int64, into ``spans``) and the
-        phrase's score. Ties go to the earlier phrase.
-    """
-    score, index = phrase_scores(token_scores, spans).max(dim=-1)
-    return index, score

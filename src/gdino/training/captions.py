@@ -25,8 +25,7 @@ import numpy as np
 
 from gdino.processing.classes import prompt_text
 from gdino.processing.text import PromptError, TextTokenizer
-
-from .samples import Sample
+from gdino.training.samples import Sample
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gdino.processing.image import ImageError
-
-from .samples import DataError, Dataset, Problem, Sample, as_boxes, check_box, check_image
+from gdino.training.samples import DataError, Dataset, Problem, Sample, as_boxes, check_box, check_image
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .coco import read_coco
-from .odvg import read_label_map, read_odvg
-from .samples import DataError, Dataset, Phrase, Problem, Sample, read_image
-from .yolo import read_yolo
+from gdino.training.coco import read_coco
+from gdino.training.odvg import read_label_map, read_odvg
+from gdino.training.samples import DataError, Dataset, Phrase, Problem, Sample, read_image
+from gdino.training.yolo import read_yolo
 
 __all__ = ["DataError", "Dataset", "Phrase", "Problem", "Sample", "read_coco", "read_dataset", "read_image",
            "read_label_map", "read_odvg", "read_yolo"]

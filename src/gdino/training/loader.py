@@ -29,10 +29,9 @@ from PIL import Image
 
 from gdino.processing.image import ImageError, pad_batch, preprocess_image
 from gdino.processing.processor import BatchEncoding, GroundingDinoProcessor
-
-from .augment import Augment
-from .captions import Caption, CaptionBuilder
-from .samples import Dataset, Problem, read_image
+from gdino.training.augment import Augment
+from gdino.training.captions import Caption, CaptionBuilder
+from gdino.training.samples import Dataset, Problem, read_image
 
 logger = logging.getLogger(__name__)
 

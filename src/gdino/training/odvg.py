@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gdino.processing.image import ImageError
-
-from .samples import DataError, Dataset, Phrase, Problem, Sample, as_boxes, check_box, check_image
+from gdino.training.samples import DataError, Dataset, Phrase, Problem, Sample, as_boxes, check_box, check_image
 
 LabelMap = dict[int, str]
 

@@ -33,14 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from gdino.config import GroundingDinoConfig
-from gdino.detector import GroundingDinoForObjectDetection
+from gdino.inference.detector import GroundingDinoForObjectDetection
+from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.processing.processor import GroundingDinoProcessor
-
-from .augment import Augment, AugmentSettings
-from .captions import CaptionBuilder
-from .loader import Example, collate, epoch_order, examples
-from .samples import Dataset, Problem
+from gdino.training.augment import Augment, AugmentSettings
+from gdino.training.captions import CaptionBuilder
+from gdino.training.loader import Example, collate, epoch_order, examples
+from gdino.training.samples import Dataset, Problem
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +164,8 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
     from the layer's output *before* that norm (as the original and transformers do) but is
     trained on its output *after* it, so a 0.1 scale there makes every refinement step ~10x the
     step the loss trained, and later decoder layers end worse than earlier ones."""
-    from gdino.model.deformable import MultiScaleDeformableAttention
-    from gdino.model.heads import MLP
+    from gdino.models.grounding_dino.deformable import MultiScaleDeformableAttention
+    from gdino.models.grounding_dino.heads import MLP
 
     torch.manual_seed(seed)
     for module in model.modules():
@@ -290,9 +289,9 @@ def autocast(device: torch.device, dtype: str | None) -> AbstractContextManager[
         return nullcontext()
     half = torch.bfloat16 if dtype == "bf16" else torch.float16
     if device.type == "cpu":
-        from gdino.checkpoint.loading import _NATIVE_CPU_FLAGS
+        from gdino.checkpoint.loading import NATIVE_CPU_FLAGS
 
-        if half == torch.float16 or not _cpu_has(_NATIVE_CPU_FLAGS[torch.bfloat16]):
+        if half == torch.float16 or not _cpu_has(NATIVE_CPU_FLAGS[torch.bfloat16]):
             raise TrainError(f"--dtype {dtype} on this CPU would be emulated (slower than fp32); "
                              "train in fp32 on CPU, or bf16/fp16 on a GPU")
     return torch.autocast(device.type, dtype=half)
@@ -413,7 +412,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 
 def checkpoint(run: Run, name: str) -> Path:
     """Writes ``OUT/name/`` (model, processor, resume state) and, if asked, the original layout."""
-    from .checkpoints import ORIGINAL_FILE, export_original, save_pretrained
+    from gdino.checkpoint.saving import ORIGINAL_FILE, export_original, save_pretrained
 
     directory = save_pretrained(run.model, run.out / name, run.model.processor, state_of(run))
     if run.settings.export_original:
@@ -445,7 +444,7 @@ def epoch_batches(run: Run) -> Iterator[list[Example]]:
 
 def run_epoch(run: Run) -> tuple[dict[str, float], bool]:
     """Trains on the rest of the epoch; returns the mean loss terms and whether ``max_steps`` stopped it."""
-    from gdino.apps.progress import Progress
+    from gdino.utils.progress import Progress
 
     s, pos = run.settings, run.position
     totals: dict[str, float] = {}
@@ -474,7 +473,7 @@ def _means(totals: dict[str, float], steps: int) -> dict[str, float]:
 def validate(model: GroundingDinoForObjectDetection, annotations: Path, limit: int | None = None,
              log: IO[str] | None = None) -> dict[str, float]:
     """COCO metrics of ``model`` on a COCO file (images relative to its folder), as ``gdino eval coco``."""
-    from gdino.evaluate import evaluate_coco, model_detector
+    from gdino.evaluation.coco import evaluate_coco, model_detector
 
     was_training = model.training
     model.eval()
@@ -488,7 +487,7 @@ def validate(model: GroundingDinoForObjectDetection, annotations: Path, limit: i
 
 def load_data(data: str | Path | Dataset, log: IO[str]) -> Dataset:
     """Reads the training data and prints its bad-record report (the records skipped)."""
-    from .datasets import read_dataset
+    from gdino.training.datasets import read_dataset
 
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     print(f"train: {dataset.report()}", file=log, flush=True)
@@ -505,7 +504,7 @@ def start(data: str | Path | Dataset, model: str | Path | GroundingDinoForObject
     dataset = load_data(data, log)
     state, spec = None, model if isinstance(model, (str, Path)) else ""
     if resume:
-        from .checkpoints import latest, load_state
+        from gdino.checkpoint.saving import latest, load_state
 
         found = latest(out)
         if found is None:

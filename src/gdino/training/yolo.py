@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 
 from gdino.processing.image import ImageError
-
-from .samples import DataError, Dataset, Problem, Sample, as_boxes, check_box, check_image
+from gdino.training.samples import DataError, Dataset, Problem, Sample, as_boxes, check_box, check_image
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
 _YAML_NAME = re.compile(r"^\s+(\d+)\s*:\s*(.+?)\s*$")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..arguments import (
+from gdino.apps.arguments import (
     UsageError,
     add_model_arguments,
     check_device,
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Runs ``gdino serve``; returns the exit status (2 when the server extra is not installed)."""
     try:
-        from .app import serve
+        from gdino.apps.server.app import serve
     except ImportError as exc:
         if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart"):
             raise

@@ -32,16 +32,16 @@ from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ... import __version__
-from ...detector import GroundingDinoForObjectDetection
-from ...processing.classes import ClassQuery, queries_for_images
-from ...processing.image import ImageError
-from ...processing.prompts import TextInput
-from ...processing.text import PromptError
-from .batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
-from .requests import FORM_SLACK, check_resizable, decode_image, limited, read_json, read_multipart
-from .schema import ERRORS, REQUEST_BODY, DetectResponse
-from .settings import MB, ApiError, Settings
+from gdino import __version__
+from gdino.apps.server.batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
+from gdino.apps.server.requests import FORM_SLACK, check_resizable, decode_image, limited, read_json, read_multipart
+from gdino.apps.server.schema import ERRORS, REQUEST_BODY, DetectResponse
+from gdino.apps.server.settings import MB, ApiError, Settings
+from gdino.inference.detector import GroundingDinoForObjectDetection
+from gdino.processing.classes import ClassQuery, queries_for_images
+from gdino.processing.image import ImageError
+from gdino.processing.prompts import TextInput
+from gdino.processing.text import PromptError
 
 __all__ = ["ApiError", "Settings", "create_app", "serve", "serve_in_thread"]
 
@@ -379,8 +379,8 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ...checkpoint.loading import CheckpointError
-    from ..arguments import check_device, error, load_detector, model_name
+    from gdino.apps.arguments import check_device, error, load_detector, model_name
+    from gdino.utils.hub import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)

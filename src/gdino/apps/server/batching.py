@@ -32,9 +32,9 @@ from functools import partial
 
 from PIL import Image
 
-from ...detections import Detections
-from ...detector import EncodedImages, GroundingDinoForObjectDetection, on_chunk
-from ...processing.prompts import TextInput
+from gdino.inference.detections import Detections
+from gdino.inference.detector import EncodedImages, GroundingDinoForObjectDetection, on_chunk
+from gdino.processing.prompts import TextInput
 
 log = logging.getLogger(__name__)
 

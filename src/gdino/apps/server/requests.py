@@ -20,9 +20,9 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from ...processing.image import ImageError, ImageSettings, load_image, resized_size
-from ...processing.prompts import TextInput, prompt_from_text
-from .settings import ApiError, Settings
+from gdino.apps.server.settings import ApiError, Settings
+from gdino.processing.image import ImageError, ImageSettings, load_image, resized_size
+from gdino.processing.prompts import TextInput, prompt_from_text
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,117 @@
+"""Writing trained models: the Hugging Face layout, the original ``.pth`` layout, and resume state.
+
+``save_pretrained(model, directory)`` writes what ``gdino`` and transformers'
+``GroundingDinoForObjectDetection.from_pretrained`` / ``GroundingDinoProcessor.from_pretrained``
+load: ``config.json``, ``model.safetensors`` (transformers' names, ``gdino.checkpoint.convert.ours_to_hf``),
+``preprocessor_config.json`` and the tokenizer (``vocab.txt``, ``tokenizer.json``,
+``tokenizer_config.json``, ``special_tokens_map.json``). Files are written to a temporary folder
+and moved into place, so a run killed while saving leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gdino.checkpoint.convert import ours_to_hf, ours_to_original
+from gdino.models.grounding_dino.model import GroundingDino
+from gdino.processing.processor import GroundingDinoProcessor
+from gdino.processing.text import packaged_vocab_path
+
+STATE_FILE = "trainer_state.pt"
+ORIGINAL_FILE = "groundingdino.pth"
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' names, each its own contiguous CPU tensor."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in ours_to_hf(model.state_dict()).items()}
+
+
+def processor_files(processor: GroundingDinoProcessor, max_text_len: int) -> dict[str, Any]:
+    """The processor's JSON files by name (tokenizer and image settings), transformers' layout."""
+    s = processor.image_settings
+    image = {
+        "image_processor_type": "GroundingDinoImageProcessor", "do_resize": s.do_resize,
+        "size": {"shortest_edge": s.shortest_edge, "longest_edge": s.longest_edge},
+        "resample": int(s.resample), "do_rescale": s.do_rescale, "rescale_factor": s.rescale_factor,
+        "do_normalize": s.do_normalize, "image_mean": list(s.image_mean), "image_std": list(s.image_std),
+        "do_pad": True, "processor_class": "GroundingDinoProcessor",
+    }  # fmt: skip
+    tokenizer = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": max_text_len,
+                 "processor_class": "GroundingDinoProcessor"}
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    return {"preprocessor_config.json": image, "tokenizer_config.json": tokenizer,
+            "special_tokens_map.json": special}
+
+
+def save_pretrained(model: GroundingDino, directory: str | Path, processor: GroundingDinoProcessor | None = None,
+                    state: dict[str, Any] | None = None) -> Path:
+    """Writes the model (and its processor) in the Hugging Face layout; replaces ``directory``.
+
+    ``state``: the trainer's resume state, written with it (``trainer_state.pt``)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is None:
+        processor = GroundingDinoProcessor.default()
+    config = model.config
+    tmp = _fresh(directory.with_name(directory.name + ".tmp"))
+    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name, content in processor_files(processor, config.max_text_len).items():
+        (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+    shutil.copyfile(packaged_vocab_path(), tmp / "vocab.txt")
+    processor.tokenizer._tok.save(str(tmp / "tokenizer.json"))
+    if state is not None:
+        torch.save(state, tmp / STATE_FILE)
+    return _replace(tmp, directory)
+
+
+def export_original(model: GroundingDino, path: str | Path) -> Path:
+    """Writes ``{"model": state_dict}`` under the original repository's names (as its ``.pth``)."""
+    config = model.config
+    state = {k: v.detach().cpu() for k, v in ours_to_original(model.state_dict(), config.decoder_layers).items()}
+    path = Path(path)
+    torch.save({"model": state}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def latest(out: Path) -> Path | None:
+    """The checkpoint under ``out`` with the most training steps (``epoch-N/`` or ``last/``)."""
+    found = []
+    for directory in [*out.glob("epoch-*"), out / "last"]:
+        if (directory / STATE_FILE).is_file() and (directory / "model.safetensors").is_file():
+            found.append((int(load_state(directory)["position"]["step"]), directory.name, directory))
+    return max(found)[2] if found else None
+
+
+def _fresh(directory: Path) -> Path:
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def _replace(tmp: Path, directory: Path) -> Path:
+    """Moves ``tmp`` to ``directory``, the old one out of the way first."""
+    old = directory.with_name(directory.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if directory.exists():
+        directory.replace(old)
+    tmp.replace(directory)
+    if old.exists():
+        shutil.rmtree(old)
+    return directory

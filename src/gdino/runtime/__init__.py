@@ -1,0 +1,1 @@
+"""Runtimes for exported graphs, torch-free: ``onnx`` (onnxruntime or OpenVINO)."""
