@@ -76,8 +76,16 @@ def worker(args: argparse.Namespace) -> None:
     model = model.to(device).eval()
     sync()
     load_s = time.perf_counter() - t0
-    ready = dict(event="ready", import_s=import_s, load_s=load_s, rss_torch_mb=rss_torch, rss_loaded_mb=_rss_now_mb(),
-                 threads=torch.get_num_threads(), torch=torch.__version__, module=sys.modules[Model.__module__].__file__)
+    ready = dict(
+        event="ready",
+        import_s=import_s,
+        load_s=load_s,
+        rss_torch_mb=rss_torch,
+        rss_loaded_mb=_rss_now_mb(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        module=sys.modules[Model.__module__].__file__,
+    )
     if args.load_only:
         send(**ready, peak_rss_mb=_peak_rss_mb(resource))
         return
@@ -100,8 +108,14 @@ def worker(args: argparse.Namespace) -> None:
         elif cmd == "save":
             assert out is not None, "save before run"
             index = getattr(out, "query_index", None)  # ours only: the image tokens selected as queries
-            torch.save({"logits": out.logits.float().cpu(), "pred_boxes": out.pred_boxes.float().cpu(),
-                        "query_index": None if index is None else index.cpu()}, rest)
+            torch.save(
+                {
+                    "logits": out.logits.float().cpu(),
+                    "pred_boxes": out.pred_boxes.float().cpu(),
+                    "query_index": None if index is None else index.cpu(),
+                },
+                rest,
+            )
             send(event="saved")
         elif cmd == "run-selected":  # ours only: decode the queries another run selected (saved in a file)
             index = torch.load(rest, weights_only=True)["query_index"].to(device)
@@ -130,12 +144,31 @@ class Worker:
 
     def __init__(self, impl: str, args: argparse.Namespace, dtype: str, inputs: Path | None, load_only: bool = False):
         self.impl, self.dtype = impl, dtype
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--model", str(args.model),
-               "--dtype", dtype, "--device", args.device, "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            impl,
+            "--model",
+            str(args.model),
+            "--dtype",
+            dtype,
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         cmd += ["--load-only"] if load_only else ["--inputs", str(inputs)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-                   HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1",
-                   OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_VERBOSITY="error",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+            TQDM_DISABLE="1",
+            OMP_NUM_THREADS=str(args.threads),
+            MKL_NUM_THREADS=str(args.threads),
+        )
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.src), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         self.ready = self._read("ready")
@@ -147,7 +180,9 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
-            raise RuntimeError(f"{NAMES[self.impl]} worker ({self.dtype}) exited with status {code} (see its stderr above)")
+            raise RuntimeError(
+                f"{NAMES[self.impl]} worker ({self.dtype}) exited with status {code} (see its stderr above)"
+            )
         msg = json.loads(line)
         assert msg["event"] == event, msg
         return msg
@@ -215,7 +250,9 @@ def make_inputs(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     hf = {k: v for k, v in hf.items() if isinstance(v, torch.Tensor)}
     ours_processor = gdino.AutoProcessor.from_pretrained(args.model)
     ours_processor.image_settings = dataclasses.replace(
-        ours_processor.image_settings or ImageSettings(), shortest_edge=size["shortest_edge"], longest_edge=size["longest_edge"]
+        ours_processor.image_settings or ImageSettings(),
+        shortest_edge=size["shortest_edge"],
+        longest_edge=size["longest_edge"],
     )
     ours = ours_processor(images=images, text=text)
     check = {}
@@ -263,11 +300,21 @@ def measure_loads(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="a checkpoint directory in the Hugging Face layout "
-                   "(default: a random-weight grounding-dino-tiny, built once into ~/.cache/gdino-bench)")
-    p.add_argument("--preset", choices=["tiny", "small"], default="tiny",
-                   help="which random checkpoint to build without --model; 'small' is a narrow one for smoke tests")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="a checkpoint directory in the Hugging Face layout "
+        "(default: a random-weight grounding-dino-tiny, built once into ~/.cache/gdino-bench)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "small"],
+        default="tiny",
+        help="which random checkpoint to build without --model; 'small' is a narrow one for smoke tests",
+    )
     p.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--size", type=int, default=800, help="shortest side of the processed image in pixels")
@@ -278,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in both workers")
     p.add_argument("--iters", type=int, default=5, help="timed forward passes of each implementation")
     p.add_argument("--warmup", type=int, default=1, help="untimed forward passes of each implementation first")
-    p.add_argument("--loads", type=int, default=3, help="load times: loads in fresh processes per implementation "
-                   "(the timed workers' own loads are reported too)")
+    p.add_argument(
+        "--loads",
+        type=int,
+        default=3,
+        help="load times: loads in fresh processes per implementation (the timed workers' own loads are reported too)",
+    )
     p.add_argument("--json", type=Path, help="also write all measurements to this file")
     p.add_argument("--worker", choices=["hf", "gdino"], help=argparse.SUPPRESS)
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
@@ -318,8 +369,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     sys.path.insert(0, str(args.src))
     inputs_file = tmp / "inputs.pt"
     info = make_inputs(args, inputs_file)
-    print(f"inputs: {info['shapes']['pixel_values']} pixels, {info['shapes']['input_ids']} tokens; "
-          f"our processor vs transformers': {info['processor_check']}", file=sys.stderr)
+    print(
+        f"inputs: {info['shapes']['pixel_values']} pixels, {info['shapes']['input_ids']} tokens; "
+        f"our processor vs transformers': {info['processor_check']}",
+        file=sys.stderr,
+    )
     loads = measure_loads(args) if args.loads > 0 else {"hf": [], "gdino": []}
 
     workers = [Worker("hf", args, args.ref_dtype, inputs_file), Worker("gdino", args, args.dtype, inputs_file)]
@@ -330,8 +384,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             latency = w.run()
             if i >= args.warmup:
                 w.latencies.append(latency)
-            print(f"  {'warm-up' if i < args.warmup else 'iter'} {i}: {NAMES[w.impl]:<25} {latency:8.3f} s",
-                  file=sys.stderr)
+            print(
+                f"  {'warm-up' if i < args.warmup else 'iter'} {i}: {NAMES[w.impl]:<25} {latency:8.3f} s",
+                file=sys.stderr,
+            )
     outputs = {}
     for w in workers:
         outputs[w.impl] = tmp / f"{w.impl}.pt"
@@ -353,19 +409,29 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     results = {}
     for w in workers:
         results[w.impl] = {
-            "dtype": w.dtype, "latencies_s": w.latencies, "median_s": statistics.median(w.latencies),
-            "peak_rss_mb": done[w.impl]["peak_rss_mb"], "cuda_peak_mb": done[w.impl]["cuda_peak_mb"],
-            "rss_torch_mb": w.ready["rss_torch_mb"], "rss_loaded_mb": w.ready["rss_loaded_mb"],
-            "import_s": w.ready["import_s"], "threads": w.ready["threads"],
+            "dtype": w.dtype,
+            "latencies_s": w.latencies,
+            "median_s": statistics.median(w.latencies),
+            "peak_rss_mb": done[w.impl]["peak_rss_mb"],
+            "cuda_peak_mb": done[w.impl]["cuda_peak_mb"],
+            "rss_torch_mb": w.ready["rss_torch_mb"],
+            "rss_loaded_mb": w.ready["rss_loaded_mb"],
+            "import_s": w.ready["import_s"],
+            "threads": w.ready["threads"],
             "load_s": [x["load_s"] for x in loads[w.impl]],
             "load_median_s": statistics.median(x["load_s"] for x in loads[w.impl]),
             "startup_median_s": statistics.median(x["import_s"] + x["load_s"] for x in loads[w.impl]),
             "load_peak_rss_mb": [x["peak_rss_mb"] for x in loads[w.impl] if "peak_rss_mb" in x],
         }
     paired = [o / r for o, r in zip(results["gdino"]["latencies_s"], results["hf"]["latencies_s"])]
-    report = {"args": {k: str(v) for k, v in vars(args).items() if k not in ("worker", "inputs", "load_only", "src")},
-              "source": source, "torch": workers[0].ready["torch"], "inputs": info, "results": results,
-              "paired_ratio_median": statistics.median(paired)}
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items() if k not in ("worker", "inputs", "load_only", "src")},
+        "source": source,
+        "torch": workers[0].ready["torch"],
+        "inputs": info,
+        "results": results,
+        "paired_ratio_median": statistics.median(paired),
+    }
     report["agreement"] = agreements
     return report
 
@@ -373,6 +439,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def source_state() -> str:
     """The gdino source measured: the commit, and which files under src/ differ from it (read-only git)."""
     try:
+
         def git(*cmd: str) -> str:
             return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
@@ -396,34 +463,52 @@ def _tree_hash(src: Path) -> str:
 def print_report(report: dict[str, Any]) -> None:
     a, r = report["args"], report["results"]
     ref, ours = r["hf"], r["gdino"]
-    print(f"\nimage {a['image']} x{a['batch']}, pixels {report['inputs']['shapes']['pixel_values']}, "
-          f"prompt {a['prompt']!r}, device {a['device']}, threads {ref['threads']}, torch {report['torch']}, "
-          f"{len(ours['latencies_s'])} timed iterations after {a['warmup']} warm-up, in turns; gdino at {report['source']}\n")
+    print(
+        f"\nimage {a['image']} x{a['batch']}, pixels {report['inputs']['shapes']['pixel_values']}, "
+        f"prompt {a['prompt']!r}, device {a['device']}, threads {ref['threads']}, torch {report['torch']}, "
+        f"{len(ours['latencies_s'])} timed iterations after {a['warmup']} warm-up, in turns; gdino at {report['source']}\n"
+    )
     print("| implementation | dtype | median latency s | ratio vs reference | peak RSS MB | RSS ratio | load s |")
     print("|---|---|---|---|---|---|---|")
     for impl, row in (("hf", ref), ("gdino", ours)):
-        print(f"| {NAMES[impl]} | {row['dtype']} | {row['median_s']:.3f} | {row['median_s'] / ref['median_s']:.2f} | "
-              f"{row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {row['load_median_s']:.2f} |")
-    print(f"\nours is {ref['median_s'] / ours['median_s']:.2f}x the reference's speed "
-          f"(median of the per-iteration ratios ours/reference: {report['paired_ratio_median']:.2f})")
+        print(
+            f"| {NAMES[impl]} | {row['dtype']} | {row['median_s']:.3f} | {row['median_s'] / ref['median_s']:.2f} | "
+            f"{row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {row['load_median_s']:.2f} |"
+        )
+    print(
+        f"\nours is {ref['median_s'] / ours['median_s']:.2f}x the reference's speed "
+        f"(median of the per-iteration ratios ours/reference: {report['paired_ratio_median']:.2f})"
+    )
     for impl, row in (("hf", ref), ("gdino", ours)):
         cuda = f", CUDA peak allocated {row['cuda_peak_mb']:.0f} MB" if row["cuda_peak_mb"] is not None else ""
-        print(f"{NAMES[impl]}: latencies {', '.join(f'{x:.3f}' for x in row['latencies_s'])} s; "
-              f"RSS after import torch {row['rss_torch_mb']:.0f} MB, after load {row['rss_loaded_mb']:.0f} MB, "
-              f"peak {row['peak_rss_mb']:.0f} MB{cuda}; loads {', '.join(f'{x:.2f}' for x in row['load_s'])} s; "
-              f"start-up (import + load, median) {row['startup_median_s']:.2f} s")
+        print(
+            f"{NAMES[impl]}: latencies {', '.join(f'{x:.3f}' for x in row['latencies_s'])} s; "
+            f"RSS after import torch {row['rss_torch_mb']:.0f} MB, after load {row['rss_loaded_mb']:.0f} MB, "
+            f"peak {row['peak_rss_mb']:.0f} MB{cuda}; loads {', '.join(f'{x:.2f}' for x in row['load_s'])} s; "
+            f"start-up (import + load, median) {row['startup_median_s']:.2f} s"
+        )
     from agreement import MAX_SCORE_DIFF, MIN_IOU, TOP_K
 
     for name, ag in report["agreement"].items():
-        verdict = "" if name == "ours_vs_reference" else (
-            f" -> {'meets' if ag['ok'] else 'FAILS'} IoU >= {MIN_IOU} and score diff <= {MAX_SCORE_DIFF}")
+        verdict = (
+            ""
+            if name == "ours_vs_reference"
+            else (f" -> {'meets' if ag['ok'] else 'FAILS'} IoU >= {MIN_IOU} and score diff <= {MAX_SCORE_DIFF}")
+        )
         selection = ag.get("selection")
-        chosen = "" if selection is None or name.endswith("_same_queries") else (
-            f"; selected image tokens shared {selection['shared_tokens']}/{selection['queries']}, "
-            f"in the same slot {selection['same_slot']}")
-        print(f"agreement {name} (top {TOP_K} queries per image): min IoU {ag['min_iou']:.4f}, "
-              f"max score diff {ag['max_score_diff']:.4f}, same query {ag['same_query']}/{ag['pairs']}, "
-              f"queries with NaN {ag['nan_queries']}{chosen}{verdict}")
+        chosen = (
+            ""
+            if selection is None or name.endswith("_same_queries")
+            else (
+                f"; selected image tokens shared {selection['shared_tokens']}/{selection['queries']}, "
+                f"in the same slot {selection['same_slot']}"
+            )
+        )
+        print(
+            f"agreement {name} (top {TOP_K} queries per image): min IoU {ag['min_iou']:.4f}, "
+            f"max score diff {ag['max_score_diff']:.4f}, same query {ag['same_query']}/{ag['pairs']}, "
+            f"queries with NaN {ag['nan_queries']}{chosen}{verdict}"
+        )
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def small_model(short_side: int = 800) -> Path:
     if not (directory / "config.json").exists():
         sys.path.insert(0, str(ROOT / "tests"))
         import torch
+
         from reference import build_reference, save_reference, small_reference_config
 
         with torch.no_grad():
@@ -81,31 +82,40 @@ def timed(run: Any, times: list[tuple[float, int]]) -> Any:
     return wrapper
 
 
-def label(folder: Path, model: Path, workers: int | None, actor: type | None = None,
-          batch_size: int = 2) -> dict[str, float]:
+def label(
+    folder: Path, model: Path, workers: int | None, actor: type | None = None, batch_size: int = 2
+) -> dict[str, float]:
     """One labelling run into a fresh OUT; ``workers`` None is the single-process run."""
-    from gdino.inference.detector import GroundingDinoForObjectDetection
-    from gdino.apps.label import Settings, local_runner, label_folder
+    from gdino.apps.label import Settings, label_folder, local_runner
     from gdino.apps.label_ray import RayOptions, image_settings, ray_runner
+    from gdino.inference.detector import GroundingDinoForObjectDetection
 
     settings = Settings(CLASSES, str(model), 0.3, None)
     times: list[tuple[float, int]] = []
     if workers is None:
+
         def make_detector() -> Any:
             net = GroundingDinoForObjectDetection.from_pretrained(model).eval()
             return lambda images: net.detect(images, list(CLASSES), 0.3)
 
         runner = local_runner(make_detector, batch_size)
     else:
-        options = RayOptions(None, str(model), CLASSES, 0.3, None, batch_size, workers, "cpu" if actor is None else None)
+        options = RayOptions(
+            None, str(model), CLASSES, 0.3, None, batch_size, workers, "cpu" if actor is None else None
+        )
         runner = ray_runner(options, image_settings(str(model)), log=io.StringIO(), actor=actor)
     out = Path(tempfile.mkdtemp(prefix="gdino-bench-out-")) / "out"
     start = time.monotonic()
     summary = label_folder(folder, out, "coco", settings, lambda: None, batch_size, io.StringIO(), timed(runner, times))
     wall = time.monotonic() - start
     steady = sum(n for _, n in times[1:]) / (times[-1][0] - times[0][0]) if len(times) > 1 else float("nan")
-    return {"images": summary.images, "wall_s": round(wall, 1), "images_per_s_wall": round(summary.images / wall, 2),
-            "images_per_s_steady": round(steady, 2), "export": (out / "annotations.json").read_bytes()}
+    return {
+        "images": summary.images,
+        "wall_s": round(wall, 1),
+        "images_per_s_wall": round(summary.images / wall, 2),
+        "images_per_s_steady": round(steady, 2),
+        "export": (out / "annotations.json").read_bytes(),
+    }
 
 
 def real(args: argparse.Namespace) -> None:
@@ -125,9 +135,9 @@ def stages(args: argparse.Namespace) -> None:
     """Per image: decode + EXIF + RGB (``_read``), resize to the model's input, bytes sent to an actor."""
     from dataclasses import replace
 
-    from gdino.processing.image import preprocess_image
     from gdino.apps.label import read_entry
     from gdino.apps.label_ray import image_settings
+    from gdino.processing.image import preprocess_image
 
     folder = make_folder(args.images, args.size)
     resize = replace(image_settings(str(small_model(args.short_side))), do_rescale=False, do_normalize=False)
@@ -141,8 +151,16 @@ def stages(args: argparse.Namespace) -> None:
         t2 = time.perf_counter()
         decode, shrink, nbytes = decode + t1 - t0, shrink + t2 - t1, nbytes + pixels.shape[1] * pixels.shape[2] * 3
     n = args.images
-    print(json.dumps({"decode_ms": round(1000 * decode / n, 1), "resize_ms": round(1000 * shrink / n, 1),
-                      "bytes_per_image": nbytes // n, "images_per_s_per_core": round(n / (decode + shrink), 1)}))
+    print(
+        json.dumps(
+            {
+                "decode_ms": round(1000 * decode / n, 1),
+                "resize_ms": round(1000 * shrink / n, 1),
+                "bytes_per_image": nbytes // n,
+                "images_per_s_per_core": round(n / (decode + shrink), 1),
+            }
+        )
+    )
 
 
 def simulate(args: argparse.Namespace) -> None:
@@ -168,8 +186,9 @@ def simulate(args: argparse.Namespace) -> None:
         # n logical GPUs, one per actor; logical CPUs for n actors and the reading tasks (2 real cores here)
         ray.init(num_cpus=n + 4, num_gpus=n, include_dashboard=False, configure_logging=False)
         try:  # the run uses this process's Ray instance, and its logical GPUs
-            rows[f"{n} actor(s)"] = {k: v for k, v in label(folder, model, n, Simulated, args.batch_size).items()
-                                     if k != "export"}
+            rows[f"{n} actor(s)"] = {
+                k: v for k, v in label(folder, model, n, Simulated, args.batch_size).items() if k != "export"
+            }
         finally:
             ray.shutdown()
     print(json.dumps({"model_ms": args.model_ms, "ideal_per_actor": round(1000 / args.model_ms, 1), **rows}, indent=1))

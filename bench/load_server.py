@@ -82,13 +82,15 @@ def cases(n: int) -> list[Case]:
     out = []
     for i in range(n):
         prompt = PROMPTS[(i // len(IMAGES)) % len(PROMPTS)]
-        out.append(Case(
-            image=IMAGES[i % len(IMAGES)],
-            prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
-            box_threshold=THRESHOLDS[i % 2][0],
-            text_threshold=THRESHOLDS[i % 2][1],
-            as_json=i % 3 == 0,
-        ))  # fmt: skip
+        out.append(
+            Case(
+                image=IMAGES[i % len(IMAGES)],
+                prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
+                box_threshold=THRESHOLDS[i % 2][0],
+                text_threshold=THRESHOLDS[i % 2][1],
+                as_json=i % 3 == 0,
+            )
+        )
     return out
 
 
@@ -168,8 +170,21 @@ class ServerProcess:
     def __init__(self, model: str | Path, threads: int, api_key: str | None = None, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "gdino", "serve", "--model", str(model), "--host", "127.0.0.1",
-                        "--port", str(self.port), "--threads", str(threads), *extra]  # fmt: skip
+        self.command = [
+            sys.executable,
+            "-m",
+            "gdino",
+            "serve",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--threads",
+            str(threads),
+            *extra,
+        ]
         self.env = {k: v for k, v in os.environ.items() if k != "GDINO_API_KEY"}
         if api_key:
             self.env["GDINO_API_KEY"] = api_key

@@ -43,8 +43,9 @@ def _run_backend(name: str, model_dir: Path, export_dir: Path, int8_dir: Path, a
         import gdino.runtime.onnx
 
         runtime = "openvino" if name == "openvino" else "onnxruntime"
-        detector = gdino.runtime.onnx.load(int8_dir if name == "ort-int8" else export_dir, threads=args.threads,
-                                   runtime=runtime)
+        detector = gdino.runtime.onnx.load(
+            int8_dir if name == "ort-int8" else export_dir, threads=args.threads, runtime=runtime
+        )
 
         def once() -> Any:
             encoded = detector.encode_image(args.image)
@@ -70,6 +71,7 @@ def _run_backend(name: str, model_dir: Path, export_dir: Path, int8_dir: Path, a
             with torch.inference_mode():
                 out = model(**inputs)
             return out.logits.float().numpy(), out.pred_boxes.float().numpy()
+
     load_s = time.perf_counter() - t0
     once()
     times = []
@@ -79,10 +81,13 @@ def _run_backend(name: str, model_dir: Path, export_dir: Path, int8_dir: Path, a
         times.append(time.perf_counter() - t)
     logits, boxes = np.asarray(logits, dtype=np.float64)[0], np.asarray(boxes, dtype=np.float64)[0]
     return {
-        "backend": name, "load_s": round(load_s, 2), "latency_s": round(statistics.median(times), 3),
+        "backend": name,
+        "load_s": round(load_s, 2),
+        "latency_s": round(statistics.median(times), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "top_scores": (1 / (1 + np.exp(-logits.max(-1)))).tolist(), "top_boxes": boxes.tolist(),
-    }  # fmt: skip
+        "top_scores": (1 / (1 + np.exp(-logits.max(-1)))).tolist(),
+        "top_boxes": boxes.tolist(),
+    }
 
 
 def _normalized(prompt: str) -> str:
@@ -112,8 +117,11 @@ def _agreement(base: dict, other: dict, top: int = 20) -> dict:
     iou = inter / (area0[:, None] + area1[None] - inter)
     match = iou.argmax(1)
     best_iou = iou.max(1)
-    return {"min_iou": round(float(best_iou.min()), 4), "median_iou": round(float(np.median(best_iou)), 4),
-            "max_score_diff": round(float(np.abs(s0[best] - s1[match]).max()), 4)}
+    return {
+        "min_iou": round(float(best_iou.min()), 4),
+        "median_iou": round(float(np.median(best_iou)), 4),
+        "max_score_diff": round(float(np.abs(s0[best] - s1[match]).max()), 4),
+    }
 
 
 def main() -> None:
@@ -140,8 +148,10 @@ def main() -> None:
         export_dir = args.export
     else:
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "gdino", "export", "onnx", "--model", str(model_dir), "--out",
-                        str(export_dir)], check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "gdino", "export", "onnx", "--model", str(model_dir), "--out", str(export_dir)],
+            check=True,
+        )
         report["export_fp32_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     shutil.copytree(export_dir, int8_dir)
@@ -153,9 +163,28 @@ def main() -> None:
         report[f"files_{name}_mb"] = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(directory.iterdir())}
     results = {}
     for name in args.backends.split(","):
-        done = subprocess.run([sys.executable, __file__, "--worker", name, "--dirs", str(model_dir), str(export_dir),
-                               str(int8_dir), "--image", args.image, "--prompt", args.prompt, "--threads",
-                               str(args.threads), "--iters", str(args.iters)], capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                name,
+                "--dirs",
+                str(model_dir),
+                str(export_dir),
+                str(int8_dir),
+                "--image",
+                args.image,
+                "--prompt",
+                args.prompt,
+                "--threads",
+                str(args.threads),
+                "--iters",
+                str(args.iters),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             results[name] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
             continue

@@ -60,19 +60,26 @@ def main(argv: list[str] | None = None) -> int:
         base = model(**inputs)
         scores = _selection_scores(model, inputs)
         q = model.config.num_queries
-        gaps = scores[: q] - scores[1 : q + 1]
-        print(f"selection scores: best {scores[0]:.3f}, #{q} {scores[q - 1]:.3f}; gap between neighbours "
-              f"in the top {q}: median {gaps.median():.1e}, smallest {gaps.min():.1e}; "
-              f"#{q} to #{q + 1}: {scores[q - 1] - scores[q]:.1e}")
-        print("| relative noise | min IoU | max score diff | same slot (top 100) | selected tokens shared | same slot (900) |")
+        gaps = scores[:q] - scores[1 : q + 1]
+        print(
+            f"selection scores: best {scores[0]:.3f}, #{q} {scores[q - 1]:.3f}; gap between neighbours "
+            f"in the top {q}: median {gaps.median():.1e}, smallest {gaps.min():.1e}; "
+            f"#{q} to #{q + 1}: {scores[q - 1] - scores[q]:.1e}"
+        )
+        print(
+            "| relative noise | min IoU | max score diff | same slot (top 100) | selected tokens shared | same slot (900) |"
+        )
         print("|---|---|---|---|---|---|")
         for level in args.noise:
             noise["relative"] = level
             out = model(**inputs)
             a = match_top_queries(base.logits, base.pred_boxes, out.logits, out.pred_boxes)
             s = selection_overlap(base.query_index, out.query_index)
-            print(f"| {level:.0e} | {a['min_iou']:.3f} | {a['max_score_diff']:.4f} | {a['same_query']}/{a['pairs']} "
-                  f"| {s['shared_tokens']}/{s['queries']} | {s['same_slot']}/{s['queries']} |", flush=True)
+            print(
+                f"| {level:.0e} | {a['min_iou']:.3f} | {a['max_score_diff']:.4f} | {a['same_query']}/{a['pairs']} "
+                f"| {s['shared_tokens']}/{s['queries']} | {s['same_slot']}/{s['queries']} |",
+                flush=True,
+            )
     return 0
 
 

@@ -50,10 +50,14 @@ def make_inputs(height: int, width: int, batch: int, path: Path) -> None:
         for _ in range(batch)
     ]
     torch.save(
-        {"pixel_values": torch.randn(batch, 3, height, width, generator=g), "input_ids": ids,
-         "attention_mask": torch.ones_like(ids), "labels": labels},
+        {
+            "pixel_values": torch.randn(batch, 3, height, width, generator=g),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+        },
         path,
-    )  # fmt: skip
+    )
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -93,9 +97,24 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(impl: str, args: argparse.Namespace, model: Path, inputs: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", impl, "--model", str(model), "--inputs", str(inputs),
-           "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--device", args.device]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--model",
+        str(model),
+        "--inputs",
+        str(inputs),
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -113,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="worker processes per implementation, alternating (medians over all their steps)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="worker processes per implementation, alternating (medians over all their steps)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
@@ -124,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model = Path(args.model) if args.model else _compare_module().ensure_model(args.preset)
     width = round(args.size * 1333 / 800)
-    report: dict[str, Any] = {"size": [args.size, width], "batch": args.batch, "threads": args.threads, "device": args.device}
+    report: dict[str, Any] = {
+        "size": [args.size, width],
+        "batch": args.batch,
+        "threads": args.threads,
+        "device": args.device,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.pt"
         make_inputs(args.size, width, args.batch, inputs)
@@ -155,14 +183,18 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     h, w = report["size"]
-    print(f"one training step (forward with labels, backward, AdamW), {h}x{w}, batch {report['batch']}, "
-          f"{report['threads']} threads, {report['device']}")  # fmt: skip
+    print(
+        f"one training step (forward with labels, backward, AdamW), {h}x{w}, batch {report['batch']}, "
+        f"{report['threads']} threads, {report['device']}"
+    )
     rows = {}
     for impl in ("hf", "gdino"):
         r = report[impl]
         rows[impl] = (statistics.median(r["times_s"]), r["peak_gpu_mb"] or r["peak_rss_mb"])
-        print(f"  {NAMES[impl]:26s} step {rows[impl][0]:8.2f} s   peak memory {rows[impl][1]:8.0f} MB   "
-              f"loss {r['losses'][0]:.4f}")  # fmt: skip
+        print(
+            f"  {NAMES[impl]:26s} step {rows[impl][0]:8.2f} s   peak memory {rows[impl][1]:8.0f} MB   "
+            f"loss {r['losses'][0]:.4f}"
+        )
     for impl in ("hf", "gdino"):
         print(f"  {NAMES[impl]:26s} steps {', '.join(f'{t:.1f}' for t in report[impl]['times_s'])} s")
     (t_hf, m_hf), (t_ours, m_ours) = rows["hf"], rows["gdino"]

@@ -42,7 +42,11 @@ def match_top_queries(
         s0 = base_logits[b].sigmoid().max(-1).values
         s1 = other_logits[b].sigmoid().max(-1).values.nan_to_num(nan=float("inf"))
         order = s0.nan_to_num(nan=-1.0).argsort(descending=True)[:top_k]
-        iou = torch.from_numpy(box_iou(cxcywh_to_xyxy(base_boxes[b][order]).double().numpy(), cxcywh_to_xyxy(other_boxes[b]).double().numpy()))  # (k, Q)
+        iou = torch.from_numpy(
+            box_iou(
+                cxcywh_to_xyxy(base_boxes[b][order]).double().numpy(), cxcywh_to_xyxy(other_boxes[b]).double().numpy()
+            )
+        )  # (k, Q)
         iou = iou.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         taken = torch.zeros(iou.shape[1], dtype=torch.bool)
         for i, q in enumerate(order.tolist()):
@@ -54,8 +58,14 @@ def match_top_queries(
             same += int(j == q)
             pairs += 1
     ok = nan_queries == 0 and min_iou >= MIN_IOU and max_diff <= MAX_SCORE_DIFF
-    return {"min_iou": min_iou, "max_score_diff": max_diff, "same_query": same, "pairs": pairs,
-            "nan_queries": nan_queries, "ok": ok}  # fmt: skip
+    return {
+        "min_iou": min_iou,
+        "max_score_diff": max_diff,
+        "same_query": same,
+        "pairs": pairs,
+        "nan_queries": nan_queries,
+        "ok": ok,
+    }
 
 
 def selection_overlap(base_index: Tensor, other_index: Tensor) -> dict[str, Any]:

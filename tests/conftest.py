@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from reference import DATA, build_reference, save_reference  # noqa: E402
+from reference import DATA, build_reference, save_reference
 
 
 @pytest.fixture(scope="session", autouse=True)

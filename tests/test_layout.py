@@ -39,13 +39,36 @@ FROM_TOP = {"gdino.__version__"}
 
 # Old module paths, removed in 0.2 (CHANGELOG.md); nothing may import them again.
 REMOVED = (
-    "gdino.arguments", "gdino.boxes", "gdino.checks", "gdino.chunking", "gdino.classes", "gdino.cli",
-    "gdino.commands", "gdino.config", "gdino.convert", "gdino.detections", "gdino.detector", "gdino.draw",
-    "gdino.evaluate", "gdino.exports", "gdino.image", "gdino.label", "gdino.model", "gdino.onnx",
-    "gdino.postprocess", "gdino.progress", "gdino.prompts", "gdino.server", "gdino.text", "gdino.weights",
-    "gdino.apps.evaluate", "gdino.apps.progress", "gdino.training.checkpoints", "gdino.training.loss",
+    "gdino.arguments",
+    "gdino.boxes",
+    "gdino.checks",
+    "gdino.chunking",
+    "gdino.classes",
+    "gdino.cli",
+    "gdino.commands",
+    "gdino.config",
+    "gdino.convert",
+    "gdino.detections",
+    "gdino.detector",
+    "gdino.draw",
+    "gdino.evaluate",
+    "gdino.exports",
+    "gdino.image",
+    "gdino.label",
+    "gdino.model",
+    "gdino.onnx",
+    "gdino.postprocess",
+    "gdino.progress",
+    "gdino.prompts",
+    "gdino.server",
+    "gdino.text",
+    "gdino.weights",
+    "gdino.apps.evaluate",
+    "gdino.apps.progress",
+    "gdino.training.checkpoints",
+    "gdino.training.loss",
     "gdino.training.matcher",
-)  # fmt: skip
+)
 
 
 def _module_name(path: Path) -> str:
@@ -66,7 +89,9 @@ def _is_alias(tree: ast.Module) -> bool:
         return True
     imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
     rest = [node for node in body if node not in imports and not _is_all_or_main_guard(node)]
-    gdino_imports = [n for n in imports if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("gdino"))]
+    gdino_imports = [
+        n for n in imports if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("gdino"))
+    ]
     return bool(gdino_imports) and not rest
 
 
@@ -200,7 +225,9 @@ def test_an_upward_import_is_found() -> None:
     assert _upward(graph) == {("gdino.training.trainer", "gdino.apps.cli")}
 
 
-@pytest.mark.parametrize("family", sorted(p.name for p in (PACKAGE / "models").iterdir() if (p / "__init__.py").is_file()))
+@pytest.mark.parametrize(
+    "family", sorted(p.name for p in (PACKAGE / "models").iterdir() if (p / "__init__.py").is_file())
+)
 def test_a_model_family_imports_only_itself_and_utils(family: str) -> None:
     prefix = f"gdino.models.{family}"
     outside = {
@@ -246,7 +273,9 @@ def test_no_import_of_a_removed_path() -> None:
 
 def test_no_command_runs_a_removed_path() -> None:
     """``python -m gdino`` everywhere (scripts, bench, tests, docs), never an old module path."""
-    pattern = re.compile(r"""-m["',\s]+(gdino(?:\.\w+)+)""")  # a dotted module after -m, in a shell line or an argv list
+    pattern = re.compile(
+        r"""-m["',\s]+(gdino(?:\.\w+)+)"""
+    )  # a dotted module after -m, in a shell line or an argv list
     texts = [*_python_files(), *(ROOT / "scripts").glob("*.sh"), ROOT / "README.md", ROOT / "bench" / "README.md"]
     found = [(p.name, m) for p in texts for m in pattern.findall(p.read_text(encoding="utf-8"))]
     assert found == []

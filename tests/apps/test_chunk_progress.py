@@ -8,10 +8,9 @@ import logging
 import pytest
 from PIL import Image
 
-from gdino import GroundingDinoForObjectDetection
 from gdino.apps.cli import main as cli
-from gdino.utils.progress import ChunkProgress
 from gdino.inference.detector import MANY_CHUNKS, _warn_cost, on_chunk
+from gdino.utils.progress import ChunkProgress
 
 LABELS = [chr(0x4E00 + i) for i in range(1100)]  # one token each: 127 a chunk, 9 chunks
 
@@ -28,8 +27,10 @@ def test_detect_warns_of_the_passes_a_long_list_needs(fast_model, caplog):
     assert chunks >= MANY_CHUNKS
     assert calls == [(i, chunks) for i in range(chunks + 1)] * 2  # before each pass and after the last
     warnings = [r.getMessage() for r in caplog.records if "passes" in r.getMessage()]
-    assert warnings == [f"1100 labels need {chunks} passes of the encoder and decoder per image (each up to 256 "
-                        "tokens); a shorter list is faster"]  # once, not per image  # fmt: skip
+    assert warnings == [
+        f"1100 labels need {chunks} passes of the encoder and decoder per image (each up to 256 "
+        "tokens); a shorter list is faster"
+    ]  # once, not per image
     calls.clear()
     with on_chunk(lambda done, total: calls.append((done, total))):
         fast_model.detect(image, ["cat", "dog"])
@@ -52,7 +53,9 @@ def test_chunk_progress_lines():
         progress(done, 3)
     progress(0, 1)  # a one-chunk list is quiet
     lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("detect: label chunks 0/3 passes") and lines[-1].startswith("detect: label chunks 3/3 passes")
+    assert lines[0].startswith("detect: label chunks 0/3 passes") and lines[-1].startswith(
+        "detect: label chunks 3/3 passes"
+    )
 
 
 @pytest.mark.slow  # the command line in a subprocess

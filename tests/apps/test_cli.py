@@ -22,7 +22,10 @@ PHRASES = ("a cat", "a remote control")
 def gdino(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gdino", "detect", *map(str, args)],
-        capture_output=True, text=True, timeout=300, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
     )
 
 
@@ -69,8 +72,19 @@ def _one_line_error(stderr: str, *needles: str) -> None:
 def test_stdout_and_annotate(small_dir, data_dir, tmp_path, small_model):
     images = [data_dir / "chelsea.png", data_dir / "astronaut.png"]
     annotated = tmp_path / "annotated"
-    run = gdino(*images, "--prompt", PROMPT, "--model", small_dir, "--box-threshold", "0.8",
-                "--device", "cpu", "--annotate", annotated)
+    run = gdino(
+        *images,
+        "--prompt",
+        PROMPT,
+        "--model",
+        small_dir,
+        "--box-threshold",
+        "0.8",
+        "--device",
+        "cpu",
+        "--annotate",
+        annotated,
+    )
     assert run.returncode == 0, run.stderr
     records = _lines(run.stdout)
     assert len(records) == 2
@@ -113,8 +127,21 @@ def test_output_file_label_list_and_bad_image(small_dir, data_dir, tmp_path):
     bad.write_text("this is not an image\n")
     good = [data_dir / "chelsea.png", data_dir / "coffee.png"]
     output = tmp_path / "sub" / "results.jsonl"
-    run = gdino(good[0], bad, good[1], "--prompt", "cat,remote control", "--model", small_dir,
-                "--box-threshold", "0", "--text-threshold", "0", "--output", output)
+    run = gdino(
+        good[0],
+        bad,
+        good[1],
+        "--prompt",
+        "cat,remote control",
+        "--model",
+        small_dir,
+        "--box-threshold",
+        "0",
+        "--text-threshold",
+        "0",
+        "--output",
+        output,
+    )
     assert run.returncode == 2
     assert run.stdout == ""
     _one_line_error(run.stderr, str(bad))
@@ -135,8 +162,19 @@ def test_missing_image_no_detections_same_names(small_dir, data_dir, tmp_path):
     twin.parent.mkdir()
     Image.open(data_dir / "coffee.png").convert("RGB").save(twin)
     annotated = tmp_path / "annotated"
-    run = gdino(missing, good, twin, "--prompt", "a rocket", "--model", small_dir, "--box-threshold", "1",
-                "--annotate", annotated)
+    run = gdino(
+        missing,
+        good,
+        twin,
+        "--prompt",
+        "a rocket",
+        "--model",
+        small_dir,
+        "--box-threshold",
+        "1",
+        "--annotate",
+        annotated,
+    )
     assert run.returncode == 2
     _one_line_error(run.stderr, str(missing))
     records = _lines(run.stdout)
@@ -153,14 +191,21 @@ def test_missing_image_no_detections_same_names(small_dir, data_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("prompt", "needle"),
-    [("", "empty"), ("   ", "empty"), (".", "no phrase"), (", ,", "empty"),
-     (". ".join(["a cat"] * 100), "256"), ("cat,dog,cat", "twice")],
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        (".", "no phrase"),
+        (", ,", "empty"),
+        (". ".join(["a cat"] * 100), "256"),
+        ("cat,dog,cat", "twice"),
+    ],
     ids=["empty", "whitespace", "dot", "empty-label-list", "too-long", "duplicate-label"],
 )
 def test_bad_prompt(small_dir, data_dir, tmp_path, capsys, prompt, needle):
     output = tmp_path / "out.jsonl"
-    run = gdino_in_process(capsys, data_dir / "chelsea.png", "--prompt", prompt, "--model", small_dir,
-                           "--output", output)
+    run = gdino_in_process(
+        capsys, data_dir / "chelsea.png", "--prompt", prompt, "--model", small_dir, "--output", output
+    )
     assert run.returncode == 2
     _one_line_error(run.stderr, needle)
     assert run.stdout == ""
@@ -168,8 +213,7 @@ def test_bad_prompt(small_dir, data_dir, tmp_path, capsys, prompt, needle):
 
 
 def test_missing_model(data_dir, tmp_path, capsys):
-    run = gdino_in_process(capsys, data_dir / "chelsea.png", "--prompt", PROMPT, "--model",
-                           tmp_path / "no-such-model")
+    run = gdino_in_process(capsys, data_dir / "chelsea.png", "--prompt", PROMPT, "--model", tmp_path / "no-such-model")
     assert run.returncode == 2
     _one_line_error(run.stderr, "no-such-model")
 
@@ -227,8 +271,19 @@ def test_annotate_never_writes_over_an_input(fast_dir, photos, tmp_path, monkeyp
     before = _contents(photos)
     annotate = _annotate_into(case, photos, tmp_path, monkeypatch)
     images = [photos / "chelsea.png", photos / "rocket.jpg"]
-    status, out, err = run_main(capsys, "detect", *images, "--prompt", PROMPT, "--model", fast_dir,
-                                "--box-threshold", "0", "--annotate", annotate)
+    status, out, err = run_main(
+        capsys,
+        "detect",
+        *images,
+        "--prompt",
+        PROMPT,
+        "--model",
+        fast_dir,
+        "--box-threshold",
+        "0",
+        "--annotate",
+        annotate,
+    )
     assert status == 2
     assert out == ""
     _one_line_error(err, "--annotate", "chelsea.png", "input")
@@ -245,8 +300,18 @@ def test_output_naming_an_input_is_refused(fast_dir, photos, tmp_path, monkeypat
     elif case == "relative":
         monkeypatch.chdir(photos)
         output = Path("rocket.jpg")
-    status, out, err = run_main(capsys, "detect", photos / "chelsea.png", photos / "rocket.jpg", "--prompt", PROMPT,
-                                "--model", fast_dir, "--output", output)
+    status, out, err = run_main(
+        capsys,
+        "detect",
+        photos / "chelsea.png",
+        photos / "rocket.jpg",
+        "--prompt",
+        PROMPT,
+        "--model",
+        fast_dir,
+        "--output",
+        output,
+    )
     assert status == 2
     _one_line_error(err, "--output", "input")
     assert _contents(photos) == before
@@ -254,8 +319,19 @@ def test_output_naming_an_input_is_refused(fast_dir, photos, tmp_path, monkeypat
 
 def test_output_that_is_an_annotated_file_is_refused(fast_dir, photos, tmp_path, capsys):
     drawn = tmp_path / "drawn"
-    status, _, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
-                              "--annotate", drawn, "--output", drawn / "chelsea.png")
+    status, _, err = run_main(
+        capsys,
+        "detect",
+        photos / "chelsea.png",
+        "--prompt",
+        PROMPT,
+        "--model",
+        fast_dir,
+        "--annotate",
+        drawn,
+        "--output",
+        drawn / "chelsea.png",
+    )
     assert status == 2
     _one_line_error(err, "--output", "--annotate")
 
@@ -281,9 +357,25 @@ def test_refused_image_does_not_stop_the_run(fast_dir, photos, tmp_path, monkeyp
     good = [photos / "chelsea.png", photos / "rocket.jpg"]
     for batch_size in ("1", "3"):
         output = tmp_path / f"batch-{batch_size}.jsonl"
-        status, _, err = run_main(capsys, "detect", good[0], thin, good[1], "--prompt", "cat,rocket", "--model",
-                                  fast_dir, "--box-threshold", "0", "--batch-size", batch_size, "--output", output,
-                                  "--annotate", tmp_path / "drawn")
+        status, _, err = run_main(
+            capsys,
+            "detect",
+            good[0],
+            thin,
+            good[1],
+            "--prompt",
+            "cat,rocket",
+            "--model",
+            fast_dir,
+            "--box-threshold",
+            "0",
+            "--batch-size",
+            batch_size,
+            "--output",
+            output,
+            "--annotate",
+            tmp_path / "drawn",
+        )
         assert status == 2, err
         _one_line_error(err, str(thin), "too elongated")
         records = _lines(output.read_text())
@@ -298,8 +390,9 @@ def test_unusable_device(fast_dir, photos, capsys, device):
 
     if device != "foo" and torch.cuda.device_count() > (7 if device == "cuda:7" else 0):
         pytest.skip("that GPU is here")
-    status, out, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
-                                "--device", device)
+    status, out, err = run_main(
+        capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir, "--device", device
+    )
     assert status == 2
     assert out == ""
     _one_line_error(err, f"--device {device}")
@@ -317,22 +410,25 @@ def _unwritable(kind: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("option", ["--output", "--annotate"])
 def test_unwritable_output(fast_dir, photos, tmp_path, capsys, kind, option):
     target = _unwritable(kind, tmp_path)
-    status, out, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
-                                option, target)
+    status, out, err = run_main(
+        capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir, option, target
+    )
     assert status == 2
     assert out == ""
     _one_line_error(err, option, str(target))
 
 
 def test_output_is_a_folder_and_annotate_is_a_file(fast_dir, photos, tmp_path, capsys):
-    status, _, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
-                              "--output", tmp_path)
+    status, _, err = run_main(
+        capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir, "--output", tmp_path
+    )
     assert status == 2
     _one_line_error(err, "--output", "folder")
     afile = tmp_path / "notes.txt"
     afile.write_text("keep me\n")
-    status, _, err = run_main(capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir,
-                              "--annotate", afile)
+    status, _, err = run_main(
+        capsys, "detect", photos / "chelsea.png", "--prompt", PROMPT, "--model", fast_dir, "--annotate", afile
+    )
     assert status == 2
     _one_line_error(err, "--annotate", "is a file")
     assert afile.read_text() == "keep me\n"
@@ -380,8 +476,9 @@ def test_numbers_out_of_range_are_refused_by_the_parser(data_dir, tmp_path, caps
 def test_good_numbers_pass(capsys):
     from gdino.apps.cli import _parser
 
-    args = _parser().parse_args(["detect", "a.png", "--prompt", "cat", "--batch-size", "2", "--box-threshold", "0",
-                                 "--text-threshold", "1"])
+    args = _parser().parse_args(
+        ["detect", "a.png", "--prompt", "cat", "--batch-size", "2", "--box-threshold", "0", "--text-threshold", "1"]
+    )
     assert (args.batch_size, args.box_threshold, args.text_threshold) == (2, 0.0, 1.0)
     args = _parser().parse_args(["serve", "--port", "0", "--batch-wait-ms", "0", "--max-upload-mb", "0.5"])
     assert (args.port, args.batch_wait_ms, args.max_upload_mb) == (0, 0.0, 0.5)
@@ -399,14 +496,28 @@ def test_extreme_shapes_are_detected_and_labelled(fast_dir, tmp_path, capsys):
     for w, h in EXTREME_SHAPES:
         Image.fromarray(np.full((h, w, 3), 128, dtype=np.uint8)).save(folder / f"{w}x{h}.png")
     images = sorted(folder.iterdir())
-    status, out, err = run_main(capsys, "detect", *images, "--prompt", PROMPT, "--model", fast_dir,
-                                "--box-threshold", "0")  # fmt: skip
+    status, out, err = run_main(
+        capsys, "detect", *images, "--prompt", PROMPT, "--model", fast_dir, "--box-threshold", "0"
+    )
     assert status == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     assert [(r["width"], r["height"]) for r in records] == [tuple(map(int, p.stem.split("x"))) for p in images]
     assert all(r["detections"] for r in records)  # threshold 0: every image gives boxes
-    status, _, err = run_main(capsys, "label", folder, "--classes", "cat,dog", "--format", "coco",
-                             "--out", tmp_path / "out", "--model", fast_dir, "--box-threshold", "0")  # fmt: skip
+    status, _, err = run_main(
+        capsys,
+        "label",
+        folder,
+        "--classes",
+        "cat,dog",
+        "--format",
+        "coco",
+        "--out",
+        tmp_path / "out",
+        "--model",
+        fast_dir,
+        "--box-threshold",
+        "0",
+    )
     assert status == 0, err
     coco = json.loads((tmp_path / "out" / "annotations.json").read_text())
     assert len(coco["images"]) == len(EXTREME_SHAPES)

@@ -15,17 +15,27 @@ from gdino.apps.exports import coco_dataset, export, jsonl, yolo_labels
 
 CLASSES = ["cat", 'dog: "the good one"']
 RECORDS = [
-    {"image": "a.png", "width": 200, "height": 100, "detections": [
-        {"box": [20.0, 10.0, 60.0, 50.0], "score": 0.9, "label": "dog", "label_id": 1},
-        {"box": [-10.0, -5.0, 30.0, 20.0], "score": 0.8, "label": "cat", "label_id": 0},  # clipped
-        {"box": [190.4, 40.0, 250.0, 60.6], "score": 0.7, "label": "cat", "label_id": 0},  # clipped on the right
-    ]},
+    {
+        "image": "a.png",
+        "width": 200,
+        "height": 100,
+        "detections": [
+            {"box": [20.0, 10.0, 60.0, 50.0], "score": 0.9, "label": "dog", "label_id": 1},
+            {"box": [-10.0, -5.0, 30.0, 20.0], "score": 0.8, "label": "cat", "label_id": 0},  # clipped
+            {"box": [190.4, 40.0, 250.0, 60.6], "score": 0.7, "label": "cat", "label_id": 0},  # clipped on the right
+        ],
+    },
     {"image": "sub/b.jpg", "width": 50, "height": 40, "detections": []},
-    {"image": "sub/c.png", "width": 50, "height": 40, "detections": [
-        {"box": [10.0, 10.0, 10.0, 30.0], "score": 0.6, "label": "cat", "label_id": 0},  # no width: dropped
-        {"box": [0.0, 0.0, 50.0, 40.0], "score": 0.5, "label": "dog", "label_id": 1},
-    ]},
-]  # fmt: skip
+    {
+        "image": "sub/c.png",
+        "width": 50,
+        "height": 40,
+        "detections": [
+            {"box": [10.0, 10.0, 10.0, 30.0], "score": 0.6, "label": "cat", "label_id": 0},  # no width: dropped
+            {"box": [0.0, 0.0, 50.0, 40.0], "score": 0.5, "label": "dog", "label_id": 1},
+        ],
+    },
+]
 
 
 @pytest.fixture()
@@ -47,7 +57,10 @@ def test_coco_loads_in_pycocotools(tmp_path, image_root):
     assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == [(1, CLASSES[0]), (2, CLASSES[1])]
     images = coco.loadImgs(coco.getImgIds())
     assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in images] == [
-        (1, "a.png", 200, 100), (2, "sub/b.jpg", 50, 40), (3, "sub/c.png", 50, 40)]
+        (1, "a.png", 200, 100),
+        (2, "sub/b.jpg", 50, 40),
+        (3, "sub/c.png", 50, 40),
+    ]
     anns = coco.loadAnns(coco.getAnnIds())
     got = [(a["image_id"], a["category_id"], a["bbox"], a["area"], a["score"]) for a in anns]
     assert got == [
@@ -78,9 +91,7 @@ def test_yolo_as_ultralytics_reads_it(tmp_path, image_root):
     root = Path(data["path"])
     assert root == out.resolve()
     # Ultralytics lists the image files under path/train and swaps /images/ for /labels/ to find labels
-    listed = sorted(
-        os.path.join(folder, f) for folder, _, files in os.walk(root / data["train"]) for f in files
-    )
+    listed = sorted(os.path.join(folder, f) for folder, _, files in os.walk(root / data["train"]) for f in files)
     assert len(listed) == 3
     for image in listed:
         label = "/labels/".join(image.rsplit("/images/", 1)).rsplit(".", 1)[0] + ".txt"
@@ -98,7 +109,10 @@ def test_voc_xml(tmp_path, image_root):
     out = tmp_path / "out"
     files = export(RECORDS, CLASSES, "voc", out, image_root)
     assert [f.relative_to(out).as_posix() for f in files] == [
-        "Annotations/a.xml", "Annotations/sub/b.xml", "Annotations/sub/c.xml"]
+        "Annotations/a.xml",
+        "Annotations/sub/b.xml",
+        "Annotations/sub/c.xml",
+    ]
     root = ElementTree.parse(out / "Annotations" / "a.xml").getroot()
     assert root.tag == "annotation"
     assert root.findtext("filename") == "a.png"
@@ -106,10 +120,14 @@ def test_voc_xml(tmp_path, image_root):
     assert Path(root.findtext("path")) == (image_root / "a.png").resolve()
     assert [root.findtext(f"size/{k}") for k in ("width", "height", "depth")] == ["200", "100", "3"]
     objects = [
-        (o.findtext("name"), o.findtext("truncated"), o.findtext("difficult"),
-         [int(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")])
+        (
+            o.findtext("name"),
+            o.findtext("truncated"),
+            o.findtext("difficult"),
+            [int(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")],
+        )
         for o in root.iter("object")
-    ]  # fmt: skip
+    ]
     assert objects == [
         (CLASSES[1], "0", "0", [20, 10, 60, 50]),
         (CLASSES[0], "1", "0", [0, 0, 30, 20]),

@@ -38,7 +38,9 @@ def folder(data_dir, tmp_path_factory) -> Path:
 
 def make_photos(root: Path, data_dir: Path) -> Path:
     """30 images of 40-140 pixels in three sub-folders, a broken .jpg, a text file and a hidden folder."""
-    sources = [Image.open(data_dir / n).convert("RGB") for n in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
+    sources = [
+        Image.open(data_dir / n).convert("RGB") for n in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
+    ]
     for i in range(30):
         image = sources[i % 4].resize((40 + (i * 37) % 100, 40 + (i * 53) % 100))
         path = root / f"part{i % 3}" / f"img{i:02d}.{'png' if i % 2 else 'jpg'}"
@@ -142,7 +144,9 @@ def test_outputs_and_errors(folder, fast_dir, tmp_path):
         with Image.open(folder / record["image"]) as image:
             assert (record["width"], record["height"]) == image.size
         expected = found.to_list()  # another process may use other threads: equal to the printed precision
-        assert [(d["label"], d["label_id"]) for d in record["detections"]] == [(d["label"], d["label_id"]) for d in expected]
+        assert [(d["label"], d["label_id"]) for d in record["detections"]] == [
+            (d["label"], d["label_id"]) for d in expected
+        ]
         for got, want in zip(record["detections"], expected):
             assert got["score"] == pytest.approx(want["score"], abs=2e-4)
             assert got["box"] == pytest.approx(want["box"], abs=0.02)
@@ -160,9 +164,14 @@ def test_outputs_and_errors(folder, fast_dir, tmp_path):
 def test_other_settings_are_refused(folder, fast_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".gdino-label.jsonl").write_text(json.dumps(
-        {"gdino_label": 1, "classes": ["cat"], "model": str(fast_dir), "box_threshold": 0.5, "nms_threshold": None}
-    ) + "\n" + json.dumps({"image": "part0/img00.jpg", "width": 40, "height": 40, "detections": []}) + "\n")
+    (out / ".gdino-label.jsonl").write_text(
+        json.dumps(
+            {"gdino_label": 1, "classes": ["cat"], "model": str(fast_dir), "box_threshold": 0.5, "nms_threshold": None}
+        )
+        + "\n"
+        + json.dumps({"image": "part0/img00.jpg", "width": 40, "height": 40, "detections": []})
+        + "\n"
+    )
     run = gdino(folder, "--classes", "cat,dog", "--model", fast_dir, "--box-threshold", "0.5", "--out", out)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
@@ -172,8 +181,12 @@ def test_other_settings_are_refused(folder, fast_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["--classes", " , "], "no classes"), (["--classes", "cat,dog,cat"], "twice"), (["--classes", "cat,Cat"], "same label"),
-     (["--classes", "cat", "--box-threshold", "2"], "--box-threshold")],
+    [
+        (["--classes", " , "], "no classes"),
+        (["--classes", "cat,dog,cat"], "twice"),
+        (["--classes", "cat,Cat"], "same label"),
+        (["--classes", "cat", "--box-threshold", "2"], "--box-threshold"),
+    ],
 )
 @pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_bad_arguments(folder, tmp_path, args, needle):
@@ -198,8 +211,9 @@ def test_classes_file_and_out_inside_the_folder(data_dir, fast_dir, tmp_path):
     classes.write_text("cup\n\nhot dog, with mustard\n")
     out = root / "labels"
     for _ in range(2):  # the second run must not find the first run's images/ links as new images
-        run = gdino(root, "--classes", classes, "--format", "yolo", "--model", fast_dir, "--out", out,
-                    "--box-threshold", "0")
+        run = gdino(
+            root, "--classes", classes, "--format", "yolo", "--model", fast_dir, "--out", out, "--box-threshold", "0"
+        )
         assert run.returncode == 0, run.stderr
     assert (out / "classes.txt").read_text() == "cup\nhot dog, with mustard\n"
     assert "label: 1 images" in run.stderr and "resuming, 1 of 1" in run.stderr
@@ -290,8 +304,11 @@ def photos(data_dir, tmp_path) -> Path:
 
 
 def _files(root: Path) -> dict[str, bytes | str]:
-    return {p.relative_to(root).as_posix(): ("-> " + os.readlink(p)) if p.is_symlink() else p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file() or p.is_symlink()}
+    return {
+        p.relative_to(root).as_posix(): ("-> " + os.readlink(p)) if p.is_symlink() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
 
 
 def _one_line(stderr: str, *needles: str) -> None:
@@ -314,8 +331,20 @@ def test_out_is_the_images_folder(photos, fast_dir, tmp_path, monkeypatch, capsy
         monkeypatch.chdir(photos / "sub")
         out = Path("..")
     for _ in range(2):
-        status, err = label_main(capsys, photos, "--classes", "cup,rocket", "--format", "yolo", "--out", out,
-                                 "--model", fast_dir, "--box-threshold", "0")
+        status, err = label_main(
+            capsys,
+            photos,
+            "--classes",
+            "cup,rocket",
+            "--format",
+            "yolo",
+            "--out",
+            out,
+            "--model",
+            fast_dir,
+            "--box-threshold",
+            "0",
+        )
         assert status == 2
         _one_line(err, "images' folder")
         assert _files(photos) == before
@@ -324,8 +353,20 @@ def test_out_is_the_images_folder(photos, fast_dir, tmp_path, monkeypatch, capsy
 def test_out_inside_the_folder_twice(photos, fast_dir, capsys):
     out = photos / "sub" / "labels"
     for _ in range(2):
-        status, err = label_main(capsys, photos, "--classes", "cup,rocket", "--format", "yolo", "--out", out,
-                                 "--model", fast_dir, "--box-threshold", "0")
+        status, err = label_main(
+            capsys,
+            photos,
+            "--classes",
+            "cup,rocket",
+            "--format",
+            "yolo",
+            "--out",
+            out,
+            "--model",
+            fast_dir,
+            "--box-threshold",
+            "0",
+        )
         assert status == 0, err
     assert "label: 2 images" in err and "resuming, 2 of 2" in err
     links = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.*"))
@@ -363,12 +404,14 @@ def test_images_inside_a_folder_the_exports_write(data_dir, fast_dir, tmp_path, 
 
 def test_images_below_out_elsewhere_are_labelled(photos, fast_dir, tmp_path, capsys):
     """OUT holding the folder is fine where the exports do not write: data/photos with --out data."""
-    status, err = label_main(capsys, photos, "--classes", "cup", "--format", "yolo", "--out", tmp_path,
-                             "--model", fast_dir)
+    status, err = label_main(
+        capsys, photos, "--classes", "cup", "--format", "yolo", "--out", tmp_path, "--model", fast_dir
+    )
     assert status == 0, err
     assert (tmp_path / "images" / "coffee.png").resolve() == (photos / "coffee.png").resolve()
-    status, err = label_main(capsys, photos, "--classes", "cup", "--format", "yolo", "--out", tmp_path,
-                             "--model", fast_dir)
+    status, err = label_main(
+        capsys, photos, "--classes", "cup", "--format", "yolo", "--out", tmp_path, "--model", fast_dir
+    )
     assert status == 0 and "label: 2 images" in err and "resuming, 2 of 2" in err
 
 
@@ -390,8 +433,9 @@ def test_unusable_device(photos, fast_dir, tmp_path, capsys, device):
 
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("that GPU is here")
-    status, err = label_main(capsys, photos, "--classes", "cup", "--out", tmp_path / "out", "--model", fast_dir,
-                             "--device", device)
+    status, err = label_main(
+        capsys, photos, "--classes", "cup", "--out", tmp_path / "out", "--model", fast_dir, "--device", device
+    )
     assert status == 2
     _one_line(err, f"--device {device}")
 
@@ -403,14 +447,31 @@ def test_eval_unwritable_output_is_refused_before_the_run(photos, fast_dir, tmp_
     (tmp_path / "a-file").write_text("x")
     target = tmp_path / "a-file" / "metrics.json"
     annotations = tmp_path / "instances.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "coffee.png", "width": 120, "height": 80}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000,
-                         "iscrowd": 0}],
-        "categories": [{"id": 1, "name": "cup"}],
-    }))
-    status = main(["eval", "coco", "--images", str(photos), "--annotations", str(annotations), "--model",
-                   str(fast_dir), option, str(target)])
+    annotations.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "coffee.png", "width": 120, "height": 80}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0}
+                ],
+                "categories": [{"id": 1, "name": "cup"}],
+            }
+        )
+    )
+    status = main(
+        [
+            "eval",
+            "coco",
+            "--images",
+            str(photos),
+            "--annotations",
+            str(annotations),
+            "--model",
+            str(fast_dir),
+            option,
+            str(target),
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 2
     _one_line(captured.err, option, str(target))

@@ -62,8 +62,13 @@ def cluster() -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    node = ["--node-ip-address=127.0.0.2", "--num-cpus=1", "--object-store-memory=100000000",
-            f"--temp-dir={temp}", "--disable-usage-stats"]
+    node = [
+        "--node-ip-address=127.0.0.2",
+        "--num-cpus=1",
+        "--object-store-memory=100000000",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     try:
         _ray("start", "--head", "--port=0", "--include-dashboard=false", *node, env=env)
         address = (Path(temp) / "ray_current_cluster").read_text().strip()

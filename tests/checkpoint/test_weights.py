@@ -50,7 +50,7 @@ def test_original_layout_matches_the_published_key_list(our_model):
     original = ours_to_original(ours, our_model.config.decoder_layers)
     expected = _original_keys()
     required = {k: s for k, s in expected.items() if not k.endswith(OPTIONAL) and not k.startswith("bert.pooler.")}
-    assert set(original) == set(required), (set(original) ^ set(required))
+    assert set(original) == set(required), set(original) ^ set(required)
     for name, t in original.items():
         assert tuple(t.shape) == expected[name], name
     back, unknown = original_to_ours(original)
@@ -107,7 +107,9 @@ def test_box_refinement_follows_the_layout_unless_chosen(small_dir, tmp_path, da
     inputs = hf.processor(images=str(data_dir / "coffee.png"), text="a cup. a saucer.")
     with torch.no_grad():
         a, b, c = hf(**inputs), original(**inputs), chosen(**inputs)
-    assert torch.equal(a.query_index, b.query_index) and torch.equal(a.logits[a.logits.isinf()], b.logits[a.logits.isinf()])
+    assert torch.equal(a.query_index, b.query_index) and torch.equal(
+        a.logits[a.logits.isinf()], b.logits[a.logits.isinf()]
+    )
     assert torch.equal(b.pred_boxes, c.pred_boxes) and torch.equal(b.logits, c.logits)
     assert original.transformer.decoder.box_logit == (1e-3, True)  # the decoder's refinement too
     torch.testing.assert_close(a.pred_boxes, b.pred_boxes, atol=1e-4, rtol=0)  # no box of this one is near 0 or 1
@@ -169,7 +171,9 @@ def test_hub_id_loads_from_a_prefilled_cache(small_dir, tmp_path, data_dir):
 @pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_unreachable_hub_gives_a_short_clear_error(tmp_path, data_dir):
     env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
-    result = _run_cli(["detect", str(data_dir / "chelsea.png"), "--prompt", "a cat.", "--model", "someone/missing-model"], env)
+    result = _run_cli(
+        ["detect", str(data_dir / "chelsea.png"), "--prompt", "a cat.", "--model", "someone/missing-model"], env
+    )
     assert result.returncode == 2
     assert "someone/missing-model" in result.stderr and "local" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -57,10 +57,19 @@ FOUND = {  # file -> [(category index: 0 cat, 1 dog), score, x0 y0 x1 y1]
 }
 AP_CAT = 441.25 / 1010
 EXPECTED = {
-    "AP": (AP_CAT + 0.5) / 2, "AP50": (69.75 / 101 + 0.5) / 2, "AP75": (38.5 / 101 + 0.5) / 2,
-    "APs": -1.0, "APm": AP_CAT, "APl": 0.5,
-    "AR1": 0.625, "AR10": 0.75, "AR100": 0.75, "ARs": -1.0, "ARm": 0.5, "ARl": 1.0,
-}  # fmt: skip
+    "AP": (AP_CAT + 0.5) / 2,
+    "AP50": (69.75 / 101 + 0.5) / 2,
+    "AP75": (38.5 / 101 + 0.5) / 2,
+    "APs": -1.0,
+    "APm": AP_CAT,
+    "APl": 0.5,
+    "AR1": 0.625,
+    "AR10": 0.75,
+    "AR100": 0.75,
+    "ARs": -1.0,
+    "ARm": 0.5,
+    "ARl": 1.0,
+}
 
 
 @pytest.fixture()
@@ -73,8 +82,16 @@ def dataset(tmp_path) -> tuple[Path, Path]:
         if name != "missing.png":
             Image.new("RGB", (200, 200), (90, 120, 150)).save(images / name)
         for category, x, y, w, h in GT.get(name, []):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]  # not in id order
     path = tmp_path / "instances.json"
     path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
@@ -87,8 +104,11 @@ def _fake(names: list[str]):
     def detect(image: np.ndarray, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         assert image.shape == (200, 200, 3) and image.dtype == np.uint8
         found = FOUND[info["file_name"]]
-        return (np.array([f[2] for f in found], dtype=np.float32), np.array([f[1] for f in found]),
-                np.array([f[0] for f in found]))
+        return (
+            np.array([f[2] for f in found], dtype=np.float32),
+            np.array([f[1] for f in found]),
+            np.array([f[0] for f in found]),
+        )
 
     return detect
 
@@ -119,8 +139,9 @@ def test_max_dets_keeps_the_best(dataset):
 
 def test_nothing_found_scores_zero(dataset):
     images, annotations = dataset
-    result = evaluate_coco(images, annotations, lambda names: lambda image, info: (np.zeros((0, 4)), np.zeros(0),
-                                                                                    np.zeros(0, dtype=int)))
+    result = evaluate_coco(
+        images, annotations, lambda names: lambda image, info: (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int))
+    )
     assert result.results == []
     assert result.metrics["AP"] == 0.0 and result.metrics["AR100"] == 0.0 and result.metrics["APs"] == -1.0
 
@@ -154,22 +175,45 @@ def test_command_end_to_end(fast_dir, data_dir, tmp_path):
     from gdino import GroundingDinoForObjectDetection
 
     categories = [{"id": 18, "name": "dog"}, {"id": 47, "name": "cup"}, {"id": 10, "name": "traffic_light"}]
-    entries = [{"id": 5, "file_name": "chelsea.png", "width": 451, "height": 300},
-               {"id": 9, "file_name": "coffee.png", "width": 600, "height": 400}]
+    entries = [
+        {"id": 5, "file_name": "chelsea.png", "width": 451, "height": 300},
+        {"id": 9, "file_name": "coffee.png", "width": 600, "height": 400},
+    ]
     annotations = [
         {"id": 1, "image_id": 5, "category_id": 18, "bbox": [100, 20, 300, 270], "area": 81000, "iscrowd": 0},
         {"id": 2, "image_id": 9, "category_id": 47, "bbox": [150, 50, 300, 300], "area": 90000, "iscrowd": 0},
         {"id": 3, "image_id": 9, "category_id": 10, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0},
-    ]  # fmt: skip
+    ]
     instances = tmp_path / "instances.json"
     instances.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
     out, detections = tmp_path / "results" / "metrics.json", tmp_path / "detections.json"
     run = subprocess.run(
-        [sys.executable, "-m", "gdino", "eval", "coco", "--images", str(data_dir), "--annotations", str(instances),
-         "--model", str(fast_dir), "--out", str(out), "--detections", str(detections), "--max-dets", "20",
-         "--device", "cpu"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gdino",
+            "eval",
+            "coco",
+            "--images",
+            str(data_dir),
+            "--annotations",
+            str(instances),
+            "--model",
+            str(fast_dir),
+            "--out",
+            str(out),
+            "--detections",
+            str(detections),
+            "--max-dets",
+            "20",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 12 and all(line.lstrip().startswith(("Average Precision", "Average Recall")) for line in lines)
@@ -211,16 +255,30 @@ def test_command_end_to_end(fast_dir, data_dir, tmp_path):
     assert [d["category_id"] for d in mine] == [(10, 18, 47)[i] for i in (best.indices % 3).tolist()]
     query = best.indices // 3
     cx, cy, w, h = (raw.pred_boxes[0][query] * torch.tensor([600, 400, 600, 400])).unbind(-1)
-    np.testing.assert_allclose([d["bbox"] for d in mine], torch.stack([cx - w / 2, cy - h / 2, w, h], -1).numpy(),
-                               atol=0.02)
+    np.testing.assert_allclose(
+        [d["bbox"] for d in mine], torch.stack([cx - w / 2, cy - h / 2, w, h], -1).numpy(), atol=0.02
+    )
 
 
 @pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_command_bad_input(tmp_path, fast_dir):
     run = subprocess.run(
-        [sys.executable, "-m", "gdino", "eval", "coco", "--images", str(tmp_path), "--annotations",
-         str(tmp_path / "nope.json"), "--model", str(fast_dir)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gdino",
+            "eval",
+            "coco",
+            "--images",
+            str(tmp_path),
+            "--annotations",
+            str(tmp_path / "nope.json"),
+            "--model",
+            str(fast_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("gdino: error: annotation file not found")

@@ -22,9 +22,9 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from gdino.export.onnx import export_onnx  # noqa: E402
-from gdino.models.grounding_dino.model import GroundingDino, TextFeatures  # noqa: E402
-from reference import ROOT  # noqa: E402
+from gdino.export.onnx import export_onnx
+from gdino.models.grounding_dino.model import GroundingDino, TextFeatures
+from reference import ROOT
 
 pytestmark = pytest.mark.slow  # a full-size export (minutes) and onnxruntime runs at four sizes
 
@@ -136,8 +136,13 @@ assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
 def test_runtime_without_torch_detects_as_pytorch(our_model, export_dir, data_dir):
     image = data_dir / "coffee.png"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", _NO_TORCH, str(export_dir), str(image)], capture_output=True,
-                          text=True, env=env, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, str(export_dir), str(image)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     runtime = json.loads(done.stdout.strip().splitlines()[-1])
     for key, prompt in (("phrases", "a cat. a remote control."), ("labels", ["cat", "remote control", "st. bernard"])):
@@ -157,8 +162,21 @@ def test_runtime_without_torch_detects_as_pytorch(our_model, export_dir, data_di
 def test_cli_detect_runs_on_an_export(export_dir, data_dir, capsys):
     from gdino.apps.cli import main
 
-    assert main(["detect", str(data_dir / "coffee.png"), "--prompt", "cat,cup", "--model", str(export_dir),
-                 "--box-threshold", "0.0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(data_dir / "coffee.png"),
+                "--prompt",
+                "cat,cup",
+                "--model",
+                str(export_dir),
+                "--box-threshold",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["width"] == 600 and record["detections"]
     assert {d["label"] for d in record["detections"]} <= {"cat", "cup"}
@@ -194,17 +212,46 @@ def test_openvino_runtime_detects_as_onnxruntime(export_dir, data_dir):
         runtime.load(export_dir, runtime="tensorrt")
 
 
-def test_cli_runs_an_export_on_openvino_and_refuses_the_runtime_for_a_checkpoint(export_dir, small_dir, data_dir,
-                                                                                  capsys):  # fmt: skip
+def test_cli_runs_an_export_on_openvino_and_refuses_the_runtime_for_a_checkpoint(
+    export_dir, small_dir, data_dir, capsys
+):
     pytest.importorskip("openvino")
     from gdino.apps.cli import main
 
-    assert main(["detect", str(data_dir / "coffee.png"), "--prompt", "cat,cup", "--model", str(export_dir),
-                 "--runtime", "openvino", "--box-threshold", "0.0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(data_dir / "coffee.png"),
+                "--prompt",
+                "cat,cup",
+                "--model",
+                str(export_dir),
+                "--runtime",
+                "openvino",
+                "--box-threshold",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["width"] == 600 and record["detections"]
-    assert main(["detect", str(data_dir / "coffee.png"), "--prompt", "cat", "--model", str(small_dir),
-                 "--runtime", "openvino"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(data_dir / "coffee.png"),
+                "--prompt",
+                "cat",
+                "--model",
+                str(small_dir),
+                "--runtime",
+                "openvino",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "runs ONNX exports" in error
 
@@ -213,8 +260,23 @@ def test_fp16_quantised_export_is_refused_in_one_line_before_loading(tmp_path, c
     from gdino.apps.cli import main
 
     out = tmp_path / "fp16"
-    assert main(["export", "onnx", "--model", str(tmp_path / "no-such-model"), "--out", str(out),
-                 "--dtype", "fp16", "--quantize", "int8"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "onnx",
+                "--model",
+                str(tmp_path / "no-such-model"),
+                "--out",
+                str(out),
+                "--dtype",
+                "fp16",
+                "--quantize",
+                "int8",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "fp32 export" in error
     assert not out.exists()
@@ -234,8 +296,8 @@ def test_fp16_export_runs_and_agrees_with_pytorch_fp32(shapes_fp16_dir):
     near ties) exported with Swin, BERT and the feature enhancer in fp16: half the file size, and
     on the shipped example image the same detections as PyTorch fp32, boxes within 2 px and
     scores within 0.02."""
-    from gdino.runtime import onnx as runtime
     from gdino.inference.detector import GroundingDinoForObjectDetection
+    from gdino.runtime import onnx as runtime
 
     settings = json.loads((shapes_fp16_dir / "gdino_onnx.json").read_text())
     assert settings["dtype"] == "fp16"
@@ -246,8 +308,9 @@ def test_fp16_export_runs_and_agrees_with_pytorch_fp32(shapes_fp16_dir):
     image = ROOT / "examples" / "shapes.png"
     truth = json.loads((image.parent / "shapes.json").read_text())
     names = sorted({c["name"] for c in truth["categories"]})
-    reference = GroundingDinoForObjectDetection.from_pretrained("gdino-shapes").detect(image, labels=names,
-                                                                                      box_threshold=0.25)
+    reference = GroundingDinoForObjectDetection.from_pretrained("gdino-shapes").detect(
+        image, labels=names, box_threshold=0.25
+    )
     exported = runtime.load(shapes_fp16_dir, threads=2).detect(image, labels=names, box_threshold=0.25)
     assert len(reference.boxes) >= 4 and exported.labels == reference.labels
     assert float(np.abs(exported.boxes - reference.boxes).max()) < 2.0

@@ -29,7 +29,9 @@ def images(data_dir) -> dict[str, Image.Image]:
 @pytest.fixture(scope="module")
 def singles(small_model, images, data_dir) -> dict[str, Detections]:
     """Each image alone, every query kept (chelsea given as a file path, the others as PIL images)."""
-    out = {"chelsea.png": small_model.detect(str(data_dir / "chelsea.png"), PROMPT, box_threshold=0.0, text_threshold=0.0)}
+    out = {
+        "chelsea.png": small_model.detect(str(data_dir / "chelsea.png"), PROMPT, box_threshold=0.0, text_threshold=0.0)
+    }
     for name in BATCH[1:]:
         out[name] = small_model.detect(images[name], PROMPT, box_threshold=0.0, text_threshold=0.0)
     return out
@@ -98,8 +100,12 @@ def test_matches_raw_model_outputs(small_model, singles, raw_singles, images):
     # the top detection, spelled out
     q = int(best.argmax())
     box = pred_boxes[q].tolist()
-    top = [(box[0] - box[2] / 2) * width, (box[1] - box[3] / 2) * height,
-           (box[0] + box[2] / 2) * width, (box[1] + box[3] / 2) * height]
+    top = [
+        (box[0] - box[2] / 2) * width,
+        (box[1] - box[3] / 2) * height,
+        (box[0] + box[2] / 2) * width,
+        (box[1] + box[3] / 2) * height,
+    ]
     np.testing.assert_allclose(det.boxes[0], top, atol=1e-3)
     assert det.scores[0] == pytest.approx(float(best[q]), abs=1e-6)
 
@@ -109,8 +115,10 @@ def test_matches_processor_post_processing(small_model, singles, raw_singles, im
     logits, pred_boxes, input_ids, _ = raw_singles["astronaut.png"]
     width, height = images["astronaut.png"].size
     post = small_model.processor.post_process_grounded_object_detection(
-        {"logits": logits[None], "pred_boxes": pred_boxes[None]}, input_ids[None],
-        threshold=THRESHOLD, target_sizes=[(height, width)],
+        {"logits": logits[None], "pred_boxes": pred_boxes[None]},
+        input_ids[None],
+        threshold=THRESHOLD,
+        target_sizes=[(height, width)],
     )[0]
     order = post["scores"].argsort(descending=True)
     det = singles["astronaut.png"]
@@ -156,7 +164,11 @@ def test_word_pieces_come_back_whole(small_model, images):
 def test_phrases_are_the_prompt_as_written(small_model):
     """Phrase texts come from the prompt, not from re-joined tokens ("t - shirt")."""
     assert small_model.phrases("A Cat. a remote control") == ["a cat", "a remote control"]
-    assert small_model.phrases(["T-shirt", "rock'n'roll", "kookaburra"]) == ["T-shirt", "rock'n'roll", "kookaburra"]  # as given
+    assert small_model.phrases(["T-shirt", "rock'n'roll", "kookaburra"]) == [
+        "T-shirt",
+        "rock'n'roll",
+        "kookaburra",
+    ]  # as given
     assert small_model.phrases("a cat.. a dog.") == ["a cat", "a dog"]
 
 
@@ -282,8 +294,9 @@ def test_extreme_shapes_detect_with_as_many_queries_as_tokens(model900, size):
     assert np.isfinite(found.boxes).all()
     labelled = model.detect(image, ["cat", "remote control"], box_threshold=0.0, nms_threshold=0.5)
     assert 0 < len(labelled) <= queries
-    post = model.processor.post_process_grounded_object_detection(out, inputs["input_ids"], threshold=0.0,
-                                                                  target_sizes=[size[::-1]])[0]  # fmt: skip
+    post = model.processor.post_process_grounded_object_detection(
+        out, inputs["input_ids"], threshold=0.0, target_sizes=[size[::-1]]
+    )[0]
     assert len(post["scores"]) == queries
 
 
@@ -301,8 +314,12 @@ def test_few_tokens_in_a_padded_batch_equal_the_image_alone(model900, images):
         # thin's surplus queries on tokens that are padding for it, as free selection puts them
         masks = model.image_features(inputs["pixel_values"], inputs["pixel_mask"]).masks
         surplus = torch.nonzero(~torch.cat([m[1].flatten() for m in masks]))[: model.config.num_queries - n, 0]
-        index = torch.stack([_in_batch(model, inputs, 0, normal.query_index[0]),
-                             torch.cat([_in_batch(model, inputs, 1, alone.query_index[0]), surplus])])  # fmt: skip
+        index = torch.stack(
+            [
+                _in_batch(model, inputs, 0, normal.query_index[0]),
+                torch.cat([_in_batch(model, inputs, 1, alone.query_index[0]), surplus]),
+            ]
+        )
         out = model(**inputs, query_index=index)
     torch.testing.assert_close(out.pred_boxes[0], normal.pred_boxes[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(out.pred_boxes[1, :n], alone.pred_boxes[0], atol=1e-4, rtol=0)

@@ -42,9 +42,19 @@ def encoder_calls(fast_model, monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize(
     ("argument", "value"),
-    [("box_threshold", -1), ("box_threshold", math.nan), ("box_threshold", 2), ("box_threshold", math.inf),
-     ("box_threshold", "0.3"), ("box_threshold", True), ("text_threshold", math.nan), ("text_threshold", -0.5),
-     ("nms_threshold", 2), ("nms_threshold", math.nan), ("nms_threshold", -1)],
+    [
+        ("box_threshold", -1),
+        ("box_threshold", math.nan),
+        ("box_threshold", 2),
+        ("box_threshold", math.inf),
+        ("box_threshold", "0.3"),
+        ("box_threshold", True),
+        ("text_threshold", math.nan),
+        ("text_threshold", -0.5),
+        ("nms_threshold", 2),
+        ("nms_threshold", math.nan),
+        ("nms_threshold", -1),
+    ],
 )
 def test_bad_thresholds_are_refused_before_any_image_work(fast_model, image, encoder_calls, argument, value):
     with pytest.raises(ValueError, match=argument):
@@ -60,10 +70,15 @@ def test_threshold_bounds_are_allowed(fast_model, image):
     assert len(fast_model.detect(image, "a cat.", box_threshold=np.float32(1.0), text_threshold=0)) == 0
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"threshold": math.nan}, "threshold"), ({"box_threshold": 2.0}, "box_threshold"),
-    ({"threshold": -1}, "threshold"), ({"text_threshold": math.inf}, "text_threshold"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"threshold": math.nan}, "threshold"),
+        ({"box_threshold": 2.0}, "box_threshold"),
+        ({"threshold": -1}, "threshold"),
+        ({"text_threshold": math.inf}, "text_threshold"),
+    ],
+)
 def test_post_processing_checks_thresholds(kwargs, needle):
     processor = GroundingDinoProcessor.default()
     outputs = SimpleNamespace(logits=torch.zeros(1, 5, 256), pred_boxes=torch.full((1, 5, 4), 0.5))
@@ -76,24 +91,38 @@ def test_post_processing_checks_thresholds(kwargs, needle):
 # --------------------------------------------------------------------------- prompts
 
 
-@pytest.mark.parametrize(("prompt", "needle"), [
-    ("", "empty"), ("  \n", "empty"), (".", "no phrase"), ([], "empty"), ([""], "label 0"), (["cat", " . "], "label 1"),
-    ([["cat"], []], "empty"), (". ".join(["a cat"] * 100), "256"), (None, "give a prompt"), (3, "int"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "needle"),
+    [
+        ("", "empty"),
+        ("  \n", "empty"),
+        (".", "no phrase"),
+        ([], "empty"),
+        ([""], "label 0"),
+        (["cat", " . "], "label 1"),
+        ([["cat"], []], "empty"),
+        (". ".join(["a cat"] * 100), "256"),
+        (None, "give a prompt"),
+        (3, "int"),
+    ],
+)
 def test_bad_prompts_are_refused_before_the_image_is_encoded(fast_model, image, encoder_calls, prompt, needle):
     with pytest.raises(PromptError, match=needle):
         fast_model.detect([image, image], prompt)
     assert encoder_calls == []
 
 
-@pytest.mark.parametrize(("call", "needle"), [
-    ({"prompt": ["cat", "cat"]}, "'cat' is given twice"),
-    ({"prompt": ["cat", "Cat"]}, "same label"),
-    ({"labels": ["traffic_light", "traffic light"]}, "same label"),
-    ({"prompt": ["st. bernard", "St Bernard"]}, "same label"),
-    ({"prompt": [["cat"], ["dog", "dog"]]}, "twice"),
-    ({"prompts": ["a cat.", ["dog", "DOG"]]}, "same label"),
-])
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        ({"prompt": ["cat", "cat"]}, "'cat' is given twice"),
+        ({"prompt": ["cat", "Cat"]}, "same label"),
+        ({"labels": ["traffic_light", "traffic light"]}, "same label"),
+        ({"prompt": ["st. bernard", "St Bernard"]}, "same label"),
+        ({"prompt": [["cat"], ["dog", "dog"]]}, "twice"),
+        ({"prompts": ["a cat.", ["dog", "DOG"]]}, "same label"),
+    ],
+)
 def test_duplicate_labels_are_refused(fast_model, image, encoder_calls, call, needle):
     with pytest.raises(PromptError, match=needle):
         fast_model.detect([image, image], **call)
@@ -144,17 +173,23 @@ def test_a_list_of_strings_is_one_label_list_for_any_number_of_images(fast_model
         assert set(found.labels) <= set(labels)
         assert found.labels == expected.labels
         np.testing.assert_allclose(found.scores, expected.scores, atol=1e-6)
-    assert [f.labels for f in fast_model.detect([image, other], labels=labels, box_threshold=0.0)] == [f.labels for f in both]
+    assert [f.labels for f in fast_model.detect([image, other], labels=labels, box_threshold=0.0)] == [
+        f.labels for f in both
+    ]
 
 
 @pytest.mark.slow  # several images at 800 pixels
 def test_per_image_prompts(fast_model, image, data_dir):
     other = Image.open(data_dir / "coffee.png").convert("RGB")
-    first, second = fast_model.detect([image, other], prompts=["a cat. a remote control.", ["cup", "table"]],
-                                 box_threshold=0.0, text_threshold=0.0)
+    first, second = fast_model.detect(
+        [image, other], prompts=["a cat. a remote control.", ["cup", "table"]], box_threshold=0.0, text_threshold=0.0
+    )
     assert set(first.labels) <= {"a cat", "a remote control"} and set(second.labels) <= {"cup", "table"}
-    np.testing.assert_allclose(first.scores, fast_model.detect(image, "a cat. a remote control.", box_threshold=0.0,
-                                                          text_threshold=0.0).scores, atol=1e-6)
+    np.testing.assert_allclose(
+        first.scores,
+        fast_model.detect(image, "a cat. a remote control.", box_threshold=0.0, text_threshold=0.0).scores,
+        atol=1e-6,
+    )
     nested = fast_model.detect([image, other], [["cat"], ["cup", "table"]], box_threshold=0.0)
     assert set(nested[0].labels) == {"cat"}
     np.testing.assert_allclose(nested[1].scores, second.scores, atol=1e-6)
@@ -194,8 +229,13 @@ def test_hub_options_reach_the_hub_client(small_dir, tmp_path, monkeypatch):
         return str(small_dir)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    options = {"revision": "v2", "token": "hf_secret", "local_files_only": False, "force_download": True,
-               "cache_dir": tmp_path}
+    options = {
+        "revision": "v2",
+        "token": "hf_secret",
+        "local_files_only": False,
+        "force_download": True,
+        "cache_dir": tmp_path,
+    }
     GroundingDinoProcessor.from_pretrained("someone/model", **options)
     GroundingDinoForObjectDetection.from_pretrained("someone/model", **options)
     assert len(calls) == 2
@@ -208,7 +248,9 @@ def test_torch_dtype_is_another_name_for_dtype(fast_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 may be emulated on this CPU
         by_alias = GroundingDinoForObjectDetection.from_pretrained(fast_dir, torch_dtype=torch.bfloat16)
-        by_name = GroundingDinoForObjectDetection.from_pretrained(fast_dir, torch_dtype="bfloat16", dtype=torch.bfloat16)
+        by_name = GroundingDinoForObjectDetection.from_pretrained(
+            fast_dir, torch_dtype="bfloat16", dtype=torch.bfloat16
+        )
     for net in (by_alias, by_name):
         assert net.backbone.patch_embed.proj.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="disagree"):

@@ -89,7 +89,9 @@ def test_token_spans_and_prompts_per_image_decode_alike(runtimes) -> None:
     torch_side, onnx = runtimes
     spans = [[(0, 7)], [(11, 20)]]
     a = torch_side.detect(_encoded_torch(torch_side, 1), "the man in a red hat", token_spans=spans, box_threshold=0.2)
-    b = onnx.detect(EncodedImages([[]], [SIZE], single=True), "the man in a red hat", token_spans=spans, box_threshold=0.2)
+    b = onnx.detect(
+        EncodedImages([[]], [SIZE], single=True), "the man in a red hat", token_spans=spans, box_threshold=0.2
+    )
     _same(a, b)
     prompts = ["a dog.", ["cat", "sofa"]]
     many_a = torch_side.detect(_encoded_torch(torch_side, 2), prompts=prompts, box_threshold=0.2)

@@ -95,8 +95,10 @@ def test_prompt_cache_follows_new_weights(small_dir, change):
     args = (tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
     with torch.no_grad():
         before = model.text_features(*args).features
-        new = {k: v + 0.01 * torch.randn_like(v) if k.startswith(("bert.", "feat_map.")) and v.is_floating_point() else v
-               for k, v in model.state_dict().items()}  # fmt: skip
+        new = {
+            k: v + 0.01 * torch.randn_like(v) if k.startswith(("bert.", "feat_map.")) and v.is_floating_point() else v
+            for k, v in model.state_dict().items()
+        }
         if change == "in_place":
             for p in model.bert.parameters():
                 p.add_(0.01)

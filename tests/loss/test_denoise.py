@@ -7,20 +7,26 @@ import dataclasses
 import pytest
 import torch
 
-from gdino.utils.boxes import cxcywh_to_xyxy
-from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.inference.detector import GroundingDinoForObjectDetection
 from gdino.loss.denoise import DenoiseSettings, make_denoising, noised_boxes
+from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.models.grounding_dino.model import GroundingDino
+from gdino.utils.boxes import cxcywh_to_xyxy
 
 pytest.importorskip("scipy")
 
 # "a cat. a remote control." and "a cat. a dog. a bird."
-IDS = torch.tensor([[101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102, 0],
-                    [101, 1037, 4937, 1012, 1037, 3899, 1012, 1037, 4743, 1012]])
+IDS = torch.tensor(
+    [
+        [101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102, 0],
+        [101, 1037, 4937, 1012, 1037, 3899, 1012, 1037, 4743, 1012],
+    ]
+)
 LABELS = [
-    {"class_labels": torch.tensor([0, 1, 1]),
-     "boxes": torch.tensor([[0.3, 0.4, 0.3, 0.4], [0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.1, 0.3]])},
+    {
+        "class_labels": torch.tensor([0, 1, 1]),
+        "boxes": torch.tensor([[0.3, 0.4, 0.3, 0.4], [0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.1, 0.3]]),
+    },
     {"class_labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.6, 0.5, 0.3]])},
 ]
 
@@ -74,8 +80,9 @@ def test_box_noise_keeps_positives_inside_one_half_size_and_negatives_between_on
     shift = (moved - cxcywh_to_xyxy(boxes)).abs() / half  # in units of scale x half size
     assert float(shift[:1000].max()) < 1.0 and float(shift[:1000].max()) > 0.95
     assert float(shift[1000:].min()) >= 1.0 - 1e-5 and float(shift[1000:].max()) < 2.0
-    near_edge = noised_boxes(torch.tensor([[0.02, 0.98, 0.04, 0.04]]).repeat(100, 1), torch.ones(100, dtype=torch.bool),
-                             1.0, g)
+    near_edge = noised_boxes(
+        torch.tensor([[0.02, 0.98, 0.04, 0.04]]).repeat(100, 1), torch.ones(100, dtype=torch.bool), 1.0, g
+    )
     corners = cxcywh_to_xyxy(near_edge)
     assert float(corners.min()) >= 0.0 and float(corners.max()) <= 1.0 + 1e-6
     assert torch.equal(noised_boxes(boxes, negative, 0.0), boxes)
@@ -83,8 +90,9 @@ def test_box_noise_keeps_positives_inside_one_half_size_and_negatives_between_on
 
 def test_label_noise_only_swaps_content_never_the_target() -> None:
     config = GroundingDinoConfig.small_test()
-    dn = make_denoising(IDS, LABELS, config, DenoiseSettings(queries=600, label_noise=1.0),
-                        torch.Generator().manual_seed(0))
+    dn = make_denoising(
+        IDS, LABELS, config, DenoiseSettings(queries=600, label_noise=1.0), torch.Generator().manual_seed(0)
+    )
     assert dn is not None
     valid = dn.queries.valid[0]
     content = dn.queries.token_maps[0][valid] > 0
@@ -123,7 +131,9 @@ def test_matching_queries_are_unchanged_and_groups_do_not_see_each_other() -> No
     second = GroundingDino.forward(model, **inputs, intermediate=True, denoise=moved)
     assert first.denoise_logits is not None and second.denoise_logits is not None
     torch.testing.assert_close(second.denoise_logits[:, :, :6], first.denoise_logits[:, :, :6], atol=1e-4, rtol=1e-5)
-    change = (second.denoise_logits[:, :, 6:] - first.denoise_logits[:, :, 6:]).detach().nan_to_num(0.0)  # -inf: padding
+    change = (
+        (second.denoise_logits[:, :, 6:] - first.denoise_logits[:, :, 6:]).detach().nan_to_num(0.0)
+    )  # -inf: padding
     assert float(change.abs().max()) > 1e-3
     torch.testing.assert_close(second.logits, first.logits, atol=1e-4, rtol=1e-5)
 
@@ -166,4 +176,6 @@ def test_a_fresh_model_refines_boxes_at_the_scale_its_box_head_is_trained_at() -
     head = model.bbox_embed.layers
     for layer in head:  # a trained-looking head: nonzero last layer
         torch.nn.init.normal_(layer.weight, std=0.2)
-    torch.testing.assert_close(model.bbox_embed(model.transformer.decoder.norm(x)), model.bbox_embed(x), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        model.bbox_embed(model.transformer.decoder.norm(x)), model.bbox_embed(x), atol=1e-4, rtol=0
+    )

@@ -16,17 +16,19 @@ from typing import Any
 
 import pytest
 import torch
-from reference import reference_processor
 
 from gdino.checkpoint.convert import hf_to_ours
 from gdino.loss.matcher import MatchCosts, hungarian_match
+from reference import reference_processor
 
 PROMPTS = ["a cat. a remote control. a sofa.", "a dog? red car. the tall tree."]  # 3 phrases each, padded
 LABELS = [
-    {"class_labels": torch.tensor([0, 2, 1]),
-     "boxes": torch.tensor([[0.30, 0.40, 0.20, 0.30], [0.70, 0.60, 0.30, 0.25], [0.55, 0.20, 0.12, 0.10]])},
+    {
+        "class_labels": torch.tensor([0, 2, 1]),
+        "boxes": torch.tensor([[0.30, 0.40, 0.20, 0.30], [0.70, 0.60, 0.30, 0.25], [0.55, 0.20, 0.12, 0.10]]),
+    },
     {"class_labels": torch.tensor([1, 1]), "boxes": torch.tensor([[0.50, 0.50, 0.40, 0.45], [0.15, 0.80, 0.20, 0.15]])},
-]  # fmt: skip
+]
 FULL_SIZE = (384, 576)  # reduced input, so that both training graphs fit in memory
 SMALL_SIZE = (256, 320)
 # Frozen in both models for the full-size run: their activations dominate the memory of a
@@ -133,16 +135,22 @@ def reference_proposal_loss(model, run: dict[str, Any], inputs, size) -> dict[st
     chosen = torch.gather(tokens, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, Q, D)
     text_mask = inputs["attention_mask"].bool()
     logits = inner.encoder_output_class_embed(chosen, run["memory_text"], text_mask)
-    boxes = (inner.encoder_output_bbox_embed(chosen) + torch.gather(proposals, 1, index[..., None].expand(-1, -1, 4))).sigmoid()
+    boxes = (
+        inner.encoder_output_bbox_embed(chosen) + torch.gather(proposals, 1, index[..., None].expand(-1, -1, 4))
+    ).sigmoid()
     outputs = {
-        "logits": logits, "pred_boxes": boxes,
+        "logits": logits,
+        "pred_boxes": boxes,
         "label_maps": build_label_maps(logits, inputs["input_ids"]),
         "text_mask": build_text_mask(logits, inputs["attention_mask"]),
-    }  # fmt: skip
+    }
     terms = criterion()(outputs, LABELS)
     sum(terms[k] * w for k, w in ENC_WEIGHTS.items()).backward()
-    named = {"model.enc_output": inner.enc_output, "model.enc_output_norm": inner.enc_output_norm,
-             "model.encoder_output_bbox_embed": inner.encoder_output_bbox_embed}  # fmt: skip
+    named = {
+        "model.enc_output": inner.enc_output,
+        "model.enc_output_norm": inner.enc_output_norm,
+        "model.encoder_output_bbox_embed": inner.encoder_output_bbox_embed,
+    }
     grads = {f"{m}.{n}": p.grad.clone() for m, module in named.items() for n, p in module.named_parameters()}
     return {
         "loss_dict": {k + "_enc": float(v) for k, v in terms.items()},
@@ -220,11 +228,14 @@ def check_against_reference(reference_model, our_model, size: tuple[int, int]) -
     assert_same_matches(ours["matches"][-1], ref["proposal"]["matches"], "encoder proposals")
     assert list(ours["loss_dict"]) == list(ref["loss_dict"])  # transformers' keys, in its order
     assert_terms_equal(ours["loss_dict"], {k: ref["loss_dict"][k] for k in decoder_keys}, logits)
-    enc_logits = {k: ref["proposal"]["logits"] for k in ref["proposal"]["loss_dict"]}
+    enc_logits = dict.fromkeys(ref["proposal"]["loss_dict"], ref["proposal"]["logits"])
     assert_terms_equal(ours["loss_dict"], ref["proposal"]["loss_dict"], enc_logits)
     weights = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-    total = sum(v * weights[k.rsplit("_", 1)[0] if k.count("_") > 1 else k] for k, v in ours["loss_dict"].items()
-                if not k.startswith("cardinality"))  # fmt: skip
+    total = sum(
+        v * weights[k.rsplit("_", 1)[0] if k.count("_") > 1 else k]
+        for k, v in ours["loss_dict"].items()
+        if not k.startswith("cardinality")
+    )
     assert ours["loss"] == pytest.approx(total, rel=1e-5)
     decoder = [n for n in ours["grads"] if n.startswith(DECODER_SIDE)]
     assert_grads_close(ours["grads"], ref["grads"], decoder)

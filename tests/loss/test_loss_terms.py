@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdino.utils.boxes import cxcywh_to_xyxy, generalized_box_iou
-from gdino.models.grounding_dino.config import SPECIAL_TOKEN_IDS
 from gdino.loss.criterion import (
     box_losses,
     cardinality_error,
@@ -15,14 +13,18 @@ from gdino.loss.criterion import (
     phrase_token_maps,
     sigmoid_focal_loss,
 )
+from gdino.models.grounding_dino.config import SPECIAL_TOKEN_IDS
+from gdino.utils.boxes import cxcywh_to_xyxy, generalized_box_iou
 
 pytest.importorskip("scipy")
 
 # [CLS] a cat . a remote control . [SEP] / [CLS] dog ? ? red car . [SEP] [PAD] [PAD]
-IDS = torch.tensor([
-    [101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102],
-    [101, 3899, 1029, 1029, 2417, 2482, 1012, 102, 0],
-])  # fmt: skip
+IDS = torch.tensor(
+    [
+        [101, 1037, 4937, 1012, 1037, 6556, 2491, 1012, 102],
+        [101, 3899, 1029, 1029, 2417, 2482, 1012, 102, 0],
+    ]
+)
 
 
 def test_phrases_are_the_runs_between_special_tokens_as_transformers_splits_them():
@@ -48,7 +50,9 @@ def test_focal_loss_matches_transformers_and_the_formula():
     log_p, log_not_p = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
     by_hand = torch.where(targets > 0, -0.25 * (1 - p) ** 2 * log_p, -0.75 * p**2 * log_not_p).sum() / 3
     assert sigmoid_focal_loss(logits, targets, 3.0, 0.25) == pytest.approx(float(by_hand), rel=1e-5)
-    assert sigmoid_focal_loss(logits, targets, 3.0, 0.25) == pytest.approx(float(reference(logits, targets, 3)), rel=1e-6)
+    assert sigmoid_focal_loss(logits, targets, 3.0, 0.25) == pytest.approx(
+        float(reference(logits, targets, 3)), rel=1e-6
+    )
 
 
 def test_generalized_iou_values():

@@ -28,11 +28,9 @@ def _problem(seed: int, queries: int = 6, targets: int = 3, width: int = 8):
 def test_matching_is_the_least_cost_assignment(seed):
     logits, boxes, maps, target_boxes = _problem(seed)
     costs = MatchCosts()
-    (rows, cols), = hungarian_match(logits, boxes, [maps], [target_boxes], costs)
+    ((rows, cols),) = hungarian_match(logits, boxes, [maps], [target_boxes], costs)
     cost = match_cost(logits[0], boxes[0], maps, target_boxes, costs)
-    best = min(
-        sum(cost[q, t].item() for t, q in enumerate(perm)) for perm in itertools.permutations(range(6), 3)
-    )
+    best = min(sum(cost[q, t].item() for t, q in enumerate(perm)) for perm in itertools.permutations(range(6), 3))
     assert sorted(cols.tolist()) == [0, 1, 2]
     assert rows.tolist() == sorted(rows.tolist())
     assert cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-5)
@@ -57,14 +55,18 @@ def test_the_class_cost_alone_picks_the_query_that_scores_the_phrase():
     maps = torch.zeros(1, 6)
     maps[0, 3:5] = 0.5
     boxes = torch.full((1, 4, 4), 0.5)
-    (rows, cols), = hungarian_match(logits, boxes, [maps], [torch.full((1, 4), 0.5)], MatchCosts(1.0, 0.0, 0.0))
+    ((rows, cols),) = hungarian_match(logits, boxes, [maps], [torch.full((1, 4), 0.5)], MatchCosts(1.0, 0.0, 0.0))
     assert rows.tolist() == [2] and cols.tolist() == [0]
 
 
 def test_an_image_without_targets_matches_nothing():
     logits, boxes, maps, target_boxes = _problem(1)
     matches = hungarian_match(
-        torch.cat([logits, logits]), torch.cat([boxes, boxes]), [maps, maps[:0]], [target_boxes, target_boxes[:0]], MatchCosts()
+        torch.cat([logits, logits]),
+        torch.cat([boxes, boxes]),
+        [maps, maps[:0]],
+        [target_boxes, target_boxes[:0]],
+        MatchCosts(),
     )
     assert len(matches[0][0]) == 3
     assert matches[1][0].numel() == 0 and matches[1][1].numel() == 0
@@ -74,5 +76,5 @@ def test_non_finite_predictions_are_matched_last():
     logits, boxes, maps, target_boxes = _problem(2, queries=4, targets=1)
     boxes[0, 1] = float("nan")
     logits[0, 1] = 50.0  # would win the class cost if NaN did not rank last
-    (rows, _), = hungarian_match(logits, boxes, [maps[:1]], [target_boxes], MatchCosts())
+    ((rows, _),) = hungarian_match(logits, boxes, [maps[:1]], [target_boxes], MatchCosts())
     assert rows.tolist() != [1]

@@ -10,13 +10,13 @@ import torch
 
 import gdino
 from gdino.checkpoint.convert import hf_to_ours
-from gdino.models.grounding_dino.config import SPECIAL_TOKEN_IDS, GroundingDinoConfig
 from gdino.models.grounding_dino.bert import BertEncoder, phrase_masks
+from gdino.models.grounding_dino.config import SPECIAL_TOKEN_IDS, GroundingDinoConfig
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd  # noqa: E402
+from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd
 
-from reference import noised_reference  # noqa: E402
+from reference import noised_reference
 
 VOCAB = Path(gdino.__file__).parent / "data" / "bert-base-uncased-vocab.txt"
 CLS, SEP, DOT, QUESTION = SPECIAL_TOKEN_IDS
@@ -111,14 +111,27 @@ def test_phrase_masks_match_reference_tokenized() -> None:
 def hf_model() -> torch.nn.Module:
     config = transformers.GroundingDinoConfig(
         backbone_config=dict(
-            model_type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
-            out_indices=[2, 3, 4], out_features=["stage2", "stage3", "stage4"], window_size=7,
+            model_type="swin",
+            embed_dim=32,
+            depths=[1, 1, 2, 1],
+            num_heads=[1, 2, 2, 4],
+            out_indices=[2, 3, 4],
+            out_features=["stage2", "stage3", "stage4"],
+            window_size=7,
         ),
         text_config=dict(
-            model_type="bert", vocab_size=30522, hidden_size=64, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=128,
+            model_type="bert",
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
         ),
-        encoder_layers=1, decoder_layers=2, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_layers=1,
+        decoder_layers=2,
+        d_model=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
         num_queries=50,
     )
     return noised_reference(config, noise=0.05)

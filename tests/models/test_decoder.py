@@ -9,11 +9,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gdino.checkpoint.convert import hf_to_ours  # noqa: E402
-from gdino.models.grounding_dino.config import GroundingDinoConfig  # noqa: E402
-from gdino.models.grounding_dino.decoder import Decoder  # noqa: E402
-from gdino.models.grounding_dino.heads import MLP, box_logit, contrastive_logits, predict_boxes, refine_boxes  # noqa: E402
-from reference import noised_reference, small_reference_config  # noqa: E402
+from gdino.checkpoint.convert import hf_to_ours
+from gdino.models.grounding_dino.config import GroundingDinoConfig
+from gdino.models.grounding_dino.decoder import Decoder
+from gdino.models.grounding_dino.heads import MLP, box_logit, contrastive_logits, predict_boxes, refine_boxes
+from reference import noised_reference, small_reference_config
 
 SPATIAL_SHAPES = [(8, 10), (4, 5), (2, 3), (1, 2)]  # not square, to catch (h, w) swaps
 VALID_HW = [(6, 7), (3, 4), (2, 2), (1, 1)]  # unpadded part of each level for the second image
@@ -259,8 +259,16 @@ def test_original_refinement_matches_the_original_code(models) -> None:
     reference, output, expected = x["reference_points"], x["queries"], []
     allowed = ~x["text_padding_mask"][:, None, None, :]
     for layer in decoder.layers:
-        output = layer(output, decoder.query_position(reference), reference[:, :, None].expand(-1, -1, 4, -1),
-                       x["memory"], None, x["spatial_shapes"], x["text"], allowed)  # fmt: skip
+        output = layer(
+            output,
+            decoder.query_position(reference),
+            reference[:, :, None].expand(-1, -1, 4, -1),
+            x["memory"],
+            None,
+            x["spatial_shapes"],
+            x["text"],
+            allowed,
+        )
         before_sigmoid = _inverse_sigmoid_as_the_original(reference)
         expected.append((box_head(decoder.norm(output)) + before_sigmoid).sigmoid())
         reference = (box_head(output) + before_sigmoid).sigmoid()

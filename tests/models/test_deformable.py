@@ -5,16 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdino.models.grounding_dino.deformable import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_reference
+from gdino.models.grounding_dino.deformable import (
+    MultiScaleDeformableAttention,
+    ms_deform_attn,
+    ms_deform_attn_reference,
+)
 from gdino.models.grounding_dino.ops import deformable
 
 SHAPES = [(6, 7), (1, 5), (4, 1), (3, 3), (1, 1)]  # (H, W): 1xN, Nx1 and 1x1 levels included
 
 
 def _inputs(
-    b: int = 2, q: int = 9, n_heads: int = 3, head_dim: int = 4, n_points: int = 2,
-    shapes: list[tuple[int, int]] = SHAPES, dtype: torch.dtype = torch.float32, seed: int = 0,
-) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor]:  # fmt: skip
+    b: int = 2,
+    q: int = 9,
+    n_heads: int = 3,
+    head_dim: int = 4,
+    n_points: int = 2,
+    shapes: list[tuple[int, int]] = SHAPES,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor]:
     """value, shapes, locations in [-0.3, 1.3] (many samples partly or wholly outside the map), weights."""
     g = torch.Generator().manual_seed(seed)
     s = sum(h * w for h, w in shapes)
@@ -185,7 +195,9 @@ def test_cpu_backward_pieces_equal_embedding_bags_own() -> None:
     ours_table = deformable._table_gradient(index, weights.detach(), upstream, rows)
     torch.testing.assert_close(ours_table, table.grad, atol=1e-5, rtol=1e-5)
     assert ours_table[7].abs().sum() > 0
-    torch.testing.assert_close(deformable._weights_gradient(index, table.detach(), upstream), weights.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        deformable._weights_gradient(index, table.detach(), upstream), weights.grad, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_training_keeps_only_locations_and_weights() -> None:

@@ -28,7 +28,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from gdino.models.grounding_dino.deformable import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+from gdino.models.grounding_dino.deformable import ms_deform_attn, ms_deform_attn_reference
 
 Args = tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor]
 
@@ -38,9 +38,15 @@ SPECIAL = [-0.5, -1e-7, 0.0, 1 / 14, 0.5, 1 - 1e-7, 1.0, 1.25]
 
 
 def _inputs(
-    b: int = 2, q: int = 6, n_heads: int = 2, head_dim: int = 8, n_points: int = 3,
-    shapes: list[tuple[int, int]] = SHAPES, dtype: torch.dtype = torch.float32, seed: int = 0,
-) -> Args:  # fmt: skip
+    b: int = 2,
+    q: int = 6,
+    n_heads: int = 2,
+    head_dim: int = 8,
+    n_points: int = 3,
+    shapes: list[tuple[int, int]] = SHAPES,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Args:
     """value, shapes, locations, weights. Locations are random in [-0.3, 1.3] (many samples partly or
     wholly outside), and the first query's are all combinations of SPECIAL (edges, outside, centres).
     The default nL * nP = 15 samples per head pad to 16 lanes in the kernels."""
@@ -111,8 +117,11 @@ def kernel_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, __file__, str(folder / "cases.pt"), str(folder / "results.pt")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
     return torch.load(folder / "results.pt", weights_only=True)
 
@@ -206,7 +215,7 @@ def test_kernels_compile_for_a_gpu(value_dtype: torch.dtype, location_dtype: tor
     for kernel, per_thread in ((m._fwd_kernel, 4), (m._bwd_kernel, 2)):
         # Pointers typed, the rest constexpr or i32 (Q, S).
         signature = {n: "*" + pointers[n] if n in pointers else "i32" for n in kernel.arg_names}
-        signature |= {n: "constexpr" for n in constants}
+        signature |= dict.fromkeys(constants, "constexpr")
         compiled = m.triton.compile(
             ASTSource(kernel, signature, constants),
             target=GPUTarget("cuda", 80, 32),

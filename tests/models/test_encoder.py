@@ -9,8 +9,8 @@ from transformers import GroundingDinoForObjectDetection
 from transformers.models.grounding_dino import modeling_grounding_dino as hf
 
 from gdino.checkpoint.convert import hf_to_ours
-from gdino.models.grounding_dino.config import SPECIAL_TOKEN_IDS, GroundingDinoConfig
 from gdino.models.grounding_dino import fusion
+from gdino.models.grounding_dino.config import SPECIAL_TOKEN_IDS, GroundingDinoConfig
 from gdino.models.grounding_dino.deformable import MultiScaleDeformableAttention, ms_deform_attn
 from gdino.models.grounding_dino.encoder import FeatureEnhancer, encoder_reference_points
 from gdino.models.grounding_dino.fusion import FusionLayer
@@ -85,8 +85,9 @@ def test_ms_deform_attn_bilinear_sample_by_hand() -> None:
 def test_deformable_attention_matches_hf(models, coords: int) -> None:
     model, config, state = models
     theirs = model.model.encoder.layers[1].deformable_layer.self_attn
-    ours = MultiScaleDeformableAttention(config.d_model, config.num_feature_levels, config.encoder_heads,
-                                         config.encoder_points)  # fmt: skip
+    ours = MultiScaleDeformableAttention(
+        config.d_model, config.num_feature_levels, config.encoder_heads, config.encoder_points
+    )
     _load(ours, state, "transformer.encoder.layers.1.self_attn.")
     torch.manual_seed(3)
     s = sum(h * w for h, w in SHAPES)
@@ -95,8 +96,15 @@ def test_deformable_attention_matches_hf(models, coords: int) -> None:
     padding = ~torch.cat([m.flatten(1) for m in _vision_masks()[0]], 1)
     shapes, starts = _hf_shapes()
     with torch.no_grad():
-        expected, _ = theirs(query, attention_mask=~padding, encoder_hidden_states=value, reference_points=reference,
-                             spatial_shapes=shapes, spatial_shapes_list=SHAPES, level_start_index=starts)  # fmt: skip
+        expected, _ = theirs(
+            query,
+            attention_mask=~padding,
+            encoder_hidden_states=value,
+            reference_points=reference,
+            spatial_shapes=shapes,
+            spatial_shapes_list=SHAPES,
+            level_start_index=starts,
+        )
         out = ours(query, reference, value, SHAPES, padding)
         unmasked = ours(query, reference, value, SHAPES, None)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
@@ -348,10 +356,12 @@ def test_reference_points_match_hf() -> None:
 
 def _text_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two prompts of different lengths: (B, T) token mask (True = real), (B, T, T) self-attention, (B, T) ids."""
-    input_ids = torch.tensor([
-        [101, 4937, 1012, 2317, 3899, 1012, 102],  # "cat. white dog."
-        [101, 3899, 1012, 102, 0, 0, 0],  # "dog." + padding
-    ])  # fmt: skip
+    input_ids = torch.tensor(
+        [
+            [101, 4937, 1012, 2317, 3899, 1012, 102],  # "cat. white dog."
+            [101, 3899, 1012, 102, 0, 0, 0],  # "dog." + padding
+        ]
+    )
     token_mask = input_ids != 0
     self_attention, position_ids = hf.generate_masks_with_special_tokens_and_transfer_map(
         input_ids, torch.tensor(SPECIAL_TOKEN_IDS)
@@ -372,11 +382,20 @@ def test_encoder_matches_hf(models) -> None:
     shapes, starts = _hf_shapes()
     with torch.no_grad():
         expected = model.model.encoder(
-            vision_features=vision, vision_attention_mask=~valid, vision_position_embedding=pos,
-            spatial_shapes=shapes, spatial_shapes_list=SHAPES, level_start_index=starts, valid_ratios=ratios,
-            text_features=text, text_attention_mask=~token_mask, text_position_embedding=None,
-            text_self_attention_masks=~self_attention, text_position_ids=position_ids, return_dict=True,
-        )  # fmt: skip
+            vision_features=vision,
+            vision_attention_mask=~valid,
+            vision_position_embedding=pos,
+            spatial_shapes=shapes,
+            spatial_shapes_list=SHAPES,
+            level_start_index=starts,
+            valid_ratios=ratios,
+            text_features=text,
+            text_attention_mask=~token_mask,
+            text_position_embedding=None,
+            text_self_attention_masks=~self_attention,
+            text_position_ids=position_ids,
+            return_dict=True,
+        )
         out_v, out_t = ours(vision, pos, SHAPES, ratios, ~valid, text, ~token_mask, self_attention, position_ids)
     torch.testing.assert_close(out_v, expected.last_hidden_state_vision, atol=ATOL, rtol=0)
     torch.testing.assert_close(out_t, expected.last_hidden_state_text, atol=ATOL, rtol=0)

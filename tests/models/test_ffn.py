@@ -23,7 +23,9 @@ def test_chunked_equals_plain_and_autograd_path_too(monkeypatch):
         for dtype in (torch.float64, torch.bfloat16):
             l1d, l2d = l1.to(dtype), l2.to(dtype)
             got = ffn.residual_ffn(x.to(dtype), l1d, l2d)
-            torch.testing.assert_close(got, _plain(x.to(dtype), l1d, l2d), atol=2e-2 if dtype == torch.bfloat16 else 1e-12, rtol=0)
+            torch.testing.assert_close(
+                got, _plain(x.to(dtype), l1d, l2d), atol=2e-2 if dtype == torch.bfloat16 else 1e-12, rtol=0
+            )
         l1, l2 = l1.float(), l2.float()
     y = x.clone().requires_grad_()
     ffn.residual_ffn(y, l1, l2).sum().backward()

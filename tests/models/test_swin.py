@@ -6,17 +6,18 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd  # noqa: E402
+from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd
 
-from gdino.checkpoint.convert import hf_to_ours  # noqa: E402
-from gdino.models.grounding_dino.config import GroundingDinoConfig  # noqa: E402
-from gdino.models.grounding_dino.position import coordinate_sine_embedding, sine_position_embedding  # noqa: E402
-from gdino.models.grounding_dino.swin import SwinBackbone, shift_window_mask  # noqa: E402
-from reference import noised_reference  # noqa: E402
+from gdino.checkpoint.convert import hf_to_ours
+from gdino.models.grounding_dino.config import GroundingDinoConfig
+from gdino.models.grounding_dino.position import coordinate_sine_embedding, sine_position_embedding
+from gdino.models.grounding_dino.swin import SwinBackbone, shift_window_mask
+from reference import noised_reference
 
 try:  # transformers >= 5 renames weights in memory; save_pretrained writes the published names.
     from transformers.core_model_loading import revert_weight_conversion
 except ImportError:  # transformers 4: in-memory names are the published names
+
     def revert_weight_conversion(model, state_dict):  # type: ignore[no-redef]
         return state_dict
 
@@ -26,12 +27,23 @@ def _hf_config() -> transformers.GroundingDinoConfig:
     # every resolution (including maps smaller than a window).
     return transformers.GroundingDinoConfig(
         backbone_config=dict(
-            model_type="swin", embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
-            out_indices=[2, 3, 4], out_features=["stage2", "stage3", "stage4"], window_size=7,
+            model_type="swin",
+            embed_dim=32,
+            depths=[2, 2, 2, 2],
+            num_heads=[1, 2, 2, 4],
+            out_indices=[2, 3, 4],
+            out_features=["stage2", "stage3", "stage4"],
+            window_size=7,
         ),
-        text_config=dict(model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=128),
-        encoder_layers=1, decoder_layers=2, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=50,
+        text_config=dict(
+            model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+        ),
+        encoder_layers=1,
+        decoder_layers=2,
+        d_model=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_queries=50,
     )
 
 
@@ -44,7 +56,7 @@ def models() -> tuple[torch.nn.Module, SwinBackbone]:
     assert unknown == []
     ours = SwinBackbone(GroundingDinoConfig.from_hf_dict(hf_config.to_dict()).swin).eval()
     prefix = "backbone."
-    ours.load_state_dict({k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}, strict=True)
+    ours.load_state_dict({k[len(prefix) :]: v for k, v in converted.items() if k.startswith(prefix)}, strict=True)
     return hf.model.backbone.conv_encoder.model, ours
 
 
@@ -115,8 +127,13 @@ def test_sine_position_embedding_matches_hf():
 
 @pytest.mark.parametrize(
     "shape,num_feats,dtype",
-    [((2, 7, 1), 64, torch.float32), ((2, 5, 2), 16, torch.float32), ((2, 5, 4), 32, torch.float32),
-     ((3, 4), 128, torch.float32), ((2, 5, 4), 32, torch.float16)],
+    [
+        ((2, 7, 1), 64, torch.float32),
+        ((2, 5, 2), 16, torch.float32),
+        ((2, 5, 4), 32, torch.float32),
+        ((3, 4), 128, torch.float32),
+        ((2, 5, 4), 32, torch.float16),
+    ],
 )
 def test_coordinate_sine_embedding_matches_hf(shape, num_feats, dtype):
     coords = torch.rand(shape, generator=torch.Generator().manual_seed(3)).to(dtype)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gdino import GroundingDinoForObjectDetection, PromptError
+from gdino import PromptError
 from gdino.inference.postprocess import box_iou, class_nms, nms
 from gdino.processing.classes import ClassQuery, label_query, prompt_text, queries_for_images
 
@@ -98,16 +98,23 @@ def test_token_spans(fast_model, image):
     assert found.label_ids.tolist() == best_label[order].tolist()
     np.testing.assert_allclose(found.scores, best[order].numpy(), atol=1e-5)
     # leading spaces in the prompt: spans still count characters of the prompt as given
-    moved = fast_model.detect(image, "  " + sentence, token_spans=[[(s + 2, e + 2) for s, e in g] for g in spans],
-                         box_threshold=0.0)
+    moved = fast_model.detect(
+        image, "  " + sentence, token_spans=[[(s + 2, e + 2) for s, e in g] for g in spans], box_threshold=0.0
+    )
     assert moved.labels == found.labels
     np.testing.assert_allclose(moved.scores, found.scores, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     ("spans", "needle"),
-    [([], "empty"), ([[]], "empty"), ([[(5, 30)]], "not inside"), ([[(3, 4)]], "covers no word"),
-     ([[(4, 2)]], "not inside"), ([["a"]], "(start, end)")],
+    [
+        ([], "empty"),
+        ([[]], "empty"),
+        ([[(5, 30)]], "not inside"),
+        ([[(3, 4)]], "covers no word"),
+        ([[(4, 2)]], "not inside"),
+        ([["a"]], "(start, end)"),
+    ],
 )
 def test_bad_token_spans(fast_model, image, spans, needle):
     with pytest.raises(PromptError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -173,21 +180,102 @@ def test_label_alone_too_long(fast_model, image):
 
 def lvis_like_names(n: int = 1203) -> list[str]:
     """n distinct multi-word names in LVIS' style (underscores, parentheses, word pieces)."""
-    special = ["aerosol_can", "air_conditioner", "bow_(weapon)", "hot-air_balloon", "teddy_bear", "hair_dryer",
-               "kitchen_sink", "pan_(for_cooking)", "beer_bottle", "rubber_band", "St. Bernard", "kookaburra"]
-    adjectives = ["red", "wooden", "plastic", "folding", "electric", "striped", "antique", "glass", "leather",
-                  "metal", "paper", "rubber", "ceramic", "woolen", "inflatable", "portable", "vintage", "toy",
-                  "broken", "silver", "golden", "frozen", "wet", "tiny", "giant", "baby", "kitchen", "garden",
-                  "camping", "office"]
-    nouns = ["chair", "table", "lamp", "bottle", "umbrella", "bicycle helmet", "teapot", "suitcase", "kite",
-             "hairbrush", "saucepan", "skateboard", "mailbox", "wristwatch", "paintbrush", "thermos", "toaster oven",
-             "wine glass", "fire extinguisher", "traffic cone", "sleeping bag", "cutting board", "flip-flop (sandal)",
-             "pressure cooker", "measuring cup", "ice skate", "bath towel", "shower curtain", "bird feeder",
-             "car battery", "dog collar", "gas mask", "jigsaw puzzle", "ladle", "music stand", "nutcracker",
-             "pencil sharpener", "pool table", "rolling pin", "salad spinner", "tennis racket", "watering can",
-             "yoga mat", "zucchini"]
-    combos = [f"{a}_{b.replace(' ', '_')}" if i % 3 == 0 else f"{a} {b}"
-              for i, (a, b) in enumerate(itertools.product(adjectives, nouns))]
+    special = [
+        "aerosol_can",
+        "air_conditioner",
+        "bow_(weapon)",
+        "hot-air_balloon",
+        "teddy_bear",
+        "hair_dryer",
+        "kitchen_sink",
+        "pan_(for_cooking)",
+        "beer_bottle",
+        "rubber_band",
+        "St. Bernard",
+        "kookaburra",
+    ]
+    adjectives = [
+        "red",
+        "wooden",
+        "plastic",
+        "folding",
+        "electric",
+        "striped",
+        "antique",
+        "glass",
+        "leather",
+        "metal",
+        "paper",
+        "rubber",
+        "ceramic",
+        "woolen",
+        "inflatable",
+        "portable",
+        "vintage",
+        "toy",
+        "broken",
+        "silver",
+        "golden",
+        "frozen",
+        "wet",
+        "tiny",
+        "giant",
+        "baby",
+        "kitchen",
+        "garden",
+        "camping",
+        "office",
+    ]
+    nouns = [
+        "chair",
+        "table",
+        "lamp",
+        "bottle",
+        "umbrella",
+        "bicycle helmet",
+        "teapot",
+        "suitcase",
+        "kite",
+        "hairbrush",
+        "saucepan",
+        "skateboard",
+        "mailbox",
+        "wristwatch",
+        "paintbrush",
+        "thermos",
+        "toaster oven",
+        "wine glass",
+        "fire extinguisher",
+        "traffic cone",
+        "sleeping bag",
+        "cutting board",
+        "flip-flop (sandal)",
+        "pressure cooker",
+        "measuring cup",
+        "ice skate",
+        "bath towel",
+        "shower curtain",
+        "bird feeder",
+        "car battery",
+        "dog collar",
+        "gas mask",
+        "jigsaw puzzle",
+        "ladle",
+        "music stand",
+        "nutcracker",
+        "pencil sharpener",
+        "pool table",
+        "rolling pin",
+        "salad spinner",
+        "tennis racket",
+        "watering can",
+        "yoga mat",
+        "zucchini",
+    ]
+    combos = [
+        f"{a}_{b.replace(' ', '_')}" if i % 3 == 0 else f"{a} {b}"
+        for i, (a, b) in enumerate(itertools.product(adjectives, nouns))
+    ]
     names = special + combos
     assert len(names) >= n and len(set(names)) == len(names)
     return names[:n]

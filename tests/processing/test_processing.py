@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gdino.utils.hub import CheckpointError
+from gdino.inference.postprocess import phrase_for_tokens, phrase_scores
 from gdino.processing.image import ImageError, load_image, resized_size
 from gdino.processing.processor import BatchEncoding, GroundingDinoProcessor, resolve_files
-from gdino.inference.postprocess import phrase_for_tokens, phrase_scores
 from gdino.processing.text import PromptError, packaged_vocab_path, phrase_spans
+from gdino.utils.hub import CheckpointError
 from reference import DATA
 
 PROMPT = "a cat. a remote control."
@@ -80,8 +79,12 @@ def test_model_card_text_form(hf, proc):
 def test_per_image_prompts_padded_like_transformers(hf, proc):
     texts = ["a cat.", ["cat", "remote control", "sofa"]]
     ours = proc(images=_images(["chelsea.png", "coffee.png"]), text=texts)
-    ref = hf(images=_images(["chelsea.png", "coffee.png"]), text=["a cat.", "cat. remote control. sofa."],
-             return_tensors="pt", padding=True)
+    ref = hf(
+        images=_images(["chelsea.png", "coffee.png"]),
+        text=["a cat.", "cat. remote control. sofa."],
+        return_tensors="pt",
+        padding=True,
+    )
     _assert_same_inputs(ours, ref)
 
 
@@ -103,7 +106,9 @@ def test_labels_are_tokenised_as_detect_writes_them(hf, proc):
 
 def test_labels_keyword_removes_the_guessing(hf, proc):
     # text=: transformers' rule, a "." makes a list of strings one prompt per item
-    assert torch.equal(proc(text=["st. bernard"])["input_ids"], hf(text=["st. bernard."], return_tensors="pt")["input_ids"])
+    assert torch.equal(
+        proc(text=["st. bernard"])["input_ids"], hf(text=["st. bernard."], return_tensors="pt")["input_ids"]
+    )
     # labels=: always one label list, as detect reads ["st. bernard"]
     explicit = proc(images=_images(["chelsea.png", "coffee.png"]), labels=["st. bernard", "cat"])
     assert torch.equal(explicit["input_ids"], proc(text="st bernard. cat.")["input_ids"].expand(2, -1))
@@ -113,10 +118,17 @@ def test_labels_keyword_removes_the_guessing(hf, proc):
         proc(labels="cat")
 
 
-@pytest.mark.parametrize("prompt", [
-    "a cat. a remote control.", "the café's crème brûlée.", "naïve 东京 tower? 42 apples.",
-    "unbelievably-long-hyphenated-wordpieces. x-ray!.", "tabs\tand  spaces . dots...", "[sep] [mask] things.",
-])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a cat. a remote control.",
+        "the café's crème brûlée.",
+        "naïve 东京 tower? 42 apples.",
+        "unbelievably-long-hyphenated-wordpieces. x-ray!.",
+        "tabs\tand  spaces . dots...",
+        "[sep] [mask] things.",
+    ],
+)
 def test_token_ids_match_bert_tokenizer(hf, proc, prompt):
     ours = proc(text=prompt)
     ref = hf.tokenizer(prompt, return_tensors="pt", return_token_type_ids=True)
@@ -158,13 +170,17 @@ def _fake_outputs(proc, prompts, seed):
 @pytest.mark.parametrize("sizes", [None, "list", "tensor"])
 def test_post_process_matches_transformers(hf, proc, threshold, text_threshold, sizes):
     outputs = _fake_outputs(proc, ["a cat. a remote control.", "a dog."], seed=int(threshold * 100))
-    target_sizes = {None: None, "list": [(300, 451), (400, 600)], "tensor": torch.tensor([[300, 451], [400, 600]])}[sizes]
-    ours = proc.post_process_grounded_object_detection(outputs, threshold=threshold, text_threshold=text_threshold,
-                                                       target_sizes=target_sizes)
+    target_sizes = {None: None, "list": [(300, 451), (400, 600)], "tensor": torch.tensor([[300, 451], [400, 600]])}[
+        sizes
+    ]
+    ours = proc.post_process_grounded_object_detection(
+        outputs, threshold=threshold, text_threshold=text_threshold, target_sizes=target_sizes
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        ref = hf.post_process_grounded_object_detection(outputs, threshold=threshold, text_threshold=text_threshold,
-                                                        target_sizes=target_sizes)
+        ref = hf.post_process_grounded_object_detection(
+            outputs, threshold=threshold, text_threshold=text_threshold, target_sizes=target_sizes
+        )
         ref = [dict(r.items()) for r in ref]
     assert len(ours) == len(ref) == 2
     for o, r in zip(ours, ref):
@@ -181,16 +197,19 @@ def test_post_process_arguments(proc):
     base = proc.post_process_grounded_object_detection(outputs, threshold=0.4)
     alias = proc.post_process_grounded_object_detection(outputs, box_threshold=0.4)
     explicit = proc.post_process_grounded_object_detection(
-        SimpleNamespace(logits=outputs.logits, pred_boxes=outputs.pred_boxes), input_ids=outputs.input_ids,
-        threshold=0.4)
+        SimpleNamespace(logits=outputs.logits, pred_boxes=outputs.pred_boxes),
+        input_ids=outputs.input_ids,
+        threshold=0.4,
+    )
     as_dict = proc.post_process_grounded_object_detection(dict(vars(outputs)), threshold=0.4)
     for r in (alias, explicit, as_dict):
         assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(base, r))
     with pytest.raises(ValueError, match="disagree"):
         proc.post_process_grounded_object_detection(outputs, threshold=0.3, box_threshold=0.4)
     with pytest.raises(ValueError, match="input_ids"):
-        proc.post_process_grounded_object_detection(SimpleNamespace(logits=outputs.logits,
-                                                                    pred_boxes=outputs.pred_boxes))
+        proc.post_process_grounded_object_detection(
+            SimpleNamespace(logits=outputs.logits, pred_boxes=outputs.pred_boxes)
+        )
     with pytest.raises(ValueError, match="target sizes"):
         proc.post_process_grounded_object_detection(outputs, target_sizes=[(10, 10)])
 
@@ -236,7 +255,7 @@ def _corrupt_files(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     corrupt = bytearray(data)
-    corrupt[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    corrupt[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     (tmp_path / "corrupt.png").write_bytes(bytes(corrupt))
     return ["notes.png", "truncated.png", "corrupt.png", "missing.png"]
 
@@ -249,10 +268,15 @@ def test_unreadable_files(proc, tmp_path):
             proc(images=[DATA / "chelsea.png", tmp_path / name], text=PROMPT)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.zeros((8, 8, 3), np.float32), "uint8"), (np.zeros((3, 8, 8), np.uint8), "shape"),
-    (np.zeros((0, 8, 3), np.uint8), "no pixels"), (torch.zeros(3, 8, 8), "unsupported image type"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((8, 8, 3), np.float32), "uint8"),
+        (np.zeros((3, 8, 8), np.uint8), "shape"),
+        (np.zeros((0, 8, 3), np.uint8), "no pixels"),
+        (torch.zeros(3, 8, 8), "unsupported image type"),
+    ],
+)
 def test_bad_image_inputs(proc, bad, match):
     with pytest.raises(ImageError, match=match):
         proc(images=bad, text=PROMPT)
@@ -269,7 +293,12 @@ def test_image_forms_agree(proc):
     img = Image.open(DATA / "coffee.png")
     ref = _pixels(proc, img)
     arr = np.asarray(img)
-    for form in (str(DATA / "coffee.png"), DATA / "coffee.png", arr, np.dstack([arr, np.full(arr.shape[:2], 255, np.uint8)])):
+    for form in (
+        str(DATA / "coffee.png"),
+        DATA / "coffee.png",
+        arr,
+        np.dstack([arr, np.full(arr.shape[:2], 255, np.uint8)]),
+    ):
         assert torch.equal(_pixels(proc, form), ref)
     gray = np.asarray(img.convert("L"))
     assert torch.equal(_pixels(proc, gray), _pixels(proc, np.dstack([gray] * 3)))
@@ -333,7 +362,9 @@ def test_from_pretrained_local_dirs(hf, proc, tmp_path):
     hf.save_pretrained(saved)  # tokenizer.json + processor_config.json (transformers 5 layout)
     assert resolve_files(saved).tokenizer_json is not None
     loaded = GroundingDinoProcessor.from_pretrained(saved)
-    _assert_same_inputs(loaded(images=_images(["coffee.png"]), text=PROMPT), proc(images=_images(["coffee.png"]), text=PROMPT))
+    _assert_same_inputs(
+        loaded(images=_images(["coffee.png"]), text=PROMPT), proc(images=_images(["coffee.png"]), text=PROMPT)
+    )
 
     hub = tmp_path / "hub"  # the Hub repo layout: vocab.txt + preprocessor_config.json
     hub.mkdir()

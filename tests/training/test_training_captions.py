@@ -90,7 +90,11 @@ def test_grounding_caption_is_kept_with_each_phrase_tokens(tokenizer):
     caption = CaptionBuilder(tokenizer)(sample, np.random.default_rng(0))
     assert caption.text == caption_text + "."
     ids = _ids(tokenizer, caption.text)
-    assert [tokenizer.decode([ids[i] for i in t]) for t in caption.tokens] == ["a man", "a red umbrella", "a man in a hat"]
+    assert [tokenizer.decode([ids[i] for i in t]) for t in caption.tokens] == [
+        "a man",
+        "a red umbrella",
+        "a man in a hat",
+    ]
     assert caption.box_labels == (1, 0, 2) and caption.kept == (0, 1, 2)
 
 

@@ -50,7 +50,7 @@ def coco_file(tmp_path) -> Path:
             {"id": 6, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5]},
             {"id": 7, "image_id": 11, "category_id": 3, "bbox": [1, 2, 0, 5]},  # empty box
         ],
-    }  # fmt: skip
+    }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
     return path
@@ -104,22 +104,51 @@ def odvg_file(tmp_path) -> Path:
         _image(tmp_path / name, 64, 48)
     caption = "A man holding a red umbrella next to a man in a hat"
     lines = [
-        {"filename": "a.jpg", "height": 48, "width": 64, "detection": {"instances": [
-            {"bbox": [1, 2, 30, 40], "label": 5, "category": "car"},
-            {"bbox": [10, 10, 20, 20], "label": 0, "category": "person"}]}},
-        {"filename": "b.jpg", "height": 48, "width": 64, "grounding": {"caption": caption, "regions": [
-            {"bbox": [0, 0, 10, 40], "phrase": "a red umbrella"},
-            {"bbox": [20, 0, 40, 48], "phrase": "A man"},
-            {"bbox": [40, 0, 60, 48], "phrase": "a man in a hat", "tokens_positive": [[37, 51]]},
-            {"bbox": [12, 3, 16, 9], "phrase": "a red umbrella"}]}},
+        {
+            "filename": "a.jpg",
+            "height": 48,
+            "width": 64,
+            "detection": {
+                "instances": [
+                    {"bbox": [1, 2, 30, 40], "label": 5, "category": "car"},
+                    {"bbox": [10, 10, 20, 20], "label": 0, "category": "person"},
+                ]
+            },
+        },
+        {
+            "filename": "b.jpg",
+            "height": 48,
+            "width": 64,
+            "grounding": {
+                "caption": caption,
+                "regions": [
+                    {"bbox": [0, 0, 10, 40], "phrase": "a red umbrella"},
+                    {"bbox": [20, 0, 40, 48], "phrase": "A man"},
+                    {"bbox": [40, 0, 60, 48], "phrase": "a man in a hat", "tokens_positive": [[37, 51]]},
+                    {"bbox": [12, 3, 16, 9], "phrase": "a red umbrella"},
+                ],
+            },
+        },
         "{this line is broken",
-        {"filename": "c.jpg", "height": 48, "width": 64, "detection": {"instances": [
-            {"bbox": [1, 2, 30, 40], "label": 7, "category": "boat"}]}},
-        {"filename": "d.jpg", "height": 48, "width": 64, "detection": {"instances": [
-            {"bbox": [1, 2, 80, 40], "label": 0, "category": "person"}]}},
-        {"filename": "e.jpg", "height": 48, "width": 64, "grounding": {"caption": "a dog", "regions": [
-            {"bbox": [1, 2, 30, 40], "phrase": "a cat"}]}},
-    ]  # fmt: skip
+        {
+            "filename": "c.jpg",
+            "height": 48,
+            "width": 64,
+            "detection": {"instances": [{"bbox": [1, 2, 30, 40], "label": 7, "category": "boat"}]},
+        },
+        {
+            "filename": "d.jpg",
+            "height": 48,
+            "width": 64,
+            "detection": {"instances": [{"bbox": [1, 2, 80, 40], "label": 0, "category": "person"}]},
+        },
+        {
+            "filename": "e.jpg",
+            "height": 48,
+            "width": 64,
+            "grounding": {"caption": "a dog", "regions": [{"bbox": [1, 2, 30, 40], "phrase": "a cat"}]},
+        },
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
@@ -135,8 +164,11 @@ def test_odvg_detection_and_grounding_records(odvg_file):
     assert ground.is_grounding and ground.caption.startswith("A man holding")
     # distinct phrases in caption order, each with its span in the caption
     assert [p.text for p in ground.phrases] == ["A man", "a red umbrella", "a man in a hat"]
-    assert [ground.caption[s:e] for p in ground.phrases for s, e in p.spans] == \
-           ["A man", "a red umbrella", "a man in a hat"]
+    assert [ground.caption[s:e] for p in ground.phrases for s, e in p.spans] == [
+        "A man",
+        "a red umbrella",
+        "a man in a hat",
+    ]
     assert ground.labels == (1, 0, 2, 1)
     assert ground.origin == f"{odvg_file}: line 2"
 
@@ -161,11 +193,17 @@ def test_odvg_labels_come_from_the_file_without_a_label_map(odvg_file):
 
 
 RECORDS = [
-    {"image": "a.png", "width": 200, "height": 100, "detections": [
-        {"box": [20.0, 10.0, 60.0, 50.0], "score": 0.9, "label": "dog", "label_id": 1},
-        {"box": [-10.0, -5.0, 30.0, 20.0], "score": 0.8, "label": "cat", "label_id": 0}]},
+    {
+        "image": "a.png",
+        "width": 200,
+        "height": 100,
+        "detections": [
+            {"box": [20.0, 10.0, 60.0, 50.0], "score": 0.9, "label": "dog", "label_id": 1},
+            {"box": [-10.0, -5.0, 30.0, 20.0], "score": 0.8, "label": "cat", "label_id": 0},
+        ],
+    },
     {"image": "sub/b.jpg", "width": 50, "height": 40, "detections": []},
-]  # fmt: skip
+]
 
 
 def test_yolo_folder_written_by_gdino_label_reads_back(tmp_path):

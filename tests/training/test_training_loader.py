@@ -31,15 +31,23 @@ def dataset(tmp_path_factory):
         w, h = 96 + 8 * i, 64 + 4 * i
         arr = np.full((h, w, 3), 200, dtype=np.uint8)
         x, y = 5 + i, 7 + i
-        arr[y:y + 20, x:x + 30] = (255, 0, 0)
+        arr[y : y + 20, x : x + 30] = (255, 0, 0)
         Image.fromarray(arr).save(root / f"{i}.png")
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
         annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 10, "bbox": [x, y, 30, 20]})
         if i % 2:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 30,
-                                "bbox": [int(rng.integers(40, 60)), 30, 20, 20]})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": 30,
+                    "bbox": [int(rng.integers(40, 60)), 30, 20, 20],
+                }
+            )
     categories = [{"id": 10 * (k + 1), "name": n} for k, n in enumerate(NAMES)]
-    (root / "train.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (root / "train.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return read_coco(root / "train.json")
 
 
@@ -128,10 +136,18 @@ def test_grounding_records_collate_with_their_caption_and_phrase_tokens(tmp_path
     from gdino.training.odvg import read_odvg
 
     Image.new("RGB", (80, 60), (50, 60, 70)).save(tmp_path / "g.png")
-    record = {"filename": "g.png", "width": 80, "height": 60, "grounding": {
-        "caption": "a red circle next to the big blue square", "regions": [
-            {"bbox": [40, 10, 70, 40], "phrase": "the big blue square"},
-            {"bbox": [5, 5, 25, 25], "phrase": "a red circle"}]}}  # fmt: skip
+    record = {
+        "filename": "g.png",
+        "width": 80,
+        "height": 60,
+        "grounding": {
+            "caption": "a red circle next to the big blue square",
+            "regions": [
+                {"bbox": [40, 10, 70, 40], "phrase": "the big blue square"},
+                {"bbox": [5, 5, 25, 25], "phrase": "a red circle"},
+            ],
+        },
+    }
     (tmp_path / "g.jsonl").write_text(json.dumps(record) + "\n")
     data = read_odvg(tmp_path / "g.jsonl")
     captions = CaptionBuilder(processor.tokenizer, data.names)
@@ -142,5 +158,6 @@ def test_grounding_records_collate_with_their_caption_and_phrase_tokens(tmp_path
     assert target["class_labels"].tolist() == [1, 0]  # phrases in caption order: "a red circle", then the square
     rows = [torch.nonzero(r).flatten().tolist() for r in target["positive_map"]]
     assert [processor.decode(ids[r]) for r in rows] == ["a red circle", "the big blue square"]
-    torch.testing.assert_close(target["boxes"], torch.tensor([[55 / 80, 25 / 60, 30 / 80, 30 / 60],
-                                                              [15 / 80, 15 / 60, 20 / 80, 20 / 60]]))
+    torch.testing.assert_close(
+        target["boxes"], torch.tensor([[55 / 80, 25 / 60, 30 / 80, 30 / 60], [15 / 80, 15 / 60, 20 / 80, 20 / 60]])
+    )

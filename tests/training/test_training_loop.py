@@ -16,8 +16,9 @@ import torch
 pytest.importorskip("scipy")
 from safetensors.torch import load_file
 
-from gdino.models.grounding_dino.config import GroundingDinoConfig
+from gdino.checkpoint.loading import load_strict, read_state_dict
 from gdino.inference.detector import GroundingDinoForObjectDetection
+from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.training.loader import collate
 from gdino.training.shapes import ShapesSettings, write_shapes_dataset
 from gdino.training.trainer import (
@@ -28,7 +29,6 @@ from gdino.training.trainer import (
     start,
     train,
 )
-from gdino.checkpoint.loading import load_strict, read_state_dict
 from gdino.utils.hub import Checkpoint
 
 pytestmark = pytest.mark.slow  # training runs, checkpoints, resumes
@@ -39,10 +39,12 @@ FAST: dict[str, Any] = {"batch_size": 2, "image_size": 96, "augment": False, "ma
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> dict[str, Path]:
     """Four training and two held-out shapes images, 96-128 pixels a side, plain backgrounds."""
-    settings = ShapesSettings(image_size=(96, 128), objects=(1, 3), radius=(0.15, 0.3),
-                              backgrounds=("flat", "gradient"))
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), {"train": 4, "held_out": 2}, seed=3,
-                                settings=settings, image_format="png")
+    settings = ShapesSettings(
+        image_size=(96, 128), objects=(1, 3), radius=(0.15, 0.3), backgrounds=("flat", "gradient")
+    )
+    return write_shapes_dataset(
+        tmp_path_factory.mktemp("shapes"), {"train": 4, "held_out": 2}, seed=3, settings=settings, image_format="png"
+    )
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -73,8 +75,9 @@ def test_without_augmentation_images_are_trained_at_the_image_size(shapes, tmp_p
     settings = TrainSettings(epochs=1, max_steps=1, **{**FAST, "image_size": 64})
     run = start(shapes["train"], "config:small_test", tmp_path, settings, log=io.StringIO())
     seen: list[tuple[int, ...]] = []
-    run.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(tuple(kwargs["pixel_values"].shape)),
-                                        with_kwargs=True)  # fmt: skip
+    run.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(tuple(kwargs["pixel_values"].shape)), with_kwargs=True
+    )
     result = train(shapes["train"], run.model, tmp_path / "run", settings, log=io.StringIO())
     assert result.position.step == 1 and len(seen) == 1
     assert min(seen[0][2:]) == 64, seen  # the images are 96-128 pixels a side
@@ -87,8 +90,13 @@ def test_resume_ends_with_the_same_weights(shapes, tmp_path):
     settings = TrainSettings(epochs=3, **FAST)
     straight = train(shapes["train"], "config:small_test", tmp_path / "a", settings, log=io.StringIO())
     assert straight.position.step == 6
-    stopped = train(shapes["train"], "config:small_test", tmp_path / "b", TrainSettings(epochs=3, max_steps=3, **FAST),
-                    log=io.StringIO())
+    stopped = train(
+        shapes["train"],
+        "config:small_test",
+        tmp_path / "b",
+        TrainSettings(epochs=3, max_steps=3, **FAST),
+        log=io.StringIO(),
+    )
     assert stopped.checkpoint == tmp_path / "b" / "last" and stopped.position.step == 3
     assert (stopped.position.epoch, stopped.position.offset) == (1, 2)  # mid-epoch: half of epoch 2 done
     log = io.StringIO()
@@ -126,8 +134,13 @@ def test_bad_settings_are_refused(shapes, tmp_path):
     with pytest.raises(TrainError, match="unknown preset"):
         train(shapes["train"], "config:huge", tmp_path, TrainSettings(), log=io.StringIO())
     with pytest.raises(TrainError, match="emulated|fp32"):
-        train(shapes["train"], "config:small_test", tmp_path, TrainSettings(dtype="fp16", max_steps=1, **FAST),
-              log=io.StringIO())
+        train(
+            shapes["train"],
+            "config:small_test",
+            tmp_path,
+            TrainSettings(dtype="fp16", max_steps=1, **FAST),
+            log=io.StringIO(),
+        )
 
 
 def test_bad_records_are_reported_and_skipped(shapes, tmp_path):
@@ -147,8 +160,11 @@ def test_bad_records_are_reported_and_skipped(shapes, tmp_path):
     assert "3 bad records skipped" in text, text[:2000]
     assert "annotations[0]" in text and "annotations[1]" in text and "999" in text
     assert coco["images"][3]["file_name"] in text
-    left = {a["image_id"] for a in coco["annotations"][2:]} - {coco["annotations"][0]["image_id"],
-                                                                coco["annotations"][1]["image_id"], 4}
+    left = {a["image_id"] for a in coco["annotations"][2:]} - {
+        coco["annotations"][0]["image_id"],
+        coco["annotations"][1]["image_id"],
+        4,
+    }
     assert f"{len(left)} images;" in text  # an image with a bad record is left out whole
     assert result.position.step == -(-len(left) // 2) >= 1
 
@@ -196,8 +212,18 @@ def test_cli_shapes_and_train(tmp_path, capsys):
     assert main(["shapes", "--out", str(tmp_path / "data"), "--train", "2", "--val", "0", "--held-out", "1"]) == 0
     assert (tmp_path / "data" / "train.json").is_file() and (tmp_path / "data" / "held_out.json").is_file()
     assert not (tmp_path / "data" / "val.json").exists()
-    common = ["train", "--data", str(tmp_path / "data" / "train.json"), "--model", "config:small_test",
-              "--out", str(tmp_path / "run"), "--image-size", "96", "--no-augment"]
+    common = [
+        "train",
+        "--data",
+        str(tmp_path / "data" / "train.json"),
+        "--model",
+        "config:small_test",
+        "--out",
+        str(tmp_path / "run"),
+        "--image-size",
+        "96",
+        "--no-augment",
+    ]
     assert main([*common, "--freeze", "decoder"]) == 2
     assert "cannot freeze ['decoder']" in capsys.readouterr().err
     assert main([*common, "--max-steps", "1", "--freeze", "backbone,text", "--aux-loss", "on"]) == 0

@@ -22,7 +22,6 @@ from gdino.training.shapes import (
 from reference import DATA
 
 
-
 def test_pairs_are_every_colour_and_shape():
     names = pair_names()
     assert len(names) == 24 and names[0] == "red circle" and "blue square" in names and "orange star" in names
@@ -42,10 +41,14 @@ def test_each_box_is_the_tight_bounds_of_its_coloured_pixels():
             colour = np.array(COLOURS[names[pair].split()[0]])
             near = (np.abs(image - colour) <= settings.colour_jitter).all(-1)
             x0, y0, x1, y1 = box
-            around = near[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2]
+            around = near[max(y0 - 2, 0) : y1 + 2, max(x0 - 2, 0) : x1 + 2]
             ys, xs = np.nonzero(around)
-            found = [xs.min() + max(x0 - 2, 0), ys.min() + max(y0 - 2, 0),
-                     xs.max() + 1 + max(x0 - 2, 0), ys.max() + 1 + max(y0 - 2, 0)]
+            found = [
+                xs.min() + max(x0 - 2, 0),
+                ys.min() + max(y0 - 2, 0),
+                xs.max() + 1 + max(x0 - 2, 0),
+                ys.max() + 1 + max(y0 - 2, 0),
+            ]
             assert found == box.tolist(), (seed, names[pair])
             fill = near[y0:y1, x0:x1].mean()
             if names[pair].endswith("square"):
@@ -68,8 +71,9 @@ def test_the_same_seed_gives_the_same_files(tmp_path):
 
 def test_held_out_pairs_are_absent_from_training_and_in_every_held_out_image(tmp_path):
     settings = ShapesSettings(held_out=("green triangle", "blue star"))
-    paths = write_shapes_dataset(tmp_path, {"train": 30, "val": 5, "held_out": 10}, seed=0, settings=settings,
-                                 photos=[DATA])
+    paths = write_shapes_dataset(
+        tmp_path, {"train": 30, "val": 5, "held_out": 10}, seed=0, settings=settings, photos=[DATA]
+    )
     names = pair_names()
     held_ids = {names.index(p) + 1 for p in settings.held_out}
     train = json.loads(paths["train"].read_text())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.inference.detector import GroundingDinoForObjectDetection
+from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.models.grounding_dino.model import GroundingDino
 
 pytest.importorskip("scipy")
@@ -36,7 +36,9 @@ def test_a_few_steps_on_one_image_lower_the_loss():
         losses.append(float(out.loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0], losses
-    assert set(out.loss_dict) == {f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error") for s in ("", "_enc")}
+    assert set(out.loss_dict) == {
+        f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error") for s in ("", "_enc")
+    }
 
 
 def test_the_encoder_loss_trains_the_proposal_head():
@@ -56,8 +58,11 @@ def test_auxiliary_losses_name_every_decoder_layer_but_the_last():
     model.config = dataclasses.replace(model.config, auxiliary_loss=True)
     out = model(pixel_values=_pixels(), input_ids=IDS, labels=LABELS)
     assert "loss_ce_0" in out.loss_dict and "loss_ce_1" not in out.loss_dict  # 2 decoder layers
-    weighted = sum(out.loss_dict[f"loss_{k}{s}"] * w for k, w in (("ce", 2.0), ("bbox", 5.0), ("giou", 2.0))
-                   for s in ("", "_0", "_enc"))  # fmt: skip
+    weighted = sum(
+        out.loss_dict[f"loss_{k}{s}"] * w
+        for k, w in (("ce", 2.0), ("bbox", 5.0), ("giou", 2.0))
+        for s in ("", "_0", "_enc")
+    )
     assert float(out.loss) == pytest.approx(float(weighted), rel=1e-6)
 
 

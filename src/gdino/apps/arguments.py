@@ -51,8 +51,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default=None,
-                        help="what runs an ONNX export given as --model (default onnxruntime)")
+    parser.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "openvino"),
+        default=None,
+        help="what runs an ONNX export given as --model (default onnxruntime)",
+    )
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -87,8 +91,10 @@ def load_detector(args: argparse.Namespace, threads: int | None = None) -> Any:
     from gdino.utils.hub import CheckpointError
 
     if runtime is not None:
-        raise CheckpointError(f"--runtime {runtime} runs ONNX exports and {name} is not one; "
-                              "write one with `gdino export onnx --model MODEL --out DIR`")
+        raise CheckpointError(
+            f"--runtime {runtime} runs ONNX exports and {name} is not one; "
+            "write one with `gdino export onnx --model MODEL --out DIR`"
+        )
     from gdino.inference.detector import GroundingDinoForObjectDetection
 
     return GroundingDinoForObjectDetection.from_pretrained(
@@ -163,8 +169,9 @@ def check_device(name: str | None) -> str:
     if device.type == "meta":
         raise UsageError("--device meta holds no data; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
-                         "use --device cpu")
+        raise UsageError(
+            f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); use --device cpu"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
     if device.type == "mps" and not torch.backends.mps.is_available():

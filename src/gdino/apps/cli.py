@@ -65,8 +65,13 @@ def _add_detect(detect: argparse.ArgumentParser) -> None:
     detect.add_argument("--prompt", required=True, help='"a cat. a remote control." or labels "cat,remote control"')
     detect.add_argument("--box-threshold", type=fraction, default=0.35, help="0 to 1 (default 0.35)")
     detect.add_argument("--text-threshold", type=fraction, default=0.25, help="0 to 1 (default 0.25)")
-    detect.add_argument("--nms", type=fraction, default=None, metavar="IOU",
-                        help="drop a box overlapping a better box of its label by more than this IoU (0 to 1)")
+    detect.add_argument(
+        "--nms",
+        type=fraction,
+        default=None,
+        metavar="IOU",
+        help="drop a box overlapping a better box of its label by more than this IoU (0 to 1)",
+    )
     detect.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     detect.add_argument("--output", type=Path, help="write JSON Lines here instead of stdout")
     detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
@@ -78,16 +83,35 @@ def _add_label(label: argparse.ArgumentParser) -> None:
     label.add_argument("--classes", required=True, help='"cat,dog", or a file with one class a line')
     label.add_argument("--format", choices=FORMATS, default="coco")
     label.add_argument("--out", type=Path, required=True, help="output folder (started again, it resumes)")
-    label.add_argument("--box-threshold", type=fraction, default=0.35,
-                       help="keep boxes whose class scores above this, 0 to 1 (default 0.35)")
-    label.add_argument("--nms", type=fraction, default=None, metavar="IOU",
-                       help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)")
+    label.add_argument(
+        "--box-threshold",
+        type=fraction,
+        default=0.35,
+        help="keep boxes whose class scores above this, 0 to 1 (default 0.35)",
+    )
+    label.add_argument(
+        "--nms",
+        type=fraction,
+        default=None,
+        metavar="IOU",
+        help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)",
+    )
     label.add_argument("--batch-size", type=positive_int, default=4, help="images per call (default 4)")
-    label.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|auto",
-                       help="run on Ray (pip install 'gdino[ray]'): alone a local instance, 'auto' the running "
-                            "cluster, or the cluster at ADDRESS")
-    label.add_argument("--workers", type=positive_int, default=None,
-                       help="with --ray: model actors (default: one per GPU, else one per two CPUs)")
+    label.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS|auto",
+        help="run on Ray (pip install 'gdino[ray]'): alone a local instance, 'auto' the running "
+        "cluster, or the cluster at ADDRESS",
+    )
+    label.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="with --ray: model actors (default: one per GPU, else one per two CPUs)",
+    )
     add_model_arguments(label)
 
 
@@ -97,8 +121,12 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument("--model", default=None, help="hub id, local directory or original .pth file")
     onnx.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the export to")
     onnx.add_argument("--opset", type=int, default=18)
-    onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
-                      help="fp16: Swin, BERT and the feature enhancer in half precision, for GPU providers")
+    onnx.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="fp16: Swin, BERT and the feature enhancer in half precision, for GPU providers",
+    )
     onnx.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation of the weights")
 
 
@@ -167,8 +195,10 @@ def check_outputs(images: Sequence[str], output: Path | None, annotate: Path | N
         clashes = [(t, images[i]) for i, t in enumerate(targets) if _file_id(t) in inputs]
         if clashes:
             more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
-            raise UsageError(f"--annotate {annotate} would write {clashes[0][0]} over the input image "
-                             f"{clashes[0][1]}{more}; choose another folder")
+            raise UsageError(
+                f"--annotate {annotate} would write {clashes[0][0]} over the input image "
+                f"{clashes[0][1]}{more}; choose another folder"
+            )
         check_output_folder(annotate, "--annotate")
     if output is not None:
         check_output_file(output, "--output")
@@ -240,8 +270,9 @@ def detect(args: argparse.Namespace) -> int:
     return status
 
 
-def _detect_batch(model: Any, indices: list[int], prompt: TextInput,
-                  args: argparse.Namespace) -> list[tuple[int, Any, Any]]:
+def _detect_batch(
+    model: Any, indices: list[int], prompt: TextInput, args: argparse.Namespace
+) -> list[tuple[int, Any, Any]]:
     """(index, image, Detections) per image of the batch, or (index, None, error message) for an
     image that cannot be read or that the model refuses (e.g. too elongated to resize)."""
     from gdino.processing.image import ImageError, load_image
@@ -257,14 +288,16 @@ def _detect_batch(model: Any, indices: list[int], prompt: TextInput,
     return sorted(results, key=lambda r: r[0])
 
 
-def _run_model(model: Any, loaded: list[tuple[int, Any]], prompt: TextInput,
-               args: argparse.Namespace) -> list[tuple[int, Any, Any]]:
+def _run_model(
+    model: Any, loaded: list[tuple[int, Any]], prompt: TextInput, args: argparse.Namespace
+) -> list[tuple[int, Any, Any]]:
     """Detects a batch of loaded images; if the model refuses it, image by image, the refused reported."""
     if not loaded:
         return []
     try:
-        found = model.detect([image for _, image in loaded], prompt, args.box_threshold, args.text_threshold,
-                             nms_threshold=args.nms)
+        found = model.detect(
+            [image for _, image in loaded], prompt, args.box_threshold, args.text_threshold, nms_threshold=args.nms
+        )
     except ValueError as e:  # ImageError and the like: this input cannot be used, the others can
         if len(loaded) > 1:
             return [r for item in loaded for r in _run_model(model, [item], prompt, args)]

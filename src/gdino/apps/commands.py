@@ -42,15 +42,19 @@ def run_label(args: argparse.Namespace) -> int:
             return lambda images: model.detect(images, classes, args.box_threshold, nms_threshold=args.nms)
 
         runner = _ray_runner(args, classes) if args.ray is not None else None
-        summary = label_folder(args.folder, args.out, args.format, settings, make_detector, args.batch_size,
-                               runner=runner)
+        summary = label_folder(
+            args.folder, args.out, args.format, settings, make_detector, args.batch_size, runner=runner
+        )
     except (LabelError, CheckpointError, PromptError, UsageError) as e:
         return error(str(e))
     except OSError as e:  # the export could not be written (e.g. the disk is full); the journal is kept
         return error(f"cannot write {e.filename or args.out}: {e.strerror or e}")
     errors = f"; {summary.errors} could not be read: see {args.out / 'errors.txt'}" if summary.errors else ""
-    print(f"label: {summary.images} images, {summary.boxes} boxes, written to {args.out}{errors}",
-          file=sys.stderr, flush=True)
+    print(
+        f"label: {summary.images} images, {summary.boxes} boxes, written to {args.out}{errors}",
+        file=sys.stderr,
+        flush=True,
+    )
     return 0
 
 
@@ -59,8 +63,17 @@ def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
     from gdino.apps.label_ray import RayOptions, image_settings, import_ray, ray_runner
 
     import_ray()  # a clear error before anything is written
-    options = RayOptions(None if args.ray == "local" else args.ray, model_name(args), tuple(classes),
-                         args.box_threshold, args.nms, max(1, args.batch_size), args.workers, args.device, args.dtype)
+    options = RayOptions(
+        None if args.ray == "local" else args.ray,
+        model_name(args),
+        tuple(classes),
+        args.box_threshold,
+        args.nms,
+        max(1, args.batch_size),
+        args.workers,
+        args.device,
+        args.dtype,
+    )
     return ray_runner(options, image_settings(options.model))
 
 
@@ -90,11 +103,20 @@ def run_eval_coco(args: argparse.Namespace) -> int:
         return error(str(e))
     print(evaluation.table, end="", flush=True)
     if evaluation.failed:
-        print(f"eval: {len(evaluation.failed)} images could not be read and count as found nothing",
-              file=sys.stderr, flush=True)
+        print(
+            f"eval: {len(evaluation.failed)} images could not be read and count as found nothing",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.out is not None:
-        write_report(args.out, evaluation, model=model_name(args), annotations=str(args.annotations),
-                     max_dets=args.max_dets, prompts_per_image=chunks[0] if chunks else 0)
+        write_report(
+            args.out,
+            evaluation,
+            model=model_name(args),
+            annotations=str(args.annotations),
+            max_dets=args.max_dets,
+            prompts_per_image=chunks[0] if chunks else 0,
+        )
     if args.detections is not None:
         import json
 

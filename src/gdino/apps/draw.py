@@ -7,9 +7,17 @@ from PIL import Image, ImageDraw, ImageFont
 from gdino.inference.detections import Detections
 
 _PALETTE = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128),
-]  # fmt: skip
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 190),
+    (0, 128, 128),
+]
 
 
 def draw_detections(image: Image.Image, detections: Detections, width: int | None = None) -> Image.Image:

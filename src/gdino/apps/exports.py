@@ -54,15 +54,22 @@ def coco_dataset(records: Sequence[Record], classes: Sequence[str]) -> dict[str,
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for image_id, record in enumerate(records, start=1):
-        images.append({"id": image_id, "file_name": record["image"], "width": record["width"],
-                       "height": record["height"]})
+        images.append(
+            {"id": image_id, "file_name": record["image"], "width": record["width"], "height": record["height"]}
+        )
         for x0, y0, x1, y1, label_id, score in clipped_boxes(record):
             w, h = round(x1 - x0, 2), round(y1 - y0, 2)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": label_id + 1,
-                "bbox": [round(x0, 2), round(y0, 2), w, h], "area": round(w * h, 2), "iscrowd": 0,
-                "score": score,
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label_id + 1,
+                    "bbox": [round(x0, 2), round(y0, 2), w, h],
+                    "area": round(w * h, 2),
+                    "iscrowd": 0,
+                    "score": score,
+                }
+            )
     categories = [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(classes)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -89,8 +96,10 @@ def yolo_labels(record: Record) -> str:
 def yolo_data_yaml(classes: Sequence[str], root: Path) -> str:
     """Ultralytics' dataset file: root, train/val folders and the class names by id."""
     names = "".join(f"  {i}: {json.dumps(name)}\n" for i, name in enumerate(classes))
-    return (f"# written by gdino label; every image is in both splits: split them before training\n"
-            f"path: {json.dumps(str(root))}\ntrain: images\nval: images\nnc: {len(classes)}\nnames:\n{names}")
+    return (
+        f"# written by gdino label; every image is in both splits: split them before training\n"
+        f"path: {json.dumps(str(root))}\ntrain: images\nval: images\nnc: {len(classes)}\nnames:\n{names}"
+    )
 
 
 def _link(target: Path, link: Path) -> None:
@@ -187,15 +196,21 @@ def export(
         return [path]
     written = _per_image(records, classes, fmt, out, root, warn)
     if fmt == "yolo":
-        for name, text in (("classes.txt", "".join(f"{c}\n" for c in classes)),
-                           ("data.yaml", yolo_data_yaml(classes, out.resolve()))):
+        for name, text in (
+            ("classes.txt", "".join(f"{c}\n" for c in classes)),
+            ("data.yaml", yolo_data_yaml(classes, out.resolve())),
+        ):
             write_atomic(out / name, text)
             written.append(out / name)
     return written
 
 
 def _per_image(
-    records: Sequence[Record], classes: Sequence[str], fmt: str, out: Path, root: Path,
+    records: Sequence[Record],
+    classes: Sequence[str],
+    fmt: str,
+    out: Path,
+    root: Path,
     warn: Callable[[str], None] | None,
 ) -> list[Path]:
     """The YOLO or VOC file of each record (and YOLO's image links); the first of two that would

@@ -98,9 +98,13 @@ def find_images(root: Path, exclude: Path | None = None) -> list[str]:
     for folder, dirs, files in os.walk(root):  # links to folders are not followed
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not skipped(here / d))
-        found += [(here / f).relative_to(root).as_posix() for f in files
-                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith(".")
-                  and not (os.path.islink(here / f) and skipped(here / f))]
+        found += [
+            (here / f).relative_to(root).as_posix()
+            for f in files
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES
+            and not f.startswith(".")
+            and not (os.path.islink(here / f) and skipped(here / f))
+        ]
     return sorted(found)
 
 
@@ -126,15 +130,19 @@ def output_parts(root: Path, out: Path) -> tuple[Path, ...]:
     """
     real_root, real_out = root.resolve(), out.resolve()
     if real_out == real_root:
-        raise LabelError(f"the output folder {out} is the images' folder: the next run would read its "
-                         f"exports as images; use another folder, e.g. {root / 'labels'}")
+        raise LabelError(
+            f"the output folder {out} is the images' folder: the next run would read its "
+            f"exports as images; use another folder, e.g. {root / 'labels'}"
+        )
     if not real_root.is_relative_to(real_out):
         return (real_out,)
     parts = tuple(real_out / name for name in EXPORT_FOLDERS)
     for part in parts:
         if real_root == part or real_root.is_relative_to(part):
-            raise LabelError(f"the images' folder {root} is inside {out / part.name}, which the exports "
-                             "write; use another output folder")
+            raise LabelError(
+                f"the images' folder {root} is inside {out / part.name}, which the exports "
+                "write; use another output folder"
+            )
     return parts
 
 
@@ -179,9 +187,11 @@ class Journal:
                 if item != header and not any(b'"detections"' in rest for rest in lines[1:]):
                     return 0  # a run that detected nothing (e.g. a wrong --model): start over
                 if item != header:
-                    raise LabelError(f"{self.path.parent} holds a labelling run with other settings "
-                                     f"({_differences(item, header)}); use another --out, or delete {self.path} "
-                                     "to start over")
+                    raise LabelError(
+                        f"{self.path.parent} holds a labelling run with other settings "
+                        f"({_differences(item, header)}); use another --out, or delete {self.path} "
+                        "to start over"
+                    )
             elif "error" in item:
                 self.errors[item["image"]] = item["error"]
                 self.records.pop(item["image"], None)

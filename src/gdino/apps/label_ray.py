@@ -89,8 +89,9 @@ def import_ray() -> Any:
     return ray
 
 
-def ray_runner(options: RayOptions, image_settings: ImageSettings, log: IO[str] | None = None,
-               actor: type | None = None) -> Runner:
+def ray_runner(
+    options: RayOptions, image_settings: ImageSettings, log: IO[str] | None = None, actor: type | None = None
+) -> Runner:
     """A ``gdino.apps.label`` runner that detects on Ray and journals in this process.
 
     Args:
@@ -113,8 +114,10 @@ def ray_runner(options: RayOptions, image_settings: ImageSettings, log: IO[str] 
         except LabelError:
             raise
         except Exception as e:  # a dead cluster, or a model no actor can load
-            raise LabelError(f"the Ray run stopped ({type(e).__name__}: {_first_line(e)}); what was done is in "
-                             f"the journal, and the same command resumes from there") from e
+            raise LabelError(
+                f"the Ray run stopped ({type(e).__name__}: {_first_line(e)}); what was done is in "
+                f"the journal, and the same command resumes from there"
+            ) from e
         finally:
             if owned:
                 ray.shutdown()
@@ -173,28 +176,46 @@ def _records(ray: Any, dataset: Any) -> Iterator[dict[str, Any]]:
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _pipeline(ray: Any, root: Path, names: list[str], options: RayOptions, image_settings: ImageSettings,
-              log: IO[str] | None, actor: type) -> Any:
+def _pipeline(
+    ray: Any,
+    root: Path,
+    names: list[str],
+    options: RayOptions,
+    image_settings: ImageSettings,
+    log: IO[str] | None,
+    actor: type,
+) -> Any:
     """names -> read + resize (CPU tasks) -> detect (actor pool): a lazy Ray dataset of records."""
     on_gpu = options.device is None or options.device.startswith("cuda")
     gpus = int(ray.cluster_resources().get("GPU", 0)) if on_gpu else 0
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = options.workers or (gpus if gpus else max(1, cpus // 2))
     actor_cpus, read_cpus = (1.0, 1.0) if gpus else (0.5, 0.5)
-    print(f"label: Ray, {workers} model actor(s) on {gpus} GPU(s) and {cpus} CPU(s)",
-          file=log if log is not None else sys.stderr, flush=True)
+    print(
+        f"label: Ray, {workers} model actor(s) on {gpus} GPU(s) and {cpus} CPU(s)",
+        file=log if log is not None else sys.stderr,
+        flush=True,
+    )
     block = max(READ_BLOCK, options.batch_size)
     dataset = ray.data.from_items([{"image": n} for n in names], override_num_blocks=max(1, -(-len(names) // block)))
     dataset = dataset.map_batches(
-        _read_batch, fn_kwargs={"root": str(root), "settings": image_settings},
-        batch_size=None, batch_format="numpy", num_cpus=read_cpus, max_retries=3,
+        _read_batch,
+        fn_kwargs={"root": str(root), "settings": image_settings},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=read_cpus,
+        max_retries=3,
     )
     return dataset.map_batches(
-        actor, fn_constructor_kwargs={"options": options, "gpu": bool(gpus), "threads": 1},
-        batch_size=max(1, options.batch_size), batch_format="numpy",
+        actor,
+        fn_constructor_kwargs={"options": options, "gpu": bool(gpus), "threads": 1},
+        batch_size=max(1, options.batch_size),
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR),
-        num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
-        max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
+        num_cpus=actor_cpus,
+        num_gpus=1 if gpus else 0,
+        max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_RESTARTS,
     )
 
 
@@ -204,8 +225,9 @@ def _read_batch(batch: dict[str, np.ndarray], root: str, settings: ImageSettings
     Columns out: image, pixels (uint8 bytes, H*W*3), height, width (resized), original_width,
     original_height, error ("" when read).
     """
-    out: dict[str, list[Any]] = {k: [] for k in ("image", "pixels", "height", "width", "original_width",
-                                                 "original_height", "error")}
+    out: dict[str, list[Any]] = {
+        k: [] for k in ("image", "pixels", "height", "width", "original_width", "original_height", "error")
+    }
     resize_only = replace(settings, do_rescale=False, do_normalize=False)
     for name in batch["image"]:
         name = str(name)
@@ -223,8 +245,10 @@ def _read_batch(batch: dict[str, np.ndarray], root: str, settings: ImageSettings
         out["original_width"].append(image.width if image is not None else 0)
         out["original_height"].append(image.height if image is not None else 0)
         out["error"].append(error or "")
-    return {k: np.array(v, dtype=object) if k in ("image", "pixels", "error") else np.array(v, dtype=np.int64)
-            for k, v in out.items()}
+    return {
+        k: np.array(v, dtype=object) if k in ("image", "pixels", "error") else np.array(v, dtype=np.int64)
+        for k, v in out.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -249,7 +273,8 @@ class _Detector:
         # Ray shows an actor only its own GPU: "cuda" is that one, whatever --device numbered
         device = "cuda" if gpu and torch.cuda.is_available() else (options.device or "cpu")
         self.model = GroundingDinoForObjectDetection.from_pretrained(
-            options.model, device=device, dtype=torch_dtype(options.dtype)).eval()
+            options.model, device=device, dtype=torch_dtype(options.dtype)
+        ).eval()
         self.model.phrases(list(options.classes))  # a bad class list fails here, before any image
         self.options = options
         self.normalise = replace(self.model.processor.image_settings, do_resize=False)
@@ -292,4 +317,3 @@ def image_settings(model: str) -> ImageSettings:
     from gdino.processing.processor import GroundingDinoProcessor
 
     return GroundingDinoProcessor.from_pretrained(model).image_settings
-

@@ -22,43 +22,72 @@ def add_arguments(commands: Any) -> None:
     """Adds ``train`` and ``shapes`` to ``gdino``'s subparsers."""
     train = commands.add_parser("train", help="fine-tune (or train from a preset) on COCO, ODVG or YOLO data")
     train.add_argument("--data", type=Path, required=True, help="COCO .json, ODVG .jsonl or YOLO folder")
-    train.add_argument("--images", type=Path, default=None,
-                       help="image folder of a COCO/ODVG file (default: its folder)")
-    train.add_argument("--model", required=True,
-                       help="hub id, directory, checkpoint file, or config:shapes / config:tiny (random weights)")
+    train.add_argument(
+        "--images", type=Path, default=None, help="image folder of a COCO/ODVG file (default: its folder)"
+    )
+    train.add_argument(
+        "--model",
+        required=True,
+        help="hub id, directory, checkpoint file, or config:shapes / config:tiny (random weights)",
+    )
     train.add_argument("--out", type=Path, required=True, help="output folder: epoch-N/ checkpoints, history.jsonl")
     train.add_argument("--val", type=Path, default=None, help="COCO .json to compute mAP on after each epoch")
     train.add_argument("--val-limit", type=positive_int, default=None, help="validate on the first N images only")
     train.add_argument("--epochs", type=positive_int, default=12)
     train.add_argument("--batch-size", type=positive_int, default=2)
     train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--lr-backbone", type=float, default=None,
-                       help="Swin's learning rate (default lr/10 fine-tuning, lr from a preset)")
+    train.add_argument(
+        "--lr-backbone",
+        type=float,
+        default=None,
+        help="Swin's learning rate (default lr/10 fine-tuning, lr from a preset)",
+    )
     train.add_argument("--lr-text", type=float, default=None, help="BERT's learning rate (default as --lr-backbone)")
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--schedule", choices=("step", "cosine"), default="step")
     train.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear warm-up steps")
     train.add_argument("--clip", type=float, default=0.1, help="gradient norm clipping (0: none; default 0.1)")
     train.add_argument("--freeze", default="", help="comma list of parts to keep fixed: backbone,text")
-    train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="autocast precision (bf16/fp16 on GPU; bf16 on CPUs that have it natively)")
+    train.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="autocast precision (bf16/fp16 on GPU; bf16 on CPUs that have it natively)",
+    )
     train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--image-size", type=positive_int, default=None, metavar="SHORT",
-                       help="short side of training images and of the saved processor (default: the model's)")
+    train.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        metavar="SHORT",
+        help="short side of training images and of the saved processor (default: the model's)",
+    )
     train.add_argument("--no-augment", action="store_true", help="only resize (no flip, multi-scale, crop)")
     train.add_argument("--max-labels", type=positive_int, default=80, help="labels in a caption (default 80)")
-    train.add_argument("--denoise", type=int, default=0, metavar="QUERIES",
-                       help="contrastive denoising queries per step (DINO: 100; default 0, off)")
-    train.add_argument("--aux-loss", choices=("on", "off"), default=None,
-                       help="losses on every decoder layer (default: the model config's auxiliary_loss; "
-                            "the published config has it off, the original recipe on)")
+    train.add_argument(
+        "--denoise",
+        type=int,
+        default=0,
+        metavar="QUERIES",
+        help="contrastive denoising queries per step (DINO: 100; default 0, off)",
+    )
+    train.add_argument(
+        "--aux-loss",
+        choices=("on", "off"),
+        default=None,
+        help="losses on every decoder layer (default: the model config's auxiliary_loss; "
+        "the published config has it off, the original recipe on)",
+    )
     train.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also write OUT/last every N steps")
     train.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in all")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint, validate) after this long")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    train.add_argument("--export-original", action="store_true",
-                       help="also write groundingdino.pth (the original repository's layout) each epoch")
+    train.add_argument(
+        "--export-original",
+        action="store_true",
+        help="also write groundingdino.pth (the original repository's layout) each epoch",
+    )
 
     shapes = commands.add_parser("shapes", help="write the synthetic shapes data set (COCO files)")
     shapes.add_argument("--out", type=Path, required=True)
@@ -73,15 +102,30 @@ def settings_of(args: argparse.Namespace) -> Any:
     from gdino.training.trainer import TrainSettings
 
     return TrainSettings(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_backbone=args.lr_backbone,
-        lr_text=args.lr_text, weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
-        clip_max_norm=args.clip, freeze=tuple(p.strip() for p in args.freeze.split(",") if p.strip()),
-        dtype=None if args.dtype == "fp32" else args.dtype, device=args.device, seed=args.seed,
-        image_size=args.image_size, augment=not args.no_augment, max_labels=args.max_labels,
-        save_every=args.save_every, max_steps=args.max_steps, max_minutes=args.max_minutes,
-        export_original=args.export_original, val_limit=args.val_limit, denoise=args.denoise,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_backbone=args.lr_backbone,
+        lr_text=args.lr_text,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_steps=args.warmup,
+        clip_max_norm=args.clip,
+        freeze=tuple(p.strip() for p in args.freeze.split(",") if p.strip()),
+        dtype=None if args.dtype == "fp32" else args.dtype,
+        device=args.device,
+        seed=args.seed,
+        image_size=args.image_size,
+        augment=not args.no_augment,
+        max_labels=args.max_labels,
+        save_every=args.save_every,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        export_original=args.export_original,
+        val_limit=args.val_limit,
+        denoise=args.denoise,
         aux_loss=None if args.aux_loss is None else args.aux_loss == "on",
-    )  # fmt: skip
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -47,8 +47,10 @@ _RULES: list[tuple[str, str]] = [
     (_SWIN + "embeddings.norm.", "backbone.patch_embed.norm."),
     (_BLOCK + "layernorm_before.", "backbone.layers.{0}.blocks.{1}.norm1."),
     (_BLOCK + "layernorm_after.", "backbone.layers.{0}.blocks.{1}.norm2."),
-    (_BLOCK + "attention.self.relative_position_bias_table$",
-     "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$"),
+    (
+        _BLOCK + "attention.self.relative_position_bias_table$",
+        "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$",
+    ),
     (_BLOCK + "attention.output.dense.", "backbone.layers.{0}.blocks.{1}.attn.proj."),
     (_BLOCK + "intermediate.dense.", "backbone.layers.{0}.blocks.{1}.mlp.fc1."),
     (_BLOCK + "output.dense.", "backbone.layers.{0}.blocks.{1}.mlp.fc2."),
@@ -110,8 +112,10 @@ _ALIASES: list[tuple[str, str]] = [
     (_SWIN + "swin.embeddings.norm.", "backbone.patch_embed.norm."),
     (_BLOCK5 + "layernorm_before.", "backbone.layers.{0}.blocks.{1}.norm1."),
     (_BLOCK5 + "layernorm_after.", "backbone.layers.{0}.blocks.{1}.norm2."),
-    (_BLOCK5 + "attention.relative_position_bias.relative_position_bias_table$",
-     "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$"),
+    (
+        _BLOCK5 + "attention.relative_position_bias.relative_position_bias_table$",
+        "backbone.layers.{0}.blocks.{1}.attn.relative_position_bias_table$",
+    ),
     (_BLOCK5 + "attention.o_proj.", "backbone.layers.{0}.blocks.{1}.attn.proj."),
     (_BLOCK5 + "mlp.", "backbone.layers.{0}.blocks.{1}.mlp."),
     (_SWIN + "swin.encoder.layers.{0}.downsample.", "backbone.layers.{0}.downsample."),
@@ -122,14 +126,24 @@ _ALIASES: list[tuple[str, str]] = [
 _QKV = ("query", "key", "value")
 _PACKED: list[tuple[str, tuple[str, str, str], str, str, str]] = [
     (_BLOCK + "attention.self.", _QKV, "backbone.layers.{0}.blocks.{1}.attn.", "qkv.weight", "qkv.bias"),
-    (_ENC + "text_enhancer_layer.self_attn.", _QKV, "transformer.encoder.text_layers.{0}.self_attn.",
-     "in_proj_weight", "in_proj_bias"),
+    (
+        _ENC + "text_enhancer_layer.self_attn.",
+        _QKV,
+        "transformer.encoder.text_layers.{0}.self_attn.",
+        "in_proj_weight",
+        "in_proj_bias",
+    ),
     (_DEC + "self_attn.", _QKV, "transformer.decoder.layers.{0}.self_attn.", "in_proj_weight", "in_proj_bias"),
     (_DEC + "encoder_attn_text.", _QKV, "transformer.decoder.layers.{0}.ca_text.", "in_proj_weight", "in_proj_bias"),
 ]
 _PACKED_ALIASES = [
-    (_BLOCK5 + "attention.", ("q_proj", "k_proj", "v_proj"), "backbone.layers.{0}.blocks.{1}.attn.",
-     "qkv.weight", "qkv.bias"),
+    (
+        _BLOCK5 + "attention.",
+        ("q_proj", "k_proj", "v_proj"),
+        "backbone.layers.{0}.blocks.{1}.attn.",
+        "qkv.weight",
+        "qkv.bias",
+    ),
 ]
 
 
@@ -173,7 +187,7 @@ def _rename(name: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
     for pattern, template in rules:
         m = pattern.match(name)
         if m:
-            return _fill(template, m) + name[m.end():]
+            return _fill(template, m) + name[m.end() :]
     return None
 
 

@@ -95,14 +95,22 @@ def load_model(
     ``.pth``, whose weights the original code trained, and "transformers" for the Hugging Face
     layout, so it gives transformers' outputs.
     """
-    checkpoint = resolve(model, cache_dir, revision=revision, token=token, local_files_only=local_files_only,
-                         force_download=force_download)
+    checkpoint = resolve(
+        model,
+        cache_dir,
+        revision=revision,
+        token=token,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
     default = "original" if checkpoint.layout == "original" else "transformers"
     config = read_config(checkpoint).with_box_refinement(box_refinement or default)
     # A checkpoint stored in half precision (the packaged gdino-shapes, fp16 uploads) loads as float32
     # like any other; ``dtype`` alone decides the precision the model runs in.
-    state_dict = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-                  for k, v in read_state_dict(checkpoint).items()}
+    state_dict = {
+        k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+        for k, v in read_state_dict(checkpoint).items()
+    }
     with torch.device("meta"):  # no memory and no random init: the file's tensors are assigned
         net = model_class(config, init_weights=False)
     load_strict(net, state_dict, str(checkpoint.weights))

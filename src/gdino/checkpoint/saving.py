@@ -36,22 +36,40 @@ def processor_files(processor: GroundingDinoProcessor, max_text_len: int) -> dic
     """The processor's JSON files by name (tokenizer and image settings), transformers' layout."""
     s = processor.image_settings
     image = {
-        "image_processor_type": "GroundingDinoImageProcessor", "do_resize": s.do_resize,
+        "image_processor_type": "GroundingDinoImageProcessor",
+        "do_resize": s.do_resize,
         "size": {"shortest_edge": s.shortest_edge, "longest_edge": s.longest_edge},
-        "resample": int(s.resample), "do_rescale": s.do_rescale, "rescale_factor": s.rescale_factor,
-        "do_normalize": s.do_normalize, "image_mean": list(s.image_mean), "image_std": list(s.image_std),
-        "do_pad": True, "processor_class": "GroundingDinoProcessor",
-    }  # fmt: skip
-    tokenizer = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": max_text_len,
-                 "processor_class": "GroundingDinoProcessor"}
-    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-               "mask_token": "[MASK]"}
-    return {"preprocessor_config.json": image, "tokenizer_config.json": tokenizer,
-            "special_tokens_map.json": special}
+        "resample": int(s.resample),
+        "do_rescale": s.do_rescale,
+        "rescale_factor": s.rescale_factor,
+        "do_normalize": s.do_normalize,
+        "image_mean": list(s.image_mean),
+        "image_std": list(s.image_std),
+        "do_pad": True,
+        "processor_class": "GroundingDinoProcessor",
+    }
+    tokenizer = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": True,
+        "model_max_length": max_text_len,
+        "processor_class": "GroundingDinoProcessor",
+    }
+    special = {
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+    }
+    return {"preprocessor_config.json": image, "tokenizer_config.json": tokenizer, "special_tokens_map.json": special}
 
 
-def save_pretrained(model: GroundingDino, directory: str | Path, processor: GroundingDinoProcessor | None = None,
-                    state: dict[str, Any] | None = None) -> Path:
+def save_pretrained(
+    model: GroundingDino,
+    directory: str | Path,
+    processor: GroundingDinoProcessor | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
     """Writes the model (and its processor) in the Hugging Face layout; replaces ``directory``.
 
     ``state``: the trainer's resume state, written with it (``trainer_state.pt``)."""

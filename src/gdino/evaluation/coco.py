@@ -151,7 +151,11 @@ def _read_annotations(annotations: Path, COCO: Any, log: IO[str]) -> Any:
 
 
 def _detect_all(
-    images: Path, infos: list[dict[str, Any]], detector: Detector, category_ids: np.ndarray, max_dets: int,
+    images: Path,
+    infos: list[dict[str, Any]],
+    detector: Detector,
+    category_ids: np.ndarray,
+    max_dets: int,
     log: IO[str],
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Every image's detections in the COCO results format, and the images that could not be used."""
@@ -184,22 +188,31 @@ def _results(image_id: int, found: Found, category_ids: np.ndarray, max_dets: in
     out = []
     for i in order:
         x0, y0, x1, y1 = (float(v) for v in boxes[i])
-        out.append({"image_id": int(image_id), "category_id": int(category_ids[int(labels[i])]),
-                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                    "score": round(float(scores[i]), 6)})
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[int(labels[i])]),
+                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                "score": round(float(scores[i]), 6),
+            }
+        )
     return out
 
 
-def _score(truth: Any, results: list[dict[str, Any]], image_ids: list[int], COCO: Any, COCOeval: Any,
-           log: IO[str]) -> tuple[dict[str, float], str, dict[str, dict[str, float]]]:
+def _score(
+    truth: Any, results: list[dict[str, Any]], image_ids: list[int], COCO: Any, COCOeval: Any, log: IO[str]
+) -> tuple[dict[str, float], str, dict[str, dict[str, float]]]:
     """pycocotools' bbox evaluation over ``image_ids``: the 12 numbers, the summary table, AP by category."""
     with contextlib.redirect_stdout(log):
         if results:
             found = truth.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])  # loadRes adds keys
         else:  # loadRes refuses an empty list; nothing found scores 0
             found = COCO()
-            found.dataset = {"images": truth.dataset["images"], "categories": truth.dataset["categories"],
-                             "annotations": []}
+            found.dataset = {
+                "images": truth.dataset["images"],
+                "categories": truth.dataset["categories"],
+                "annotations": [],
+            }
             found.createIndex()
         evaluation = COCOeval(truth, found, "bbox")
         evaluation.params.imgIds = image_ids
@@ -231,8 +244,13 @@ def write_report(path: Path, evaluation: CocoEvaluation, **about: Any) -> None:
     """The 12 numbers (by name and as pycocotools' ``stats`` list) and what was evaluated, as JSON."""
     from gdino.utils.files import write_atomic
 
-    report = {"metrics": evaluation.metrics, "stats": [evaluation.metrics[m] for m in METRICS],
-              "per_category": evaluation.per_category, "images": evaluation.images,
-              "detections": len(evaluation.results),
-              "failed": [{"image": name, "error": reason} for name, reason in evaluation.failed], **about}
+    report = {
+        "metrics": evaluation.metrics,
+        "stats": [evaluation.metrics[m] for m in METRICS],
+        "per_category": evaluation.per_category,
+        "images": evaluation.images,
+        "detections": len(evaluation.results),
+        "failed": [{"image": name, "error": reason} for name, reason in evaluation.failed],
+        **about,
+    }
     write_atomic(path, json.dumps(report, indent=2) + "\n")

@@ -193,9 +193,14 @@ def _export_graphs(model: GroundingDino, directory: Path, opset: int) -> None:
     }
     names = (*levels, *(f"mask_{i}" for i in range(len(maps))), *TEXT_OUTPUTS)
     _export(
-        _DetectionGraph(model), (maps, masks, *text), directory / "detection.onnx", names,
-        ("logits", "boxes", "query_index"), detection_shapes, opset,
-    )  # fmt: skip
+        _DetectionGraph(model),
+        (maps, masks, *text),
+        directory / "detection.onnx",
+        names,
+        ("logits", "boxes", "query_index"),
+        detection_shapes,
+        opset,
+    )
 
 
 def _example_ids(special: tuple[int, ...]) -> Tensor:
@@ -211,9 +216,15 @@ def _export(
 ) -> None:
     start = time.perf_counter()
     program = torch.onnx.export(
-        graph.eval(), args, input_names=list(inputs), output_names=list(outputs),
-        dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False,
-    )  # fmt: skip
+        graph.eval(),
+        args,
+        input_names=list(inputs),
+        output_names=list(outputs),
+        dynamic_shapes=shapes,
+        dynamo=True,
+        opset_version=opset,
+        verbose=False,
+    )
     if program is None:
         raise RuntimeError(f"torch.onnx.export returned no program for {path.name}")
     program.save(str(path), external_data=False)

@@ -74,8 +74,12 @@ def on_chunk(callback: ChunkCallback) -> Iterator[None]:
 @lru_cache(maxsize=64)
 def _warn_cost(chunks: int, labels: int) -> None:
     """Says once per list size what a huge label list costs."""
-    log.warning("%d labels need %d passes of the encoder and decoder per image (each up to 256 tokens); "
-                "a shorter list is faster", labels, chunks)  # fmt: skip
+    log.warning(
+        "%d labels need %d passes of the encoder and decoder per image (each up to 256 tokens); "
+        "a shorter list is faster",
+        labels,
+        chunks,
+    )
 
 
 @dataclass(frozen=True)
@@ -141,8 +145,15 @@ class GroundingDinoForObjectDetection(GroundingDino):
         """
         dtype = _dtype_argument(dtype, torch_dtype)
         net, checkpoint = load_model(
-            model, dtype=dtype, device=device, cache_dir=cache_dir, model_class=cls, revision=revision,
-            token=token, local_files_only=local_files_only, force_download=force_download,
+            model,
+            dtype=dtype,
+            device=device,
+            cache_dir=cache_dir,
+            model_class=cls,
+            revision=revision,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
             box_refinement=box_refinement,
         )
         assert isinstance(net, cls)
@@ -181,9 +192,15 @@ class GroundingDinoForObjectDetection(GroundingDino):
 
             dn = make_denoising(input_ids, labels, self.config, denoising)
         outputs = super().forward(
-            pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, query_index,
-            intermediate=intermediate or labels is not None, denoise=denoise if dn is None else dn.queries,
-        )  # fmt: skip
+            pixel_values,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            pixel_mask,
+            query_index,
+            intermediate=intermediate or labels is not None,
+            denoise=denoise if dn is None else dn.queries,
+        )
         if labels is None:
             return outputs
         from gdino.loss.criterion import grounding_loss  # training code is loaded only to train
@@ -269,9 +286,10 @@ class GroundingDinoForObjectDetection(GroundingDino):
         normalised prompt -> (Q, T) token logits and (Q, 4) relative boxes, float32 numpy."""
         tokens = self.processor.tokenizer.encode([text])
         features = self.text_features(
-            tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device),
+            tokens.input_ids.to(self.device),
+            tokens.attention_mask.to(self.device),
             tokens.token_type_ids.to(self.device),
-        )  # fmt: skip
+        )
         logits, boxes, _ = self.detect_features(image, features)
         return logits[0].float().cpu().numpy(), boxes[0].float().cpu().numpy()
 
@@ -406,8 +424,10 @@ def _dtype_argument(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | 
     ``None`` and ``"auto"`` mean the weights' own dtype; a string names a torch dtype ("bfloat16").
     """
     if dtype is not None and torch_dtype is not None and _as_dtype(dtype) != _as_dtype(torch_dtype):
-        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one (torch_dtype is "
-                         "transformers' name for dtype)")
+        raise ValueError(
+            f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one (torch_dtype is "
+            "transformers' name for dtype)"
+        )
     return _as_dtype(dtype if dtype is not None else torch_dtype)
 
 

@@ -234,6 +234,9 @@ def nms_detections(found: Detections, nms_threshold: float) -> Detections:
     """``found`` less the boxes that overlap a better box of the same label by more than the threshold."""
     keep = class_nms(found.boxes, found.scores, found.label_ids, nms_threshold)
     return Detections(
-        found.boxes[keep], found.scores[keep], tuple(found.labels[i] for i in keep), found.label_ids[keep],
+        found.boxes[keep],
+        found.scores[keep],
+        tuple(found.labels[i] for i in keep),
+        found.label_ids[keep],
         found.image_size,
-    )  # fmt: skip
+    )

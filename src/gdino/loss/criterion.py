@@ -73,9 +73,7 @@ def phrase_token_maps(input_ids: Tensor, special_token_ids: Sequence[int], width
     return maps
 
 
-def make_targets(
-    labels: Sequence[Mapping[str, Tensor]], phrase_maps: list[Tensor], device: torch.device
-) -> Targets:
+def make_targets(labels: Sequence[Mapping[str, Tensor]], phrase_maps: list[Tensor], device: torch.device) -> Targets:
     """Checks transformers-style ``labels`` against the prompts' phrases and lays them out.
 
     Args:
@@ -127,9 +125,7 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: float, alpha:
     return loss.sum() / num_boxes
 
 
-def classification_loss(
-    logits: Tensor, matches: Matches, targets: Targets, text_mask: Tensor, alpha: float
-) -> Tensor:
+def classification_loss(logits: Tensor, matches: Matches, targets: Targets, text_mask: Tensor, alpha: float) -> Tensor:
     """``loss_ce``: focal loss over the text tokens of every query (the positive maps as targets).
 
     Args:

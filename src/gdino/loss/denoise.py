@@ -145,8 +145,9 @@ def _normalise(maps: Tensor) -> Tensor:
     return maps / maps.sum(-1, keepdim=True).clamp(min=1)
 
 
-def _flip_labels(maps: Tensor, targets: Targets, b: int, label_noise: float,
-                 generator: torch.Generator | None) -> Tensor:
+def _flip_labels(
+    maps: Tensor, targets: Targets, b: int, label_noise: float, generator: torch.Generator | None
+) -> Tensor:
     """``maps`` (M, W) with each row replaced, with probability ``label_noise / 2``, by a random
     phrase of image ``b``'s prompt."""
     phrases = targets.phrases[b]
@@ -193,7 +194,8 @@ def denoising_losses(
             continue
         suffix = "_dn" if i == layers - 1 else f"_dn_{i}"
         terms["loss_ce" + suffix] = sigmoid_focal_loss(
-            logits[i][keep], denoising.token_maps.to(logits.dtype)[keep], divisor, config.focal_alpha)
+            logits[i][keep], denoising.token_maps.to(logits.dtype)[keep], divisor, config.focal_alpha
+        )
         l1, giou = paired_box_losses(boxes[i][positive], wanted, divisor)
         terms["loss_bbox" + suffix], terms["loss_giou" + suffix] = l1, giou
     return terms

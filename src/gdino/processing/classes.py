@@ -87,8 +87,10 @@ def label_query(labels: Sequence[str], tokenizer: TextTokenizer) -> ClassQuery:
     used = 0
     for i, size in enumerate(sizes):
         if size + 1 > budget:
-            raise PromptError(f"label {i} ({labels[i][:60]!r}) has {size} tokens; with its '.', [CLS] and "
-                              f"[SEP] that is over the {tokenizer.max_text_len} tokens the model accepts")
+            raise PromptError(
+                f"label {i} ({labels[i][:60]!r}) has {size} tokens; with its '.', [CLS] and "
+                f"[SEP] that is over the {tokenizer.max_text_len} tokens the model accepts"
+            )
         if used + size + 1 > budget:
             chunks.append([])
             used = 0
@@ -150,16 +152,15 @@ def _span(span: Any, length: int, label: int) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise PromptError(f"token_spans[{label}]: each span must be (start, end), got {span!r}") from None
     if not 0 <= start < end <= length:
-        raise PromptError(f"token_spans[{label}]: span ({start}, {end}) is not inside the prompt "
-                          f"(0 <= start < end <= {length})")
+        raise PromptError(
+            f"token_spans[{label}]: span ({start}, {end}) is not inside the prompt (0 <= start < end <= {length})"
+        )
     return start, end
 
 
 def _covered(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> tuple[int, ...]:
     """Positions of the tokens whose characters overlap any span ([CLS]/[SEP] have none)."""
-    return tuple(
-        i for i, (a, b) in enumerate(offsets) if b > a and any(a < end and b > start for start, end in spans)
-    )
+    return tuple(i for i, (a, b) in enumerate(offsets) if b > a and any(a < end and b > start for start, end in spans))
 
 
 # --------------------------------------------------------------------------- what a prompt is

@@ -31,8 +31,15 @@ from gdino.utils.boxes import cxcywh_to_xyxy, to_pixels
 from gdino.utils.checks import check_fraction
 from gdino.utils.hub import DEFAULT_MODEL_ID, resolve
 
-__all__ = ["BatchEncoding", "GroundingDinoProcessor", "ImageError", "ProcessorFiles", "PromptError",
-           "grounded_detections", "resolve_files"]
+__all__ = [
+    "BatchEncoding",
+    "GroundingDinoProcessor",
+    "ImageError",
+    "ProcessorFiles",
+    "PromptError",
+    "grounded_detections",
+    "resolve_files",
+]
 
 _HUB_KWARGS = frozenset({"revision", "cache_dir", "token", "local_files_only", "force_download"})
 
@@ -165,8 +172,10 @@ def grounded_detections(
         a list of ``N`` lists of matched token ids (position 0 and ``T - 1`` excluded, as in HF).
     """
     if logits.ndim != 3 or pred_boxes.shape != (*logits.shape[:2], 4):
-        raise ValueError(f"expected logits (B, Q, T) and pred_boxes (B, Q, 4); got {tuple(logits.shape)} "
-                         f"and {tuple(pred_boxes.shape)}")
+        raise ValueError(
+            f"expected logits (B, Q, T) and pred_boxes (B, Q, 4); got {tuple(logits.shape)} "
+            f"and {tuple(pred_boxes.shape)}"
+        )
     input_ids = torch.as_tensor(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[0] != logits.shape[0]:
         raise ValueError(f"input_ids must be (B, L) with B = {logits.shape[0]}; got {tuple(input_ids.shape)}")
@@ -293,8 +302,9 @@ class GroundingDinoProcessor:
             if image_list is not None:
                 prompts = prompts_for_images(prompts, len(image_list))
             tokens = self.tokenizer.encode(prompts)
-            out.update(input_ids=tokens.input_ids, token_type_ids=tokens.token_type_ids,
-                       attention_mask=tokens.attention_mask)
+            out.update(
+                input_ids=tokens.input_ids, token_type_ids=tokens.token_type_ids, attention_mask=tokens.attention_mask
+            )
         if image_list is not None:
             pixel_values, pixel_mask = self.preprocess_images(image_list)
             out.update(pixel_mask=torch.from_numpy(pixel_mask), pixel_values=torch.from_numpy(pixel_values))
@@ -384,10 +394,10 @@ class GroundingDinoProcessor:
         results = []
         for det in grounded_detections(logits, pred_boxes, input_ids, threshold, text_threshold, target_sizes):
             labels = self.tokenizer.batch_decode(det["token_ids"])
-            results.append({"scores": det["scores"], "boxes": det["boxes"], "text_labels": labels,
-                            "labels": list(labels)})
+            results.append(
+                {"scores": det["scores"], "boxes": det["boxes"], "text_labels": labels, "labels": list(labels)}
+            )
         return results
-
 
 
 def _field(outputs: Any, name: str) -> Any:

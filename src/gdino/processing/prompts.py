@@ -113,8 +113,10 @@ def check_labels(labels: Sequence[str]) -> tuple[str, ...]:
             continue
         if labels[i] == labels[j]:
             raise PromptError(f"label {labels[j]!r} is given twice (labels {i} and {j}); class ids would be ambiguous")
-        raise PromptError(f"labels {i} ({labels[i]!r}) and {j} ({labels[j]!r}) are the same label to the model "
-                          f"({text!r}: lower-cased, '.', '?' and '_' as spaces); class ids would be ambiguous")
+        raise PromptError(
+            f"labels {i} ({labels[i]!r}) and {j} ({labels[j]!r}) are the same label to the model "
+            f"({text!r}: lower-cased, '.', '?' and '_' as spaces); class ids would be ambiguous"
+        )
     return tuple(labels)
 
 
@@ -126,9 +128,7 @@ def join_labels(labels: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- detect's rule
 
 
-def read_prompts(
-    prompt: object, n_images: int, *, labels: object = None, prompts: object = None
-) -> list[Prompt]:
+def read_prompts(prompt: object, n_images: int, *, labels: object = None, prompts: object = None) -> list[Prompt]:
     """``detect``'s rule (see the module docstring): one phrase prompt or label list per image.
 
     Args:
@@ -148,8 +148,10 @@ def read_prompts(
     named = (("prompt", prompt), ("labels", labels), ("prompts", prompts))
     given = [name for name, value in named if value is not None]
     if len(given) != 1:
-        raise PromptError("give a prompt ('a cat. a remote control.'), labels=['cat', 'remote control'] or "
-                          f"prompts=[one per image]; got {' and '.join(given) if given else 'none'}")
+        raise PromptError(
+            "give a prompt ('a cat. a remote control.'), labels=['cat', 'remote control'] or "
+            f"prompts=[one per image]; got {' and '.join(given) if given else 'none'}"
+        )
     if labels is not None:
         return [check_labels(labels)] * n_images  # type: ignore[arg-type]
     if prompts is not None:
@@ -161,9 +163,11 @@ def read_prompts(
     if len(prompt) == 0 or all(isinstance(p, str) for p in prompt):
         return [check_labels(prompt)] * n_images
     if not all(isinstance(p, (list, tuple)) for p in prompt):
-        raise PromptError("the prompt mixes strings and lists: a list of strings is one label list for every "
-                          "image, a list of lists one label list per image; give one phrase prompt or label "
-                          "list per image as prompts=[...]")
+        raise PromptError(
+            "the prompt mixes strings and lists: a list of strings is one label list for every "
+            "image, a list of lists one label list per image; give one phrase prompt or label "
+            "list per image as prompts=[...]"
+        )
     if len(prompt) == 1:
         return [check_labels(prompt[0])] * n_images
     if len(prompt) != n_images:
@@ -176,8 +180,10 @@ def _per_image(prompts: object, n_images: int) -> list[Prompt]:
     if not isinstance(prompts, (list, tuple)):
         raise PromptError(f"prompts= takes a list with one prompt per image, got {type(prompts).__name__}")
     if len(prompts) != n_images:
-        raise PromptError(f"prompts= has {len(prompts)} entries for {n_images} images; give one per image "
-                          "(or one prompt for all images as prompt= / labels=)")
+        raise PromptError(
+            f"prompts= has {len(prompts)} entries for {n_images} images; give one per image "
+            "(or one prompt for all images as prompt= / labels=)"
+        )
     out: list[Prompt] = []
     for i, item in enumerate(prompts):
         if isinstance(item, str):

@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the ONNX runtime 
 CLS, SEP, PAD, UNK, MASK = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
 
 
-
 class PromptError(ValueError):
     """A text prompt is empty, malformed or too long for the model."""
 
@@ -48,8 +47,12 @@ class TokenizedText:
     attention_mask: torch.Tensor
 
 
-def _bert_tokenizer(vocab_file: str | os.PathLike, lowercase: bool | None = True, strip_accents: bool | None = None,
-                    tokenize_chinese_chars: bool | None = True) -> Tokenizer:
+def _bert_tokenizer(
+    vocab_file: str | os.PathLike,
+    lowercase: bool | None = True,
+    strip_accents: bool | None = None,
+    tokenize_chinese_chars: bool | None = True,
+) -> Tokenizer:
     """Builds the BERT WordPiece tokenizer (``[CLS] text [SEP]``) from a ``vocab.txt``.
 
     The normaliser options are ``tokenizer_config.json``'s (``read_tokenizer_config``); a None
@@ -62,12 +65,15 @@ def _bert_tokenizer(vocab_file: str | os.PathLike, lowercase: bool | None = True
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
     tokenizer.add_special_tokens([t for t in (PAD, UNK, CLS, SEP, MASK) if t in vocab])
     tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=tokenize_chinese_chars is not False, strip_accents=strip_accents,
+        clean_text=True,
+        handle_chinese_chars=tokenize_chinese_chars is not False,
+        strip_accents=strip_accents,
         lowercase=lowercase is not False,
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        single=f"{CLS} $A {SEP}",
+        pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
         special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])],
     )
     tokenizer.decoder = decoders.WordPiece(prefix="##")
@@ -91,8 +97,9 @@ class TextTokenizer:
         self.pad_token_id = 0 if pad_id is None else pad_id
 
     @classmethod
-    def from_vocab(cls, vocab_file: str | os.PathLike | None = None, max_text_len: int = 256,
-                   **normalizer: bool | None) -> TextTokenizer:
+    def from_vocab(
+        cls, vocab_file: str | os.PathLike | None = None, max_text_len: int = 256, **normalizer: bool | None
+    ) -> TextTokenizer:
         """From a ``vocab.txt`` (the packaged BERT-base-uncased one when ``None``)."""
         path = packaged_vocab_path() if vocab_file is None else Path(vocab_file)
         return cls(_bert_tokenizer(path, **normalizer), max_text_len)
@@ -180,8 +187,9 @@ def as_id_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
     return [int(i) for i in token_ids]
 
 
-def phrase_spans(input_ids: Sequence[int] | torch.Tensor,
-                 separator_ids: Sequence[int] = SPECIAL_TOKEN_IDS, pad_token_id: int = 0) -> list[tuple[int, int]]:
+def phrase_spans(
+    input_ids: Sequence[int] | torch.Tensor, separator_ids: Sequence[int] = SPECIAL_TOKEN_IDS, pad_token_id: int = 0
+) -> list[tuple[int, int]]:
     """Token ranges of the phrases of one tokenised prompt.
 
     ``[CLS] a cat . a remote control . [SEP]`` -> ``[(1, 3), (4, 7)]``.
@@ -225,7 +233,8 @@ def phrase_names(
     ids = tokenizer.encode_arrays([text])[0][0].tolist()  # PromptError if too long
     spans = phrase_spans(ids, separator_ids)
     if not spans:
-        raise PromptError(f"the prompt {text!r} has no phrase, only separators such as '.'; "
-                          "give e.g. 'a cat. a remote control.'")
+        raise PromptError(
+            f"the prompt {text!r} has no phrase, only separators such as '.'; give e.g. 'a cat. a remote control.'"
+        )
     offsets = tokenizer.offsets(text)  # the same tokens as ids
     return spans, [text[offsets[s][0] : offsets[e - 1][1]] for s, e in spans]

@@ -111,8 +111,10 @@ class OnnxDetector:
     ) -> None:
         root = Path(directory)
         if not is_export(root):
-            raise FileNotFoundError(f"{root} holds no ONNX export ({SETTINGS_FILE} is missing); "
-                                    "write one with `gdino export onnx --out DIR`")
+            raise FileNotFoundError(
+                f"{root} holds no ONNX export ({SETTINGS_FILE} is missing); "
+                "write one with `gdino export onnx --out DIR`"
+            )
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
         if providers and runtime != "onnxruntime":
@@ -120,9 +122,11 @@ class OnnxDetector:
         self.settings = json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
         self.runtime = runtime
         graphs = {name: root / file for name, file in self.settings["graphs"].items()}
-        self.sessions = _ort_sessions(graphs, providers, threads) if runtime == "onnxruntime" else {
-            name: OpenVinoSession(path, threads) for name, path in graphs.items()
-        }
+        self.sessions = (
+            _ort_sessions(graphs, providers, threads)
+            if runtime == "onnxruntime"
+            else {name: OpenVinoSession(path, threads) for name, path in graphs.items()}
+        )
         self.max_text_len = int(self.settings["max_text_len"])
         self.special_token_ids = tuple(self.settings["special_token_ids"])
         self.tokenizer = TextTokenizer.from_tokenizer_json(root / self.settings["tokenizer"], self.max_text_len)

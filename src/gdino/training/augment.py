@@ -71,15 +71,16 @@ def resize(image: np.ndarray, boxes: np.ndarray, short: int, max_size: int | Non
     return np.asarray(out), boxes * scale
 
 
-def crop(image: np.ndarray, boxes: np.ndarray, top: int, left: int, height: int, width: int,
-         min_box_size: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crop(
+    image: np.ndarray, boxes: np.ndarray, top: int, left: int, height: int, width: int, min_box_size: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``height x width`` region at ``(top, left)``; boxes clipped to it.
 
     Returns:
         ``(image, boxes, keep)``: the boxes at least ``min_box_size`` wide and high after
         clipping, and their indices in the input.
     """
-    out = image[top:top + height, left:left + width]
+    out = image[top : top + height, left : left + width]
     moved = boxes - np.array([left, top, left, top], dtype=np.float32)
     moved[:, 0::2] = moved[:, 0::2].clip(0, out.shape[1])
     moved[:, 1::2] = moved[:, 1::2].clip(0, out.shape[0])
@@ -100,8 +101,9 @@ class Augment:
     def __init__(self, settings: AugmentSettings | None = None) -> None:
         self.settings = settings if settings is not None else AugmentSettings()
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Augments a ``(H, W, 3)`` uint8 image and its ``(N, 4)`` xyxy pixel boxes.
 
         Returns:
@@ -119,8 +121,9 @@ class Augment:
         image, boxes = resize(image, boxes, int(rng.choice(s.scales)), s.max_size)
         return image, boxes, keep
 
-    def _random_crop(self, image: np.ndarray, boxes: np.ndarray,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _random_crop(
+        self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A crop of random size (``crop_min``..``crop_max`` a side, at most the image) and place."""
         s = self.settings
         height, width = image.shape[:2]

@@ -79,8 +79,10 @@ class CaptionBuilder:
         self.budget = tokenizer.max_text_len - 2
         for i, (text, size) in enumerate(zip(self.texts, self.sizes)):
             if not text or size + 1 > self.budget:
-                raise PromptError(f"label {i} ({names[i][:60]!r}) is empty or alone longer than the "
-                                  f"{tokenizer.max_text_len} tokens a prompt may have")
+                raise PromptError(
+                    f"label {i} ({names[i][:60]!r}) is empty or alone longer than the "
+                    f"{tokenizer.max_text_len} tokens a prompt may have"
+                )
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Caption:
         """The sample's caption: its own for grounding data, else built from the label list."""
@@ -109,7 +111,7 @@ class CaptionBuilder:
         return self._label_caption(chosen, box_labels)
 
     def _label_caption(self, chosen: list[int], box_labels: Sequence[int]) -> Caption:
-        """"l1. l2. ... ln." with each label's tokens, and the boxes whose label is in it."""
+        """ "l1. l2. ... ln." with each label's tokens, and the boxes whose label is in it."""
         spans, start = [], 0
         for label in chosen:
             spans.append(((start, start + len(self.texts[label])),))
@@ -118,8 +120,14 @@ class CaptionBuilder:
         tokens = _phrase_tokens(self.tokenizer.offsets(text), spans)
         phrase_of = {label: p for p, label in enumerate(chosen)}
         kept = tuple(i for i, label in enumerate(box_labels) if int(label) in phrase_of)
-        return Caption(text, tuple(self.texts[label] for label in chosen), tokens,
-                       tuple(phrase_of[int(box_labels[i])] for i in kept), kept, tuple(chosen))
+        return Caption(
+            text,
+            tuple(self.texts[label] for label in chosen),
+            tokens,
+            tuple(phrase_of[int(box_labels[i])] for i in kept),
+            kept,
+            tuple(chosen),
+        )
 
     def grounding(self, sample: Sample) -> Caption:
         """The sample's caption (a final "." added) and its phrases' tokens; cut at the token limit."""
@@ -134,13 +142,18 @@ class CaptionBuilder:
         fits = [bool(t) and all(e <= len(text) for _, e in p.spans) for p, t in zip(sample.phrases, tokens)]
         new_index = {p: i for i, p in enumerate(p for p in range(len(fits)) if fits[p])}
         kept = tuple(i for i, label in enumerate(sample.labels) if fits[label])
-        return Caption(text, tuple(p.text for p, f in zip(sample.phrases, fits) if f),
-                       tuple(t for t, f in zip(tokens, fits) if f),
-                       tuple(new_index[sample.labels[i]] for i in kept), kept)
+        return Caption(
+            text,
+            tuple(p.text for p, f in zip(sample.phrases, fits) if f),
+            tuple(t for t, f in zip(tokens, fits) if f),
+            tuple(new_index[sample.labels[i]] for i in kept),
+            kept,
+        )
 
 
-def _phrase_tokens(offsets: Sequence[tuple[int, int]],
-                   spans: Sequence[Sequence[tuple[int, int]]]) -> tuple[tuple[int, ...], ...]:
+def _phrase_tokens(
+    offsets: Sequence[tuple[int, int]], spans: Sequence[Sequence[tuple[int, int]]]
+) -> tuple[tuple[int, ...], ...]:
     """Per phrase, the positions of the tokens whose characters overlap any of its spans."""
     return tuple(
         tuple(i for i, (a, b) in enumerate(offsets) if b > a and any(a < end and b > start for start, end in phrase))

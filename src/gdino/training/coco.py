@@ -61,8 +61,11 @@ def _load_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read {path} as JSON: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-            data.get("categories"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("categories"), list)
+    ):
         raise DataError(f"{path} is not a COCO detection file (needs 'images' and 'categories' lists)")
     return data
 
@@ -102,8 +105,15 @@ def _images(images: list[Any], file: str, problems: list[Problem]) -> dict[int, 
     return infos
 
 
-def _sample(info: dict[str, Any], anns: list[tuple[int, dict[str, Any]]], label_of: dict[int, int], root: Path,
-            file: str, problems: list[Problem], check_images: bool) -> tuple[Sample | None, int]:
+def _sample(
+    info: dict[str, Any],
+    anns: list[tuple[int, dict[str, Any]]],
+    label_of: dict[int, int],
+    root: Path,
+    file: str,
+    problems: list[Problem],
+    check_images: bool,
+) -> tuple[Sample | None, int]:
     """One image's sample, or None (and problems) if the image or any annotation is bad."""
     path = root / info["file_name"]
     width, height = info.get("width"), info.get("height")
@@ -134,5 +144,6 @@ def _sample(info: dict[str, Any], anns: list[tuple[int, dict[str, Any]]], label_
             bad = True
     if bad:
         return None, crowd
-    return Sample(path, int(width), int(height), as_boxes(boxes), tuple(labels),
-                  origin=f"{file}: image id {info['id']}"), crowd
+    return Sample(
+        path, int(width), int(height), as_boxes(boxes), tuple(labels), origin=f"{file}: image id {info['id']}"
+    ), crowd

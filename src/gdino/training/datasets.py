@@ -14,12 +14,27 @@ from gdino.training.odvg import read_label_map, read_odvg
 from gdino.training.samples import DataError, Dataset, Phrase, Problem, Sample, read_image
 from gdino.training.yolo import read_yolo
 
-__all__ = ["DataError", "Dataset", "Phrase", "Problem", "Sample", "read_coco", "read_dataset", "read_image",
-           "read_label_map", "read_odvg", "read_yolo"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Phrase",
+    "Problem",
+    "Sample",
+    "read_coco",
+    "read_dataset",
+    "read_image",
+    "read_label_map",
+    "read_odvg",
+    "read_yolo",
+]
 
 
-def read_dataset(path: str | Path, images: str | Path | None = None,
-                 label_map: str | Path | dict[Any, str] | None = None, check_images: bool = True) -> Dataset:
+def read_dataset(
+    path: str | Path,
+    images: str | Path | None = None,
+    label_map: str | Path | dict[Any, str] | None = None,
+    check_images: bool = True,
+) -> Dataset:
     """Reads training data by its form: a folder (YOLO), ``.jsonl`` (ODVG) or ``.json`` (COCO).
 
     Args:

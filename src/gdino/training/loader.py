@@ -58,8 +58,9 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
     return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
 
-def make_example(dataset: Dataset, index: int, captions: CaptionBuilder, augment: Augment | None,
-                 seed: int, epoch: int) -> Example:
+def make_example(
+    dataset: Dataset, index: int, captions: CaptionBuilder, augment: Augment | None, seed: int, epoch: int
+) -> Example:
     """Sample ``index`` read, augmented and captioned with randomness fixed by ``(seed, epoch, index)``.
 
     Raises:
@@ -75,9 +76,16 @@ def make_example(dataset: Dataset, index: int, captions: CaptionBuilder, augment
     return Example(image, boxes[list(caption.kept)], caption, index)
 
 
-def examples(dataset: Dataset, captions: CaptionBuilder, augment: Augment | None = None, seed: int = 0,
-             epoch: int = 0, start: int = 0, shuffle: bool = True,
-             on_problem: Callable[[Problem], None] | None = None) -> Iterator[Example]:
+def examples(
+    dataset: Dataset,
+    captions: CaptionBuilder,
+    augment: Augment | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
+    shuffle: bool = True,
+    on_problem: Callable[[Problem], None] | None = None,
+) -> Iterator[Example]:
     """The examples of one epoch, from position ``start`` of its order.
 
     An image that cannot be read is reported (``on_problem``, else a logged warning) and skipped.
@@ -105,8 +113,9 @@ def batches(items: Iterator[Example], size: int) -> Iterator[list[Example]]:
         yield batch
 
 
-def collate(batch: Sequence[Example], processor: GroundingDinoProcessor,
-            resize: bool = False) -> tuple[BatchEncoding, list[dict[str, torch.Tensor]]]:
+def collate(
+    batch: Sequence[Example], processor: GroundingDinoProcessor, resize: bool = False
+) -> tuple[BatchEncoding, list[dict[str, torch.Tensor]]]:
     """Model inputs and targets of a batch.
 
     Args:
@@ -119,9 +128,12 @@ def collate(batch: Sequence[Example], processor: GroundingDinoProcessor,
     pixel_values, pixel_mask = pad_batch([preprocess_image(Image.fromarray(ex.image), settings) for ex in batch])
     tokens = processor.tokenizer.encode([ex.caption.text for ex in batch])
     inputs = BatchEncoding(
-        input_ids=tokens.input_ids, token_type_ids=tokens.token_type_ids, attention_mask=tokens.attention_mask,
-        pixel_mask=torch.from_numpy(pixel_mask), pixel_values=torch.from_numpy(pixel_values),
-    )  # fmt: skip
+        input_ids=tokens.input_ids,
+        token_type_ids=tokens.token_type_ids,
+        attention_mask=tokens.attention_mask,
+        pixel_mask=torch.from_numpy(pixel_mask),
+        pixel_values=torch.from_numpy(pixel_values),
+    )
     length = processor.tokenizer.max_text_len
     return inputs, [_target(ex, length) for ex in batch]
 

@@ -41,7 +41,7 @@ def read_label_map(source: str | Path | dict[Any, str]) -> LabelMap:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"cannot read the label map {source}: {e}") from None
     if not isinstance(raw, dict) or not raw:
-        raise DataError(f"the label map {source} must be a non-empty object {{\"0\": \"person\", ...}}")
+        raise DataError(f'the label map {source} must be a non-empty object {{"0": "person", ...}}')
     out: LabelMap = {}
     for key, name in raw.items():
         try:
@@ -53,8 +53,12 @@ def read_label_map(source: str | Path | dict[Any, str]) -> LabelMap:
     return out
 
 
-def read_odvg(annotations: str | Path, images: str | Path | None = None,
-              label_map: str | Path | dict[Any, str] | None = None, check_images: bool = True) -> Dataset:
+def read_odvg(
+    annotations: str | Path,
+    images: str | Path | None = None,
+    label_map: str | Path | dict[Any, str] | None = None,
+    check_images: bool = True,
+) -> Dataset:
     """Reads an ODVG jsonl file.
 
     Args:
@@ -118,8 +122,14 @@ def _labels_in_file(records: list[tuple[int, dict[str, Any]]], file: str, proble
             if not isinstance(label, int) or not isinstance(name, str) or not name.strip():
                 continue  # reported when the record is read
             if labels.setdefault(label, name) != name:
-                problems.append(Problem(file, f"line {line}", f"label {label} is named both {labels[label]!r} and "
-                                        f"{name!r}; keeping the first (give a label map to settle it)"))
+                problems.append(
+                    Problem(
+                        file,
+                        f"line {line}",
+                        f"label {label} is named both {labels[label]!r} and "
+                        f"{name!r}; keeping the first (give a label map to settle it)",
+                    )
+                )
     return labels
 
 

@@ -32,9 +32,13 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "green": (40, 165, 60), "blue": (35, 75, 215),
-    "yellow": (240, 215, 40), "purple": (135, 55, 185), "orange": (245, 135, 25),
-}  # fmt: skip
+    "red": (215, 35, 35),
+    "green": (40, 165, 60),
+    "blue": (35, 75, 215),
+    "yellow": (240, 215, 40),
+    "purple": (135, 55, 185),
+    "orange": (245, 135, 25),
+}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 HELD_OUT: tuple[str, ...] = ("green triangle", "orange star", "purple circle")
 BACKGROUNDS: tuple[str, ...] = ("flat", "gradient", "noise", "photo")
@@ -121,22 +125,31 @@ def _muted(rng: np.random.Generator) -> np.ndarray:
     return np.clip(rng.uniform(40, 220) + rng.uniform(-30, 30, 3), 0, 255)
 
 
-def background(kind: str, height: int, width: int, rng: np.random.Generator,
-               photos: Sequence[np.ndarray] = ()) -> np.ndarray:
+def background(
+    kind: str, height: int, width: int, rng: np.random.Generator, photos: Sequence[np.ndarray] = ()
+) -> np.ndarray:
     """A ``(height, width, 3)`` float background of the given kind."""
     if kind == "flat":
         return np.broadcast_to(_muted(rng), (height, width, 3)).astype(np.float32)
     if kind == "gradient":
         angle = rng.uniform(0, 2 * math.pi)
-        t = (np.arange(width, dtype=np.float32) * math.cos(angle))[None, :] + \
-            (np.arange(height, dtype=np.float32) * math.sin(angle))[:, None]  # (H, W)
+        t = (np.arange(width, dtype=np.float32) * math.cos(angle))[None, :] + (
+            np.arange(height, dtype=np.float32) * math.sin(angle)
+        )[:, None]  # (H, W)
         t = ((t - t.min()) / max(float(t.max() - t.min()), 1.0))[..., None]
         start, end = _muted(rng).astype(np.float32), _muted(rng).astype(np.float32)
         return start + t * (end - start)
     if kind == "noise":
         cells = rng.normal(0, rng.uniform(10, 40), (max(2, height // 16), max(2, width // 16), 3))
-        blobs = np.asarray(Image.fromarray(np.clip(cells + 128, 0, 255).astype(np.uint8)).resize(
-            (width, height), Image.Resampling.BILINEAR), dtype=np.float32) - 128
+        blobs = (
+            np.asarray(
+                Image.fromarray(np.clip(cells + 128, 0, 255).astype(np.uint8)).resize(
+                    (width, height), Image.Resampling.BILINEAR
+                ),
+                dtype=np.float32,
+            )
+            - 128
+        )
         fine = rng.standard_normal((height, width, 3), dtype=np.float32) * rng.uniform(3, 15)
         return np.clip(_muted(rng).astype(np.float32) + blobs + fine, 0, 255)
     if kind == "photo":
@@ -149,7 +162,7 @@ def _photo_crop(photo: np.ndarray, height: int, width: int, rng: np.random.Gener
     ph, pw = photo.shape[:2]
     h, w = int(rng.integers(max(1, ph // 3), ph + 1)), int(rng.integers(max(1, pw // 3), pw + 1))
     top, left = int(rng.integers(0, ph - h + 1)), int(rng.integers(0, pw - w + 1))
-    crop = Image.fromarray(np.ascontiguousarray(photo[top:top + h, left:left + w]))
+    crop = Image.fromarray(np.ascontiguousarray(photo[top : top + h, left : left + w]))
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(crop.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
@@ -192,8 +205,9 @@ def _overlap(box: np.ndarray, others: list[np.ndarray]) -> float:
     return worst
 
 
-def _place(rng: np.random.Generator, height: int, width: int, settings: ShapesSettings,
-           placed: list[np.ndarray]) -> tuple[float, float, float] | None:
+def _place(
+    rng: np.random.Generator, height: int, width: int, settings: ShapesSettings, placed: list[np.ndarray]
+) -> tuple[float, float, float] | None:
     """Centre and radius of a new object inside the image, overlapping the others little; None if no room."""
     short = min(height, width)
     for _ in range(50):
@@ -206,8 +220,13 @@ def _place(rng: np.random.Generator, height: int, width: int, settings: ShapesSe
     return None
 
 
-def render(rng: np.random.Generator, pairs: Sequence[int], settings: ShapesSettings,
-           photos: Sequence[np.ndarray] = (), first: Sequence[int] = ()) -> Scene:
+def render(
+    rng: np.random.Generator,
+    pairs: Sequence[int],
+    settings: ShapesSettings,
+    photos: Sequence[np.ndarray] = (),
+    first: Sequence[int] = (),
+) -> Scene:
     """One image of objects whose pairs are drawn from ``pairs`` (indices into :func:`pair_names`).
 
     Args:
@@ -264,8 +283,15 @@ def _split_pairs(split: str, held: list[int], n_pairs: int) -> tuple[list[int], 
     return seen, [], seen if split == "train" else list(range(n_pairs))
 
 
-def write_split(out: Path, split: str, count: int, seed: int, settings: ShapesSettings,
-                photos: Sequence[np.ndarray] = (), image_format: str = "jpg") -> Path:
+def write_split(
+    out: Path,
+    split: str,
+    count: int,
+    seed: int,
+    settings: ShapesSettings,
+    photos: Sequence[np.ndarray] = (),
+    image_format: str = "jpg",
+) -> Path:
     """Writes ``count`` images to ``out/<split>/`` and their COCO file ``out/<split>.json``."""
     names = pair_names()
     unknown = [p for p in settings.held_out if p not in names]
@@ -289,20 +315,33 @@ def write_split(out: Path, split: str, count: int, seed: int, settings: ShapesSe
         images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
         for (x0, y0, x1, y1), pair in zip(scene.boxes.tolist(), scene.pairs):
             w, h = x1 - x0, y1 - y0
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": pair + 1,
-                                "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": pair + 1,
+                    "bbox": [x0, y0, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": p + 1, "name": names[p], "supercategory": "shape"} for p in listed]
-    info = {"description": f"gdino synthetic shapes, split {split}", "seed": seed,
-            "held_out": list(settings.held_out)}
+    info = {"description": f"gdino synthetic shapes, split {split}", "seed": seed, "held_out": list(settings.held_out)}
     path = out / f"{split}.json"
-    path.write_text(json.dumps({"info": info, "images": images, "annotations": annotations,
-                                "categories": categories}) + "\n")
+    path.write_text(
+        json.dumps({"info": info, "images": images, "annotations": annotations, "categories": categories}) + "\n"
+    )
     return path
 
 
-def write_shapes_dataset(out: str | Path, counts: dict[str, int] | None = None, seed: int = 0,
-                         settings: ShapesSettings | None = None, photos: Sequence[str | Path] | None = None,
-                         image_format: str = "jpg") -> dict[str, Path]:
+def write_shapes_dataset(
+    out: str | Path,
+    counts: dict[str, int] | None = None,
+    seed: int = 0,
+    settings: ShapesSettings | None = None,
+    photos: Sequence[str | Path] | None = None,
+    image_format: str = "jpg",
+) -> dict[str, Path]:
     """Writes the splits (``train``, ``val``, ``held_out``) under ``out``; returns each COCO file.
 
     Args:

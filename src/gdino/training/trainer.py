@@ -246,9 +246,11 @@ def make_optimizer(model: nn.Module, settings: TrainSettings, from_scratch: bool
 
     Unset backbone and text rates are ``lr / 10`` when fine-tuning, ``lr`` when ``from_scratch``."""
     default = settings.lr if from_scratch else settings.lr / 10
-    rates = {"head": settings.lr,
-             "backbone": settings.lr_backbone if settings.lr_backbone is not None else default,
-             "text": settings.lr_text if settings.lr_text is not None else default}
+    rates = {
+        "head": settings.lr,
+        "backbone": settings.lr_backbone if settings.lr_backbone is not None else default,
+        "text": settings.lr_text if settings.lr_text is not None else default,
+    }
     groups: dict[str, list[nn.Parameter]] = {"head": [], "backbone": [], "text": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -273,8 +275,9 @@ def lr_factor(step: int, total: int, settings: TrainSettings) -> float:
     return 0.1 if step >= int(settings.lr_drop * total) else 1.0
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total: int,
-                   settings: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total: int, settings: TrainSettings
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Steps once per optimiser step; ``total`` steps in all."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, settings))
 
@@ -292,8 +295,10 @@ def autocast(device: torch.device, dtype: str | None) -> AbstractContextManager[
         from gdino.checkpoint.loading import NATIVE_CPU_FLAGS
 
         if half == torch.float16 or not _cpu_has(NATIVE_CPU_FLAGS[torch.bfloat16]):
-            raise TrainError(f"--dtype {dtype} on this CPU would be emulated (slower than fp32); "
-                             "train in fp32 on CPU, or bf16/fp16 on a GPU")
+            raise TrainError(
+                f"--dtype {dtype} on this CPU would be emulated (slower than fp32); "
+                "train in fp32 on CPU, or bf16/fp16 on a GPU"
+            )
     return torch.autocast(device.type, dtype=half)
 
 
@@ -309,9 +314,14 @@ def _cpu_has(flags: Sequence[str], cpuinfo: str = "/proc/cpuinfo") -> bool:
 # --------------------------------------------------------------------------- one step
 
 
-def train_step(model: GroundingDinoForObjectDetection, batch: Sequence[Example], optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, settings: TrainSettings,
-               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+def train_step(
+    model: GroundingDinoForObjectDetection,
+    batch: Sequence[Example],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    settings: TrainSettings,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
     """Forward with labels, backward, clip, step; returns the loss terms as floats."""
     device = model.device
     # Augmented images are already sized; without augmentation the processor resizes them to --image-size.
@@ -370,7 +380,8 @@ class Run:
     def out_of_time(self) -> bool:
         s = self.settings
         return (s.max_steps is not None and self.position.step >= s.max_steps) or (
-            s.max_minutes is not None and time.monotonic() - self.began >= 60 * s.max_minutes)
+            s.max_minutes is not None and time.monotonic() - self.began >= 60 * s.max_minutes
+        )
 
 
 def set_image_size(processor: GroundingDinoProcessor, short: int | None) -> GroundingDinoProcessor:
@@ -392,9 +403,13 @@ def make_augment(settings: TrainSettings) -> Augment | None:
 
 def state_of(run: Run) -> dict[str, Any]:
     """What ``resume`` needs besides the weights."""
-    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "position": asdict(run.position),
-             "settings": asdict(run.settings)}
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "position": asdict(run.position),
+        "settings": asdict(run.settings),
+    }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
@@ -470,16 +485,18 @@ def _means(totals: dict[str, float], steps: int) -> dict[str, float]:
     return {k: v / max(1, steps) for k, v in totals.items()}
 
 
-def validate(model: GroundingDinoForObjectDetection, annotations: Path, limit: int | None = None,
-             log: IO[str] | None = None) -> dict[str, float]:
+def validate(
+    model: GroundingDinoForObjectDetection, annotations: Path, limit: int | None = None, log: IO[str] | None = None
+) -> dict[str, float]:
     """COCO metrics of ``model`` on a COCO file (images relative to its folder), as ``gdino eval coco``."""
     from gdino.evaluation.coco import evaluate_coco, model_detector
 
     was_training = model.training
     model.eval()
     try:
-        result = evaluate_coco(annotations.parent, annotations, lambda names: model_detector(model, names),
-                               limit=limit, log=log)
+        result = evaluate_coco(
+            annotations.parent, annotations, lambda names: model_detector(model, names), limit=limit, log=log
+        )
     finally:
         model.train(was_training)
     return result.metrics
@@ -496,8 +513,14 @@ def load_data(data: str | Path | Dataset, log: IO[str]) -> Dataset:
     return dataset
 
 
-def start(data: str | Path | Dataset, model: str | Path | GroundingDinoForObjectDetection, out: str | Path,
-          settings: TrainSettings, resume: bool = False, log: IO[str] = sys.stderr) -> Run:
+def start(
+    data: str | Path | Dataset,
+    model: str | Path | GroundingDinoForObjectDetection,
+    out: str | Path,
+    settings: TrainSettings,
+    resume: bool = False,
+    log: IO[str] = sys.stderr,
+) -> Run:
     """Everything set up to train: data, model (or the last checkpoint's), optimiser, schedule."""
     settings.check()
     out = Path(out)
@@ -524,8 +547,9 @@ def start(data: str | Path | Dataset, model: str | Path | GroundingDinoForObject
     scheduler = make_scheduler(optimizer, settings.epochs * steps_per_epoch, settings)
     scaler = torch.amp.GradScaler("cuda") if settings.dtype == "fp16" and model.device.type == "cuda" else None
     captions = CaptionBuilder(model.processor.tokenizer, dataset.names, settings.max_labels)
-    run = Run(model, optimizer, scheduler, dataset, captions, make_augment(settings), settings, out, Position(),
-              scaler, log)
+    run = Run(
+        model, optimizer, scheduler, dataset, captions, make_augment(settings), settings, out, Position(), scaler, log
+    )
     if state is not None:
         restore(run, state)
     else:
@@ -533,9 +557,15 @@ def start(data: str | Path | Dataset, model: str | Path | GroundingDinoForObject
     return run
 
 
-def train(data: str | Path | Dataset, model: str | Path | GroundingDinoForObjectDetection, out: str | Path,
-          settings: TrainSettings | None = None, val: str | Path | None = None, resume: bool = False,
-          log: IO[str] | None = None) -> TrainResult:
+def train(
+    data: str | Path | Dataset,
+    model: str | Path | GroundingDinoForObjectDetection,
+    out: str | Path,
+    settings: TrainSettings | None = None,
+    val: str | Path | None = None,
+    resume: bool = False,
+    log: IO[str] | None = None,
+) -> TrainResult:
     """Trains ``model`` on ``data``, writing ``OUT/epoch-N/`` after each epoch (and its validation
     metrics to ``OUT/history.jsonl`` when ``val``, a COCO file, is given).
 
@@ -556,8 +586,12 @@ def train(data: str | Path | Dataset, model: str | Path | GroundingDinoForObject
         means, stopped = run_epoch(run)
         if not stopped:
             run.position.epoch, run.position.offset = run.position.epoch + 1, 0
-        record: dict[str, Any] = {"epoch": run.position.epoch, "step": run.position.step,
-                                  "seconds": round(time.monotonic() - run.began, 1), **means}
+        record: dict[str, Any] = {
+            "epoch": run.position.epoch,
+            "step": run.position.step,
+            "seconds": round(time.monotonic() - run.began, 1),
+            **means,
+        }
         if val is not None:
             record["val"] = validate(run.model, Path(val), settings.val_limit, log)
         result.checkpoint = checkpoint(run, "last" if stopped else f"epoch-{run.position.epoch}")

@@ -29,4 +29,3 @@ def check_fraction(value: object, name: str) -> float:
     if not (math.isfinite(number) and 0.0 <= number <= 1.0):
         raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
     return number
-

@@ -112,9 +112,7 @@ def _from_directory(path: Path) -> Checkpoint:
     originals = sorted(p for p in path.iterdir() if p.suffix in _ORIGINAL_SUFFIXES)
     if len(originals) == 1:
         return Checkpoint(originals[0], "original", path)
-    raise CheckpointError(
-        f"{path} holds no model.safetensors, pytorch_model.bin or single original .pth checkpoint"
-    )
+    raise CheckpointError(f"{path} holds no model.safetensors, pytorch_model.bin or single original .pth checkpoint")
 
 
 def _download(repo_id: str, options: HubOptions) -> Path:
@@ -127,10 +125,14 @@ def _download(repo_id: str, options: HubOptions) -> Path:
 
     def fetch(local_files_only: bool, force_download: bool) -> Path:
         folder = snapshot_download(
-            repo_id, allow_patterns=_HUB_FILES, revision=options.revision, token=options.token,
+            repo_id,
+            allow_patterns=_HUB_FILES,
+            revision=options.revision,
+            token=options.token,
             cache_dir=options.cache_dir,
-            local_files_only=local_files_only, force_download=force_download,
-        )  # fmt: skip
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
         return Path(folder)
 
     try:
@@ -143,9 +145,12 @@ def _download(repo_id: str, options: HubOptions) -> Path:
             except Exception:  # noqa: BLE001 (not in the cache either, whatever the hub's error type)
                 pass
     at = f" at revision {options.revision!r}" if options.revision else ""
-    where = ("is not in the local cache (local_files_only=True)" if options.local_files_only else
-             f"could not be downloaded from the Hugging Face Hub ({type(failure).__name__})"
-             + ("" if options.force_download else " and is not in the local cache"))
+    where = (
+        "is not in the local cache (local_files_only=True)"
+        if options.local_files_only
+        else f"could not be downloaded from the Hugging Face Hub ({type(failure).__name__})"
+        + ("" if options.force_download else " and is not in the local cache")
+    )
     raise CheckpointError(
         f"{repo_id!r}{at} {where}; pass a local directory (config.json, model.safetensors) or an original "
         f"groundingdino_swint_ogc.pth file instead, e.g. --model ./grounding-dino-tiny"

@@ -39,8 +39,9 @@ class Progress:
         every: on a stream that is not a terminal, the least seconds between two lines.
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "images", stream: IO[str] | None = None,
-                 every: float = 10.0) -> None:
+    def __init__(
+        self, total: int, desc: str, unit: str = "images", stream: IO[str] | None = None, every: float = 10.0
+    ) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream if stream is not None else sys.stderr
         self.done = 0
@@ -74,9 +75,11 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 and self.done else 0.0
         left = (self.total - self.done) / rate if rate else None
         width = len(str(self.total))
-        line = (f"{self.desc} {self.done:>{width}}/{self.total} {self.unit} "
-                f"[{_clock(elapsed)}<{_clock(left)}, {rate:.2f} {self.unit}/s]"
-                + (f" {self.postfix}" if self.postfix else ""))
+        line = (
+            f"{self.desc} {self.done:>{width}}/{self.total} {self.unit} "
+            f"[{_clock(elapsed)}<{_clock(left)}, {rate:.2f} {self.unit}/s]"
+            + (f" {self.postfix}" if self.postfix else "")
+        )
         if self._tty:
             bar = 20
             filled = bar * self.done // max(1, self.total)
@@ -101,8 +104,9 @@ class ChunkProgress:
     on ``stream`` (stderr when None); shorter lists run quietly.
     """
 
-    def __init__(self, desc: str = "detect: label chunks", min_chunks: int = 2, stream: IO[str] | None = None,
-                 every: float = 2.0) -> None:
+    def __init__(
+        self, desc: str = "detect: label chunks", min_chunks: int = 2, stream: IO[str] | None = None, every: float = 2.0
+    ) -> None:
         self.desc, self.min_chunks, self.stream, self.every = desc, min_chunks, stream, every
         self._bar: Progress | None = None
 

@@ -22,14 +22,13 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="python-multipart is not installed: pip install -e '.[serve]'")
-import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
+import httpx
+from fastapi.testclient import TestClient
+from PIL import Image
 
-from gdino import GroundingDinoForObjectDetection  # noqa: E402
-from gdino.apps.server.app import Settings, create_app, serve_in_thread  # noqa: E402
-from gdino.apps.server.batching import Batcher, Job, QueueFull, run_group  # noqa: E402
-from reference import ROOT  # noqa: E402
+from gdino.apps.server.app import Settings, create_app, serve_in_thread
+from gdino.apps.server.batching import Batcher, Job, QueueFull, run_group
+from reference import ROOT
 
 PROMPT = "a cat. a remote control."
 
@@ -73,6 +72,7 @@ def png(size=(64, 48), color=(200, 30, 30)) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` pixels, with (almost) no pixel data: a bomb's header."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -119,8 +119,9 @@ def test_multipart_answers_as_detect(client, fast_model, data_dir):
 def test_labels_answer_as_a_label_list(client, fast_model, data_dir):
     image = data_dir / "coffee.png"
     want = expected(fast_model, image, ["cup", "table"])
-    repeated = client.post("/v1/detect", files={"image": ("coffee.png", image.read_bytes())},
-                           data={"labels": ["cup", "table"]})  # fmt: skip
+    repeated = client.post(
+        "/v1/detect", files={"image": ("coffee.png", image.read_bytes())}, data={"labels": ["cup", "table"]}
+    )
     assert repeated.json() == want
     assert post(client, image, "coffee.png", labels="cup, table").json() == want
     assert post(client, image, "coffee.png", prompt="cup,table").json() == want  # the command line's rule
@@ -131,8 +132,9 @@ def test_json_with_base64_and_data_url(client, fast_model, data_dir):
     b64 = base64.b64encode(image.read_bytes()).decode()
     want = expected(fast_model, image, "a rocket.", 0.3, name="r.jpg")
     for encoded in (b64, "data:image/jpeg;base64," + b64):
-        answer = client.post("/v1/detect", json={"image": encoded, "name": "r.jpg", "prompt": "a rocket.",
-                                                 "box_threshold": 0.3})  # fmt: skip
+        answer = client.post(
+            "/v1/detect", json={"image": encoded, "name": "r.jpg", "prompt": "a rocket.", "box_threshold": 0.3}
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json() == want
     labels = client.post("/v1/detect", json={"image": b64, "labels": ["rocket", "sky"]})
@@ -233,8 +235,11 @@ def test_odd_json(client, fast_model, data_dir):
 
 
 def test_malformed_requests(client):
-    assert_error(client.post("/v1/detect", content=b"{not json", headers={"content-type": "application/json"}),
-                 400, "invalid_json")  # fmt: skip
+    assert_error(
+        client.post("/v1/detect", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "invalid_json",
+    )
     assert_error(client.post("/v1/detect", content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
     assert_error(client.post("/v1/detect", content=b"hello", headers={"content-type": "text/plain"}), 415)
     assert_error(client.post("/v1/detect", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400)
@@ -270,8 +275,9 @@ def test_api_key(fast_model, data_dir):
         assert_error(locked.post("/v1/detect", headers={"X-API-Key": "wrong"}, json={}), 401)
         assert_error(locked.post("/v1/detect", headers={"Authorization": "Bearer wrong"}, json={}), 401)
         for headers in ({"Authorization": "Bearer s3cret"}, {"X-API-Key": "s3cret"}):
-            answer = locked.post("/v1/detect", headers=headers, files={"image": ("c.png", image.read_bytes())},
-                                 data={"prompt": "a cat."})  # fmt: skip
+            answer = locked.post(
+                "/v1/detect", headers=headers, files={"image": ("c.png", image.read_bytes())}, data={"prompt": "a cat."}
+            )
             assert answer.status_code == 200, answer.text
         assert locked.get("/healthz").status_code == 200
         assert locked.get("/").status_code == 200
@@ -297,8 +303,9 @@ def test_full_queue_answers_503_with_retry_after(fast_model, data_dir):
         release.wait(30)
         return detect(*args, **kwargs)
 
-    app.state.batcher.model = type("Slow", (), {"detect": staticmethod(slow_detect),
-                                                "encode_image": staticmethod(fast_model.encode_image)})()  # fmt: skip
+    app.state.batcher.model = type(
+        "Slow", (), {"detect": staticmethod(slow_detect), "encode_image": staticmethod(fast_model.encode_image)}
+    )()
     files = {"image": ("c.png", (data_dir / "chelsea.png").read_bytes())}
 
     async def scenario():
@@ -323,16 +330,29 @@ def test_full_queue_answers_503_with_retry_after(fast_model, data_dir):
 
 def test_concurrent_requests_share_a_group(fast_model, data_dir):
     app = create_app(fast_model, Settings(max_batch=8, batch_wait_ms=200))
-    cases = [(data_dir / "chelsea.png", PROMPT), (data_dir / "chelsea.png", "a sofa."),
-             (data_dir / "coffee.png", ["cup", "table"]), (data_dir / "chelsea.png", ["cat"])]  # fmt: skip
+    cases = [
+        (data_dir / "chelsea.png", PROMPT),
+        (data_dir / "chelsea.png", "a sofa."),
+        (data_dir / "coffee.png", ["cup", "table"]),
+        (data_dir / "chelsea.png", ["cat"]),
+    ]
 
     async def scenario():
         async with _asgi_client(app) as c:
-            return await asyncio.gather(*[
-                c.post("/v1/detect", json={"image": base64.b64encode(path.read_bytes()).decode(), "name": path.name,
-                                           "labels" if isinstance(p, list) else "prompt": p, "box_threshold": 0.3})
-                for path, p in cases
-            ])  # fmt: skip
+            return await asyncio.gather(
+                *[
+                    c.post(
+                        "/v1/detect",
+                        json={
+                            "image": base64.b64encode(path.read_bytes()).decode(),
+                            "name": path.name,
+                            "labels" if isinstance(p, list) else "prompt": p,
+                            "box_threshold": 0.3,
+                        },
+                    )
+                    for path, p in cases
+                ]
+            )
 
     try:
         answers = asyncio.run(scenario())
@@ -356,10 +376,8 @@ def test_run_group_keeps_one_failure_to_its_request(fast_model, data_dir):
 
 def test_batcher_bounds():
     batcher = Batcher(model=None, max_queue=1)
-    with batcher.reserve():
-        with pytest.raises(QueueFull):
-            with batcher.reserve():
-                pass
+    with batcher.reserve(), pytest.raises(QueueFull), batcher.reserve():
+        pass
     with batcher.reserve():
         pass
     with pytest.raises(ValueError):
@@ -429,8 +447,10 @@ def _raw_request(base: str, fields: dict, image: bytes) -> tuple[socket.socket, 
     request = httpx.Request("POST", base + "/v1/detect", files={"image": ("i.png", image)}, data=fields)
     body = request.read()
     url = urlparse(base)
-    head = (f"POST /v1/detect HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: {request.headers['content-type']}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /v1/detect HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: {request.headers['content-type']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     sock = socket.create_connection((url.hostname, url.port))
     sock.sendall(head + body)
     return sock, body
@@ -466,8 +486,9 @@ def test_a_gone_clients_queued_job_is_not_run(fast_model):
         release.wait(30)
         return fast_model.detect(features, prompt, **kwargs)
 
-    batcher.model = type("Slow", (), {"detect": staticmethod(slow_detect),
-                                      "encode_image": staticmethod(fast_model.encode_image)})()  # fmt: skip
+    batcher.model = type(
+        "Slow", (), {"detect": staticmethod(slow_detect), "encode_image": staticmethod(fast_model.encode_image)}
+    )()
     try:
         with serve_in_thread(app) as base:
             first, _ = _raw_request(base, {"prompt": "a cat."}, png())
@@ -502,8 +523,9 @@ def test_shutdown_is_bounded_with_long_jobs_queued(fast_model, monkeypatch):
     labels = ",".join(_cjk_labels(3000))
 
     def ask(base: str) -> None:
-        answers.append(httpx.post(base + "/v1/detect", files={"image": ("i.png", png())}, data={"labels": labels},
-                                  timeout=120))  # fmt: skip
+        answers.append(
+            httpx.post(base + "/v1/detect", files={"image": ("i.png", png())}, data={"labels": labels}, timeout=120)
+        )
 
     with serve_in_thread(app) as base:
         clients = [threading.Thread(target=ask, args=(base,)) for _ in range(2)]
@@ -523,9 +545,20 @@ def test_shutdown_is_bounded_with_long_jobs_queued(fast_model, monkeypatch):
 
 def _asgi_call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], messages: list[dict]) -> list[dict]:
     """Runs one request through the ASGI app with the given receive messages; returns what it sent."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-             "client": ("127.0.0.1", 5000), "server": ("test", 80)}  # fmt: skip
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("test", 80),
+    }
     sent: list[dict] = []
 
     async def receive():
@@ -568,10 +601,25 @@ def test_head_answers_like_get_without_a_body(client):
 
 
 def test_every_answer_says_nosniff(client, fast_model, data_dir):
-    answers = [client.get(p) for p in ("/", "/healthz", "/docs", "/openapi.json", "/favicon.ico", "/nowhere",
-                                       "/v1/detect", "/docs/assets/swagger-ui.css")]  # fmt: skip
-    answers += [post(client, data_dir / "coffee.png", prompt="a cup."), post(client, b"junk", prompt="a cup."),
-                post(client, png(), prompt=""), client.post("/v1/detect", content=b"x")]  # fmt: skip
+    answers = [
+        client.get(p)
+        for p in (
+            "/",
+            "/healthz",
+            "/docs",
+            "/openapi.json",
+            "/favicon.ico",
+            "/nowhere",
+            "/v1/detect",
+            "/docs/assets/swagger-ui.css",
+        )
+    ]
+    answers += [
+        post(client, data_dir / "coffee.png", prompt="a cup."),
+        post(client, b"junk", prompt="a cup."),
+        post(client, png(), prompt=""),
+        client.post("/v1/detect", content=b"x"),
+    ]
     assert [a.status_code for a in answers] == [200, 200, 200, 200, 200, 404, 405, 200, 200, 400, 422, 415]
     for answer in answers:
         assert answer.headers["x-content-type-options"] == "nosniff", answer.request.url
@@ -618,19 +666,35 @@ def test_sigterm_stops_gdino_serve_while_long_label_lists_are_queued(fast_dir, t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-c", "import sys; from gdino.apps.cli import main; sys.exit(main())", "serve",
-               "--model", str(fast_dir), "--port", str(port), "--max-chunks", "1000", "--threads", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from gdino.apps.cli import main; sys.exit(main())",
+        "serve",
+        "--model",
+        str(fast_dir),
+        "--port",
+        str(port),
+        "--max-chunks",
+        "1000",
+        "--threads",
+        "1",
+    ]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         _wait_until(lambda: _healthy(base), timeout=120)
         # 300 distinct labels of 100 characters (the last one unique to the label): 2 a chunk
-        labels = ["".join(chr(0x4E00 + (i * 100 + j) % 20000) for j in range(99)) + chr(0x4E00 + 20000 + i) for i in range(300)]  # fmt: skip
+        labels = [
+            "".join(chr(0x4E00 + (i * 100 + j) % 20000) for j in range(99)) + chr(0x4E00 + 20000 + i)
+            for i in range(300)
+        ]
         assert len(set(labels)) == len(labels)
         answers: list[int] = []
 
         def ask() -> None:
-            answer = httpx.post(base + "/v1/detect", json={"image": base64.b64encode(png()).decode(), "labels": labels},
-                                timeout=300)  # fmt: skip
+            answer = httpx.post(
+                base + "/v1/detect", json={"image": base64.b64encode(png()).decode(), "labels": labels}, timeout=300
+            )
             answers.append(answer.status_code)
 
         clients = [threading.Thread(target=ask) for _ in range(2)]

@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="the server extra is not installed: pip install -e '.[serve]'")
-import httpx  # noqa: E402
-import torch  # noqa: E402
+import httpx
+import torch
+from test_server import load_bench
 
-from gdino import GroundingDinoForObjectDetection  # noqa: E402
-from test_server import load_bench  # noqa: E402
+from gdino import GroundingDinoForObjectDetection
 
 THREADS = 1  # torch threads of the server and of the direct check: same kernels, identical answers
 
@@ -54,7 +54,11 @@ def test_load_no_5xx_and_every_answer_right(bench, fast_dir):
 
 @pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
 def test_serve_reports_a_missing_model_and_exits_2(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "gdino", "serve", "--model", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "gdino", "serve", "--model", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("gdino: error:") and "Traceback" not in done.stderr

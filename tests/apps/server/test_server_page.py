@@ -17,17 +17,26 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.slow  # a browser and a live server
 if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed (/usr/bin/chromium): apt-get install chromium",
-                allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        "Debian's chromium is not installed (/usr/bin/chromium): apt-get install chromium", allow_module_level=True
+    )
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 
-from gdino import GroundingDinoForObjectDetection  # noqa: E402
-from gdino.apps.server.app import Settings, create_app, serve_in_thread  # noqa: E402
-from test_server import load_bench  # noqa: E402
+from test_server import load_bench
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+from gdino import GroundingDinoForObjectDetection
+from gdino.apps.server.app import Settings, create_app, serve_in_thread
+
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 PROMPT = "a cat. a remote control."
 LIST_CAP = 25  # rows listed before "show all" (index.html)
 
@@ -136,8 +145,10 @@ def test_page_before_an_image_is_chosen(server, browser, tmp_path):
     assert not page.locator("#stage").is_visible()  # no broken-image icon, no "the chosen image"
     assert page.locator("#stage").bounding_box() is None
     assert not page.locator("#show-all").is_visible()
-    icon = page.evaluate("fetch(document.querySelector('link[rel=icon]').href)"
-                         ".then(async r => [r.status, r.headers.get('content-type'), await r.text()])")
+    icon = page.evaluate(
+        "fetch(document.querySelector('link[rel=icon]').href)"
+        ".then(async r => [r.status, r.headers.get('content-type'), await r.text()])"
+    )
     assert icon[0] == 200 and icon[1] == "image/svg+xml" and icon[2].startswith("<svg")
     page.screenshot(path=str(tmp_path / "before.png"))
     assert bad == []
@@ -152,7 +163,9 @@ def test_a_small_image_is_scaled_up_to_the_viewport(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1000, "height": 900})
     page.goto(server + "/")
     page.set_input_files("#file", str(path))
-    page.wait_for_function("document.getElementById('image').naturalWidth > 0 && document.getElementById('image').style.width")
+    page.wait_for_function(
+        "document.getElementById('image').naturalWidth > 0 && document.getElementById('image').style.width"
+    )
     img, svg = page.locator("#image").bounding_box(), page.locator("#overlay").bounding_box()
     room = min(1000 - 2 * 16, 0.75 * 900 * 64 / 48)  # the page's width, 75% of the window's height
     assert room - 2 <= img["width"] <= room + 1 and abs(img["height"] - img["width"] * 48 / 64) <= 2
@@ -178,8 +191,10 @@ def test_many_boxes_keep_captions_legible_and_the_list_short(server, browser, da
     width, height = Image.open(image).size
     answer = _many(width, height, 300)
     page = browser.new_page(viewport={"width": 1000, "height": 900})
-    page.route("**/v1/detect", lambda route: route.fulfill(status=200, content_type="application/json",
-                                                           body=json.dumps(answer)))  # fmt: skip
+    page.route(
+        "**/v1/detect",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(answer)),
+    )
     page.goto(server + "/")
     page.set_input_files("#file", str(image))
     page.locator("#stage").screenshot(path=str(tmp_path / "chosen.png"))
@@ -188,12 +203,17 @@ def test_many_boxes_keep_captions_legible_and_the_list_short(server, browser, da
     _slide(page, 0)
     assert page.locator("#overlay g.detection").count() == 300
     shown = page.eval_on_selector_all(
-        "#overlay g.detection:not(.tucked) text.caption", "ts => ts.map(t => t.getBoundingClientRect().toJSON())")
+        "#overlay g.detection:not(.tucked) text.caption", "ts => ts.map(t => t.getBoundingClientRect().toJSON())"
+    )
     assert 5 <= len(shown) < 300
     for i, a in enumerate(shown):  # no caption drawn over another
         for b in shown[i + 1 :]:
-            assert not (a["left"] < b["right"] - 1 and b["left"] < a["right"] - 1
-                        and a["top"] < b["bottom"] - 1 and b["top"] < a["bottom"] - 1), (a, b)  # fmt: skip
+            assert not (
+                a["left"] < b["right"] - 1
+                and b["left"] < a["right"] - 1
+                and a["top"] < b["bottom"] - 1
+                and b["top"] < a["bottom"] - 1
+            ), (a, b)
     tucked = page.locator("#overlay g.tucked text.caption")
     assert tucked.count() == 300 - len(shown) and not tucked.first.is_visible()
     assert "captions would overlap" in page.inner_text("#status")
@@ -202,8 +222,11 @@ def test_many_boxes_keep_captions_legible_and_the_list_short(server, browser, da
     best = max(answer["detections"], key=lambda d: d["score"])
     assert page.inner_text("#list li >> nth=0").startswith(f"{best['label']} {best['score']:.2f}")
     hidden_row = page.eval_on_selector_all("#list li", "lis => lis.map(li => li.dataset.index)")
-    index = next(int(i) for i in hidden_row
-                 if page.locator(f'#overlay g[data-index="{i}"]').get_attribute("class").find("tucked") >= 0)
+    index = next(
+        int(i)
+        for i in hidden_row
+        if page.locator(f'#overlay g[data-index="{i}"]').get_attribute("class").find("tucked") >= 0
+    )
     page.hover(f'#list li[data-index="{index}"]')  # hovering its row shows a tucked caption
     assert page.locator(f'#overlay g[data-index="{index}"] text.caption').is_visible()
     page.locator("#stage").screenshot(path=str(tmp_path / "after.png"))

@@ -25,23 +25,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``gdino serve``."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=port, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("GDINO_API_KEY"),
-                        help="require this key: Authorization: Bearer KEY or X-API-Key: KEY (default: $GDINO_API_KEY)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("GDINO_API_KEY"),
+        help="require this key: Authorization: Bearer KEY or X-API-Key: KEY (default: $GDINO_API_KEY)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest image upload (default 20)")
     parser.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="largest image, width x height")
-    parser.add_argument("--max-prompt-chars", type=positive_int, default=4096,
-                        help="longest prompt text (default 4096)")
-    parser.add_argument("--max-labels", type=positive_int, default=2000,
-                        help="most labels in one request (default 2000)")
-    parser.add_argument("--max-chunks", type=positive_int, default=32,
-                        help="most label chunks (encoder+decoder passes) in one request (default 32)")
+    parser.add_argument(
+        "--max-prompt-chars", type=positive_int, default=4096, help="longest prompt text (default 4096)"
+    )
+    parser.add_argument(
+        "--max-labels", type=positive_int, default=2000, help="most labels in one request (default 2000)"
+    )
+    parser.add_argument(
+        "--max-chunks",
+        type=positive_int,
+        default=32,
+        help="most label chunks (encoder+decoder passes) in one request (default 32)",
+    )
     parser.add_argument("--max-queue", type=positive_int, default=32, help="requests admitted at once; past it 503")
     parser.add_argument("--max-batch", type=positive_int, default=8, help="requests grouped into one worker pass")
     parser.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0, help="wait for more requests to group")
-    parser.add_argument("--shutdown-seconds", type=non_negative_float, default=10.0,
-                        help="on SIGTERM, how long requests in flight may still take (default 10)")
+    parser.add_argument(
+        "--shutdown-seconds",
+        type=non_negative_float,
+        default=10.0,
+        help="on SIGTERM, how long requests in flight may still take (default 10)",
+    )
     add_model_arguments(parser)
 
 

@@ -191,8 +191,10 @@ def _add_page(app: FastAPI) -> None:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        csp = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-               "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+        csp = (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+        )
         return HTMLResponse(page, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
 
     @app.get("/favicon.ico", include_in_schema=False)
@@ -219,9 +221,14 @@ def _add_health(
             **answer,
             "device": str(model.device),
             "queue": {"pending": batcher.pending, "max": batcher.max_queue},
-            "batches": {"groups": s.groups, "requests": s.requests, "images_encoded": s.images_encoded,
-                        "largest_group": s.largest_group, "dropped": s.dropped},
-        }  # fmt: skip
+            "batches": {
+                "groups": s.groups,
+                "requests": s.requests,
+                "images_encoded": s.images_encoded,
+                "largest_group": s.largest_group,
+                "dropped": s.dropped,
+            },
+        }
 
 
 def _add_detect(app: FastAPI, model: GroundingDinoForObjectDetection, batcher: Batcher, settings: Settings) -> None:
@@ -300,9 +307,12 @@ def _checks(
 
 
 def _too_many_chunks(chunks: int, limit: int) -> None:
-    raise ApiError(413, "too_many_chunks",
-                   f"the labels need {chunks} chunks (one pass of the encoder and decoder each, at most 256 "
-                   f"tokens); the server runs at most {limit} per request (--max-chunks)")  # fmt: skip
+    raise ApiError(
+        413,
+        "too_many_chunks",
+        f"the labels need {chunks} chunks (one pass of the encoder and decoder each, at most 256 "
+        f"tokens); the server runs at most {limit} per request (--max-chunks)",
+    )
 
 
 def _add_docs(app: FastAPI) -> None:
@@ -317,15 +327,19 @@ def _add_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
         if swagger_ui_path is None:
-            text = ("Swagger UI needs the swagger-ui-bundle package: pip install 'gdino[serve]'. "
-                    "The API is at openapi.json.")
+            text = (
+                "Swagger UI needs the swagger-ui-bundle package: pip install 'gdino[serve]'. "
+                "The API is at openapi.json."
+            )
             return HTMLResponse(f"<!doctype html><title>gdino API</title><p>{text}</p>", status_code=404)
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(
-            openapi_url=root + (app.openapi_url or "/openapi.json"), title="gdino API",
+            openapi_url=root + (app.openapi_url or "/openapi.json"),
+            title="gdino API",
             swagger_js_url=root + "/docs/assets/swagger-ui-bundle.js",
-            swagger_css_url=root + "/docs/assets/swagger-ui.css", swagger_favicon_url=root + "/favicon.ico",
-        )  # fmt: skip
+            swagger_css_url=root + "/docs/assets/swagger-ui.css",
+            swagger_favicon_url=root + "/favicon.ico",
+        )
 
 
 # --------------------------------------------------------------------------- running
@@ -403,10 +417,17 @@ def serve(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         return error(str(exc))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"gdino: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
-              file=sys.stderr)
+        print(
+            f"gdino: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
+            file=sys.stderr,
+        )
     app = create_app(model, settings, name)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=settings.shutdown_seconds)  # type: ignore[arg-type]  # as above
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=settings.shutdown_seconds,  # type: ignore[arg-type]  # as above
+    )
     _server(app, config).run()
     return 0

@@ -123,10 +123,10 @@ def run_group(
     return len(encoded)
 
 
-
 def _check_job(check: Callable[[Job], None], job: Job, done: int, total: int) -> None:
     """An ``on_chunk`` callback: ``check(job)`` between the passes of a long label list."""
     check(job)
+
 
 class Batcher:
     """A bounded queue in front of one worker thread that runs the model.

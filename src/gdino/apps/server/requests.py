@@ -74,16 +74,22 @@ def _prompt(prompt: Any, labels: Any, settings: Settings) -> TextInput:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise ApiError(422, "invalid_prompt", "labels must be a list of strings")
         if sum(len(x) for x in labels) > 16 * max_chars:
-            raise ApiError(413, "prompt_too_long", f"the labels have more than {16 * max_chars} characters in all "
-                           "(the server's --max-prompt-chars x 16)")  # fmt: skip
+            raise ApiError(
+                413,
+                "prompt_too_long",
+                f"the labels have more than {16 * max_chars} characters in all (the server's --max-prompt-chars x 16)",
+            )
         return _label_count([_utf8(x.strip(), "labels") for x in labels], settings.max_labels)
     if prompt is None:
         raise ApiError(422, "invalid_prompt", "give a prompt (e.g. 'a cat. a remote control.') or labels")
     if not isinstance(prompt, str):
         raise ApiError(422, "invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
     if len(prompt) > max_chars:
-        raise ApiError(413, "prompt_too_long", f"the prompt has {len(prompt)} characters; the server takes at "
-                                               f"most {max_chars} (--max-prompt-chars)")
+        raise ApiError(
+            413,
+            "prompt_too_long",
+            f"the prompt has {len(prompt)} characters; the server takes at most {max_chars} (--max-prompt-chars)",
+        )
     text = prompt_from_text(_utf8(prompt, "prompt"))
     return text if isinstance(text, str) else _label_count(text, settings.max_labels)
 
@@ -91,8 +97,11 @@ def _prompt(prompt: Any, labels: Any, settings: Settings) -> TextInput:
 def _label_count(labels: list[str], max_labels: int) -> list[str]:
     """``labels`` when there are at most ``max_labels`` of them, else 413 (before any tokenising)."""
     if len(labels) > max_labels:
-        raise ApiError(413, "too_many_labels",
-                       f"{len(labels)} labels; the server takes at most {max_labels} per request (--max-labels)")
+        raise ApiError(
+            413,
+            "too_many_labels",
+            f"{len(labels)} labels; the server takes at most {max_labels} per request (--max-labels)",
+        )
     return labels
 
 
@@ -204,5 +213,9 @@ def check_resizable(image: Image.Image, settings: ImageSettings) -> None:
         return
     height, width = resized_size(image.height, image.width, settings.shortest_edge, settings.longest_edge)
     if min(height, width) < 1:
-        raise ApiError(422, "invalid_image", f"the image ({image.width}x{image.height}) is too thin to resize "
-                       f"for the model (longest side at most {settings.longest_edge}); crop or pad it")  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_image",
+            f"the image ({image.width}x{image.height}) is too thin to resize "
+            f"for the model (longest side at most {settings.longest_edge}); crop or pad it",
+        )

@@ -261,8 +261,16 @@ class GroundingDinoConfig:
 
 def _training_defaults() -> dict[str, Any]:
     """The training settings (matching costs, loss weights) with their defaults."""
-    names = ("auxiliary_loss", "class_cost", "bbox_cost", "giou_cost", "class_loss_coefficient",
-             "bbox_loss_coefficient", "giou_loss_coefficient", "focal_alpha")  # fmt: skip
+    names = (
+        "auxiliary_loss",
+        "class_cost",
+        "bbox_cost",
+        "giou_cost",
+        "class_loss_coefficient",
+        "bbox_loss_coefficient",
+        "giou_loss_coefficient",
+        "focal_alpha",
+    )
     defaults = GroundingDinoConfig()
     return {name: getattr(defaults, name) for name in names}
 
@@ -306,6 +314,7 @@ def _bert_from_hf(t: dict[str, Any]) -> BertConfig:
         layer_norm_eps=t.get("layer_norm_eps", 1e-12),
         pad_token_id=t.get("pad_token_id", 0) or 0,
     )
+
 
 def _int_if_whole(value: float) -> float | int:
     """20.0 -> 20: transformers' config validates some numbers as int."""

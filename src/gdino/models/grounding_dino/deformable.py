@@ -19,6 +19,7 @@ from gdino.models.grounding_dino.ops.deformable import ms_deform_attn, ms_deform
 
 __all__ = ["MultiScaleDeformableAttention", "ms_deform_attn", "ms_deform_attn_reference"]
 
+
 class MultiScaleDeformableAttention(nn.Module):
     """Deformable attention of queries over a flattened multi-scale feature map.
 

@@ -85,9 +85,14 @@ class _RecomputedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+        ctx: Any,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
         activation: Callable[[Tensor], Tensor],
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         """x: (N, D); w1: (H, D); b1: (H,); w2: (D', H); b2: (D',). Returns (N, D')."""
         out = x.new_empty(x.shape[0], w2.shape[0])
         for start in range(0, x.shape[0], ROWS_PER_STEP):

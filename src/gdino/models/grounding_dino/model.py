@@ -24,7 +24,13 @@ from gdino.models.grounding_dino.swin import SwinBackbone
 from gdino.models.grounding_dino.transformer import Decoded, Transformer
 
 __all__ = [
-    "Decoded", "GroundingDino", "GroundingDinoOutput", "ImageFeatures", "TextFeatures", "Transformer", "stack_images",
+    "Decoded",
+    "GroundingDino",
+    "GroundingDinoOutput",
+    "ImageFeatures",
+    "TextFeatures",
+    "Transformer",
+    "stack_images",
 ]
 
 
@@ -203,9 +209,12 @@ class GroundingDino(nn.Module):
         extra: dict[str, Tensor] = {}
         if decoded.denoise_hidden is not None and decoded.denoise_references is not None:
             extra = {
-                "denoise_logits": torch.stack([
-                    contrastive_logits(h, decoded.memory_text, text_padding_mask, width) for h in decoded.denoise_hidden
-                ]),  # (L, B, N, W)
+                "denoise_logits": torch.stack(
+                    [
+                        contrastive_logits(h, decoded.memory_text, text_padding_mask, width)
+                        for h in decoded.denoise_hidden
+                    ]
+                ),  # (L, B, N, W)
                 "denoise_pred_boxes": self._boxes(decoded.denoise_hidden, decoded.denoise_references),  # (L, B, N, 4)
             }
         return {

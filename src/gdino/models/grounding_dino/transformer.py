@@ -95,9 +95,16 @@ class Transformer(nn.Module):
         ratios = image.valid_ratios(torch.float32)  # (B, nL, 2), float32 in any precision
         low = next(self.encoder.parameters()).dtype  # see GroundingDino.set_precision
         memory, memory_text = self.encoder(
-            source.to(low), self._positions(image, source.dtype).to(low), shapes, ratios, padding,
-            text.features.to(low), text.padding_mask, text.self_attention, text.position_ids,
-        )  # fmt: skip
+            source.to(low),
+            self._positions(image, source.dtype).to(low),
+            shapes,
+            ratios,
+            padding,
+            text.features.to(low),
+            text.padding_mask,
+            text.self_attention,
+            text.position_ids,
+        )
         high = self.enc_output.weight.dtype
         memory, memory_text = memory.to(high), memory_text.to(high)
         queries, references, index, chosen = select_queries(
@@ -121,9 +128,16 @@ class Transformer(nn.Module):
         if not n:
             return Decoded(hidden, refs, memory_text, index, chosen, references, padded)
         return Decoded(
-            hidden[:, :, n:], refs[:, :, n:], memory_text, index, chosen, references, padded,
-            denoise_hidden=hidden[:, :, :n], denoise_references=refs[:, :, :n],
-        )  # fmt: skip
+            hidden[:, :, n:],
+            refs[:, :, n:],
+            memory_text,
+            index,
+            chosen,
+            references,
+            padded,
+            denoise_hidden=hidden[:, :, :n],
+            denoise_references=refs[:, :, :n],
+        )
 
     def _positions(self, image: ImageFeatures, dtype: torch.dtype) -> Tensor:
         """(B, S, D) sine position embedding of every image token plus its level's embedding."""

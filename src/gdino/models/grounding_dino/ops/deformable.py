@@ -153,12 +153,19 @@ class _Layout:
             return t[:, None, :, None].expand(2, n_heads, n_levels, n_points).reshape(2, k)
 
         return cls(
-            n_heads, n_levels, n_points, n_queries, s * n_heads, b, exact32, cdt,
+            n_heads,
+            n_levels,
+            n_points,
+            n_queries,
+            s * n_heads,
+            b,
+            exact32,
+            cdt,
             half_size=per_sample(sizes / 2),
             last=per_sample(sizes - 1),
             step=per_sample(torch.stack((torch.full_like(sizes[0], n_heads), sizes[0] * n_heads))),
             offset=(starts * n_heads + heads[:, None])[:, :, None].expand(n_heads, n_levels, n_points).reshape(k),
-        )  # fmt: skip
+        )
 
 
 def _bags(
@@ -286,8 +293,9 @@ def _weights_gradient(index: Tensor, table: Tensor, grad: Tensor) -> Tensor:
     offsets = torch.arange(0, n * k, k, device=index.device, dtype=index.dtype)
     bag_of = torch.arange(n, device=index.device, dtype=index.dtype).repeat_interleave(k)
     flat = index.reshape(-1)
-    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad, table, flat, offsets, bag_of, 0, -1).view(n, k)  # fmt: skip  (mode 0: sum)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, bag_of, 0, -1).view(
+        n, k
+    )  # fmt: skip  (mode 0: sum)
 
 
 def _use_triton(value: Tensor) -> bool:

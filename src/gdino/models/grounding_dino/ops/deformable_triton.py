@@ -72,9 +72,19 @@ if triton is not None:
 
     @triton.jit
     def _corner(
-        value_ptr, row_base, h, xc, yc, w_lvl, h_lvl, lane_mask, d,
-        N_HEADS: tl.constexpr, HD: tl.constexpr, ACC: tl.constexpr,
-    ):  # fmt: skip
+        value_ptr,
+        row_base,
+        h,
+        xc,
+        yc,
+        w_lvl,
+        h_lvl,
+        lane_mask,
+        d,
+        N_HEADS: tl.constexpr,
+        HD: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
         """Gathers one bilinear corner for every lane: (BLOCK_LP, HD) values in ACC, and its mask.
 
         xc, yc: (BLOCK_LP,) float corner pixel coordinates; row_base: (BLOCK_LP,) int64 row of the
@@ -91,9 +101,18 @@ if triton is not None:
 
     @triton.jit
     def _lanes(
-        shapes_ptr, starts_ptr, loc_ptr, attn_ptr, row, b, S,
-        LP: tl.constexpr, NP: tl.constexpr, BLOCK_LP: tl.constexpr, ACC: tl.constexpr,
-    ):  # fmt: skip
+        shapes_ptr,
+        starts_ptr,
+        loc_ptr,
+        attn_ptr,
+        row,
+        b,
+        S,
+        LP: tl.constexpr,
+        NP: tl.constexpr,
+        BLOCK_LP: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
         """Per-lane (level, point) setup shared by both kernels: level sizes, pixel coordinates
         (rounded exactly as grid_sample computes them), attention weights and the level's first row."""
         k = tl.arange(0, BLOCK_LP)  # (BLOCK_LP,) lane = level * nP + point
@@ -118,10 +137,21 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, Q, S,
-        N_HEADS: tl.constexpr, HD: tl.constexpr, LP: tl.constexpr, NP: tl.constexpr,
-        BLOCK_LP: tl.constexpr, ACC: tl.constexpr,
-    ):  # fmt: skip
+        value_ptr,
+        shapes_ptr,
+        starts_ptr,
+        loc_ptr,
+        attn_ptr,
+        out_ptr,
+        Q,
+        S,
+        N_HEADS: tl.constexpr,
+        HD: tl.constexpr,
+        LP: tl.constexpr,
+        NP: tl.constexpr,
+        BLOCK_LP: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
         """Grid (B * Q, nH): out[bq, h * HD:(h + 1) * HD] = sum over lanes and corners."""
         bq = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -145,11 +175,24 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kernel(
-        value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-        grad_value_ptr, grad_loc_ptr, grad_attn_ptr, Q, S,
-        N_HEADS: tl.constexpr, HD: tl.constexpr, LP: tl.constexpr, NP: tl.constexpr,
-        BLOCK_LP: tl.constexpr, ACC: tl.constexpr,
-    ):  # fmt: skip
+        value_ptr,
+        shapes_ptr,
+        starts_ptr,
+        loc_ptr,
+        attn_ptr,
+        grad_out_ptr,
+        grad_value_ptr,
+        grad_loc_ptr,
+        grad_attn_ptr,
+        Q,
+        S,
+        N_HEADS: tl.constexpr,
+        HD: tl.constexpr,
+        LP: tl.constexpr,
+        NP: tl.constexpr,
+        BLOCK_LP: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
         """Grid (B * Q, nH): atomically adds into grad_value (ACC buffer), stores this row's
         grad_loc (x, y per lane) and grad_attn (per lane)."""
         bq = tl.program_id(0).to(tl.int64)
@@ -241,9 +284,18 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         constants = _constants(n_heads, n_levels, n_points, head_dim, value.dtype)
         with _on(value.device):
             _fwd_kernel[(b * n_queries, n_heads)](
-                value, shapes, starts, sampling_locations, attention_weights, out, n_queries, s, **constants,
-                num_warps=_num_warps(constants, 4), enable_fp_fusion=True,
-            )  # fmt: skip
+                value,
+                shapes,
+                starts,
+                sampling_locations,
+                attention_weights,
+                out,
+                n_queries,
+                s,
+                **constants,
+                num_warps=_num_warps(constants, 4),
+                enable_fp_fusion=True,
+            )
         ctx.save_for_backward(value, shapes, starts, sampling_locations, attention_weights)
         return out
 
@@ -260,10 +312,21 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         constants = _constants(n_heads, n_levels, n_points, head_dim, value.dtype)
         with _on(value.device):
             _bwd_kernel[(b * n_queries, n_heads)](
-                value, shapes, starts, sampling_locations, attention_weights, grad_out,
-                grad_value, grad_loc, grad_attn, n_queries, s, **constants,
-                num_warps=_num_warps(constants, 2), enable_fp_fusion=True,
-            )  # fmt: skip
+                value,
+                shapes,
+                starts,
+                sampling_locations,
+                attention_weights,
+                grad_out,
+                grad_value,
+                grad_loc,
+                grad_attn,
+                n_queries,
+                s,
+                **constants,
+                num_warps=_num_warps(constants, 2),
+                enable_fp_fusion=True,
+            )
         needs = ctx.needs_input_grad
         return (
             grad_value.to(value.dtype) if needs[0] else None,
