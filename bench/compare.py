@@ -76,16 +76,16 @@ def worker(args: argparse.Namespace) -> None:
     model = model.to(device).eval()
     sync()
     load_s = time.perf_counter() - t0
-    ready = dict(
-        event="ready",
-        import_s=import_s,
-        load_s=load_s,
-        rss_torch_mb=rss_torch,
-        rss_loaded_mb=_rss_now_mb(),
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        module=sys.modules[Model.__module__].__file__,
-    )
+    ready = {
+        "event": "ready",
+        "import_s": import_s,
+        "load_s": load_s,
+        "rss_torch_mb": rss_torch,
+        "rss_loaded_mb": _rss_now_mb(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "module": sys.modules[Model.__module__].__file__,
+    }
     if args.load_only:
         send(**ready, peak_rss_mb=_peak_rss_mb(resource))
         return
@@ -466,7 +466,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"\nimage {a['image']} x{a['batch']}, pixels {report['inputs']['shapes']['pixel_values']}, "
         f"prompt {a['prompt']!r}, device {a['device']}, threads {ref['threads']}, torch {report['torch']}, "
-        f"{len(ours['latencies_s'])} timed iterations after {a['warmup']} warm-up, in turns; gdino at {report['source']}\n"
+        f"{len(ours['latencies_s'])} timed iterations after {a['warmup']} warm-up, in turns; "
+        f"gdino at {report['source']}\n"
     )
     print("| implementation | dtype | median latency s | ratio vs reference | peak RSS MB | RSS ratio | load s |")
     print("|---|---|---|---|---|---|---|")

@@ -188,7 +188,7 @@ class ServerProcess:
         self.env = {k: v for k, v in os.environ.items() if k != "GDINO_API_KEY"}
         if api_key:
             self.env["GDINO_API_KEY"] = api_key
-        self.log = tempfile.TemporaryFile(mode="w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (the server's log lives until __exit__ closes it)
 
     def __enter__(self) -> str:
         import httpx
@@ -217,6 +217,7 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log.close()
 
 
 def fast_copy(model_dir: Path, out: Path, shortest_edge: int = 160, longest_edge: int = 256) -> Path:

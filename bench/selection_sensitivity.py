@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             f"#{q} to #{q + 1}: {scores[q - 1] - scores[q]:.1e}"
         )
         print(
-            "| relative noise | min IoU | max score diff | same slot (top 100) | selected tokens shared | same slot (900) |"
+            "| relative noise | min IoU | max score diff | same slot (top 100) "
+            "| selected tokens shared | same slot (900) |"
         )
         print("|---|---|---|---|---|---|")
         for level in args.noise:

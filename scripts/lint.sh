@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The lint and type gate CI runs: ruff (lint and import order) and mypy over src/, configured in
-# pyproject.toml. Uses .venv-test (made as scripts/test.sh makes it, if it is not there yet).
+# The lint, format and type gate CI runs: ruff check and ruff format --check over src/, tests/, bench/
+# and scripts/, and mypy over src/, configured in pyproject.toml. Uses .venv-test (made as scripts/test.sh makes
+# it, if it is not there yet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv-test/bin/ruff ] || [ ! -x .venv-test/bin/mypy ]; then
@@ -8,5 +9,6 @@ if [ ! -x .venv-test/bin/ruff ] || [ ! -x .venv-test/bin/mypy ]; then
   .venv-test/bin/pip install -q --upgrade pip
   .venv-test/bin/pip install -q -c constraints.txt -e ".[test]"
 fi
-.venv-test/bin/ruff check src
+.venv-test/bin/ruff check src tests bench scripts
+.venv-test/bin/ruff format --check src tests bench scripts
 .venv-test/bin/mypy

@@ -74,29 +74,33 @@ def small_reference_config(**overrides):
     replace its top-level settings (e.g. ``decoder_layers=3``)."""
     from transformers import GroundingDinoConfig
 
-    settings = dict(
-        encoder_layers=1,
-        decoder_layers=2,
-        d_model=64,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        num_queries=50,
-    )
+    settings = {
+        "encoder_layers": 1,
+        "decoder_layers": 2,
+        "d_model": 64,
+        "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "num_queries": 50,
+    }
     return GroundingDinoConfig(
-        backbone_config=dict(
-            model_type="swin",
-            embed_dim=32,
-            depths=[1, 1, 2, 1],
-            num_heads=[1, 2, 2, 4],
-            out_indices=[2, 3, 4],
-            out_features=["stage2", "stage3", "stage4"],
-            window_size=7,
-        ),
-        text_config=dict(
-            model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
-        ),
+        backbone_config={
+            "model_type": "swin",
+            "embed_dim": 32,
+            "depths": [1, 1, 2, 1],
+            "num_heads": [1, 2, 2, 4],
+            "out_indices": [2, 3, 4],
+            "out_features": ["stage2", "stage3", "stage4"],
+            "window_size": 7,
+        },
+        text_config={
+            "model_type": "bert",
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+        },
         **{**settings, **overrides},
     )
 

@@ -300,7 +300,7 @@ def test_output_naming_an_input_is_refused(fast_dir, photos, tmp_path, monkeypat
     elif case == "relative":
         monkeypatch.chdir(photos)
         output = Path("rocket.jpg")
-    status, out, err = run_main(
+    status, _out, err = run_main(
         capsys,
         "detect",
         photos / "chelsea.png",

@@ -35,7 +35,7 @@ def test_hf_mapping_round_trips(parity_dir, reference_model):
     for name, t in back.items():
         assert torch.equal(t, saved[name]), name
     # every saved name comes back, but the shared box head's aliases (written once) and the unused Swin norm
-    aliases = {k for k in saved if re.match(r"^(model\.decoder\.)?bbox_embed\.", k)} - {k for k in back}
+    aliases = {k for k in saved if re.match(r"^(model\.decoder\.)?bbox_embed\.", k)} - set(back)
     unused = {k for k in saved if ".swin.layernorm." in k}
     assert set(back) == set(saved) - aliases - unused
     # a live transformers 5 model names Swin differently in memory; it maps to the same tensors

@@ -231,7 +231,7 @@ def _in_batch(small_model, inputs, i: int, index: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("prompt", ["", "   \n\t", ".", " . ? ", []])
 def test_empty_prompt(small_model, images, prompt):
-    with pytest.raises(PromptError, match="empty|no phrase"):
+    with pytest.raises(PromptError, match=r"empty|no phrase"):
         small_model.detect(images["chelsea.png"], prompt)
 
 
@@ -246,15 +246,15 @@ def test_prompt_too_long(small_model, images):
 
 def test_unreadable_image(small_model, data_dir, tmp_path):
     missing = tmp_path / "missing.png"
-    with pytest.raises(ImageError, match="missing.png"):
+    with pytest.raises(ImageError, match=r"missing.png"):
         small_model.detect(missing, PROMPT)
     text = tmp_path / "notes.png"
     text.write_text("not an image\n")
-    with pytest.raises(ImageError, match="notes.png"):
+    with pytest.raises(ImageError, match=r"notes.png"):
         small_model.detect(str(text), PROMPT)
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes((data_dir / "rocket.jpg").read_bytes()[:2000])
-    with pytest.raises(ImageError, match="cut.jpg"):
+    with pytest.raises(ImageError, match=r"cut.jpg"):
         small_model.detect([data_dir / "chelsea.png", truncated], PROMPT)
 
 

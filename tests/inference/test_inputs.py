@@ -255,7 +255,7 @@ def test_torch_dtype_is_another_name_for_dtype(fast_dir):
         assert net.backbone.patch_embed.proj.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="disagree"):
         GroundingDinoForObjectDetection.from_pretrained(fast_dir, dtype=torch.float32, torch_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="torch.dtype"):
+    with pytest.raises(ValueError, match=r"torch.dtype"):
         GroundingDinoForObjectDetection.from_pretrained(fast_dir, torch_dtype="half-ish")
 
 

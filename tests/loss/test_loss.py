@@ -87,7 +87,7 @@ def level_shapes(height: int, width: int) -> list[tuple[int, int]]:
     """Feature-level sizes of grounding-dino-tiny: Swin strides 8, 16, 32 and a stride-2 conv on the last."""
     shapes = [(height // s, width // s) for s in (8, 16, 32)]
     h, w = shapes[-1]
-    return shapes + [((h - 1) // 2 + 1, (w - 1) // 2 + 1)]
+    return [*shapes, ((h - 1) // 2 + 1, (w - 1) // 2 + 1)]
 
 
 def run_reference(model, inputs, size) -> dict[str, Any]:
@@ -168,13 +168,15 @@ def run_ours(model, inputs, index) -> dict[str, Any]:
         out.loss.backward()
         costs = MatchCosts()
         maps = _phrase_maps(model, inputs, out.logits.shape[-1])
-        sets = [(l, b) for l, b in zip(out.decoder_logits, out.decoder_pred_boxes)]
+        sets = [(layer, b) for layer, b in zip(out.decoder_logits, out.decoder_pred_boxes)]
         sets.append((out.encoder_logits, out.encoder_pred_boxes))
-        matches = [hungarian_match(l.detach(), b.detach(), maps, [t["boxes"] for t in LABELS], costs) for l, b in sets]
+        matches = [
+            hungarian_match(layer.detach(), b.detach(), maps, [t["boxes"] for t in LABELS], costs) for layer, b in sets
+        ]
         return {
             "loss": float(out.loss),
             "loss_dict": {k: float(v.detach()) for k, v in out.loss_dict.items()},
-            "logits": torch.stack([l.detach() for l, _ in sets[:-1]]),
+            "logits": torch.stack([layer.detach() for layer, _ in sets[:-1]]),
             "encoder_logits": out.encoder_logits.detach(),
             "matches": matches,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},

@@ -110,23 +110,23 @@ def test_phrase_masks_match_reference_tokenized() -> None:
 @pytest.fixture(scope="module")
 def hf_model() -> torch.nn.Module:
     config = transformers.GroundingDinoConfig(
-        backbone_config=dict(
-            model_type="swin",
-            embed_dim=32,
-            depths=[1, 1, 2, 1],
-            num_heads=[1, 2, 2, 4],
-            out_indices=[2, 3, 4],
-            out_features=["stage2", "stage3", "stage4"],
-            window_size=7,
-        ),
-        text_config=dict(
-            model_type="bert",
-            vocab_size=30522,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-        ),
+        backbone_config={
+            "model_type": "swin",
+            "embed_dim": 32,
+            "depths": [1, 1, 2, 1],
+            "num_heads": [1, 2, 2, 4],
+            "out_indices": [2, 3, 4],
+            "out_features": ["stage2", "stage3", "stage4"],
+            "window_size": 7,
+        },
+        text_config={
+            "model_type": "bert",
+            "vocab_size": 30522,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+        },
         encoder_layers=1,
         decoder_layers=2,
         d_model=64,

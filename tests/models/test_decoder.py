@@ -62,16 +62,16 @@ def _inputs(config: GroundingDinoConfig) -> dict[str, torch.Tensor | list[tuple[
     text_padding = torch.zeros(b, TEXT_LEN, dtype=torch.bool)
     text_padding[1, -TEXT_PAD:] = True
     boxes = torch.cat([torch.rand(b, q, 2, generator=gen), 0.05 + 0.4 * torch.rand(b, q, 2, generator=gen)], -1)
-    return dict(
-        queries=torch.randn(b, q, d, generator=gen),
-        reference_points=boxes,
-        memory=torch.randn(b, sum(h * w for h, w in SPATIAL_SHAPES), d, generator=gen),
-        memory_padding_mask=~torch.cat([m.flatten(1) for m in masks], 1),  # (B, S)
-        spatial_shapes=SPATIAL_SHAPES,
-        valid_ratios=valid_ratios,
-        text=torch.randn(b, TEXT_LEN, d, generator=gen),
-        text_padding_mask=text_padding,
-    )
+    return {
+        "queries": torch.randn(b, q, d, generator=gen),
+        "reference_points": boxes,
+        "memory": torch.randn(b, sum(h * w for h, w in SPATIAL_SHAPES), d, generator=gen),
+        "memory_padding_mask": ~torch.cat([m.flatten(1) for m in masks], 1),  # (B, S)
+        "spatial_shapes": SPATIAL_SHAPES,
+        "valid_ratios": valid_ratios,
+        "text": torch.randn(b, TEXT_LEN, d, generator=gen),
+        "text_padding_mask": text_padding,
+    }
 
 
 def _hf_outputs(hf: torch.nn.Module, x: dict) -> tuple[torch.Tensor, ...]:
@@ -117,16 +117,16 @@ def _alone(x: dict, i: int) -> dict:
         start += h * w
     shapes = list(VALID_HW if i == 1 else SPATIAL_SHAPES)
     n_text = TEXT_LEN - (TEXT_PAD if i == 1 else 0)
-    return dict(
-        queries=x["queries"][i : i + 1],
-        reference_points=x["reference_points"][i : i + 1],
-        memory=torch.cat(levels)[None],
-        memory_padding_mask=None,
-        spatial_shapes=shapes,
-        valid_ratios=torch.ones(1, len(shapes), 2),
-        text=x["text"][i : i + 1, :n_text],
-        text_padding_mask=torch.zeros(1, n_text, dtype=torch.bool),
-    )
+    return {
+        "queries": x["queries"][i : i + 1],
+        "reference_points": x["reference_points"][i : i + 1],
+        "memory": torch.cat(levels)[None],
+        "memory_padding_mask": None,
+        "spatial_shapes": shapes,
+        "valid_ratios": torch.ones(1, len(shapes), 2),
+        "text": x["text"][i : i + 1, :n_text],
+        "text_padding_mask": torch.zeros(1, n_text, dtype=torch.bool),
+    }
 
 
 @torch.no_grad()
@@ -203,7 +203,7 @@ def test_contrastive_logits_matches_transformers() -> None:
 
 def test_mlp_names_and_relu() -> None:
     mlp = MLP(8, 16, 4, 3)
-    assert [k for k in mlp.state_dict()] == [f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    assert list(mlp.state_dict()) == [f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
     x = torch.randn(3, 8)
     a, b, c = mlp.layers
     torch.testing.assert_close(mlp(x), c(torch.relu(b(torch.relu(a(x))))))

@@ -91,7 +91,7 @@ def test_gradients_match_reference(monkeypatch: pytest.MonkeyPatch, chunk_rows: 
         (fn(leaves[0], shapes, leaves[1], leaves[2]) * upstream).sum().backward()
         grads.append([t.grad for t in leaves])
     for ours, theirs, name in zip(*grads, ("value", "sampling_locations", "attention_weights")):
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
@@ -152,7 +152,7 @@ def test_module_matches_reference_path(coords: int) -> None:
     module.zero_grad()
     _module_reference(module, query, reference, value, shapes, mask).square().sum().backward()
     for name, p in module.named_parameters():
-        torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_module_parameter_names_unchanged() -> None:

@@ -55,7 +55,7 @@ def test_training_path_recomputes_the_hidden_activation_and_gives_autograds_grad
         x = torch.randn(3, 10, 8, dtype=torch.float64, requires_grad=True)
         r = torch.randn(3, 10, 8, dtype=torch.float64, requires_grad=True)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.shape) or t, lambda t: t):
             out = ffn.residual_ffn(x, l1, l2, activation, residual=r)
         # The input and the weights only: no hidden activation (30 x 24).
         assert sorted(map(tuple, saved)) == [(8, 24), (24,), (24, 8), (30, 8)]

@@ -26,18 +26,22 @@ def _hf_config() -> transformers.GroundingDinoConfig:
     # depths 2 in every stage: each stage has a shifted block, so the shift mask is exercised at
     # every resolution (including maps smaller than a window).
     return transformers.GroundingDinoConfig(
-        backbone_config=dict(
-            model_type="swin",
-            embed_dim=32,
-            depths=[2, 2, 2, 2],
-            num_heads=[1, 2, 2, 4],
-            out_indices=[2, 3, 4],
-            out_features=["stage2", "stage3", "stage4"],
-            window_size=7,
-        ),
-        text_config=dict(
-            model_type="bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
-        ),
+        backbone_config={
+            "model_type": "swin",
+            "embed_dim": 32,
+            "depths": [2, 2, 2, 2],
+            "num_heads": [1, 2, 2, 4],
+            "out_indices": [2, 3, 4],
+            "out_features": ["stage2", "stage3", "stage4"],
+            "window_size": 7,
+        },
+        text_config={
+            "model_type": "bert",
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+        },
         encoder_layers=1,
         decoder_layers=2,
         d_model=64,

@@ -167,7 +167,7 @@ def test_what_a_list_means(fast_model):
 
 
 def test_label_alone_too_long(fast_model, image):
-    with pytest.raises(PromptError, match="label 1 .*256"):
+    with pytest.raises(PromptError, match=r"label 1 .*256"):
         fast_model.detect(image, ["cat", " ".join(["dog"] * 254)])  # 254 + "." + [CLS] + [SEP] = 257
     long = " ".join(["dog"] * 253)  # exactly 256 with its "." and [CLS], [SEP]: a chunk of its own
     query = label_query(["cat", long, "cow"], fast_model.processor.tokenizer)

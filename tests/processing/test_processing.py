@@ -352,7 +352,7 @@ def test_batch_encoding(proc):
     out.to(torch.float16)
     assert out.pixel_values.dtype == torch.float16 and out.input_ids.dtype == torch.int64
     with pytest.raises(AttributeError, match="no field"):
-        out.labels
+        _ = out.labels
     as_np = proc(images=_images(["chelsea.png"]), text=PROMPT, return_tensors="np")
     assert isinstance(as_np["pixel_values"], np.ndarray) and as_np["pixel_values"].dtype == np.float32
 

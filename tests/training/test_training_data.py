@@ -88,7 +88,7 @@ def test_coco_bad_records_are_reported_with_file_and_record(coco_file):
 
 def test_coco_unreadable_file_is_one_clear_error(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
-    with pytest.raises(DataError, match="cannot read .*x.json as JSON"):
+    with pytest.raises(DataError, match=r"cannot read .*x.json as JSON"):
         read_coco(tmp_path / "x.json")
     (tmp_path / "y.json").write_text('{"images": []}')
     with pytest.raises(DataError, match="not a COCO detection file"):
@@ -251,5 +251,5 @@ def test_read_dataset_picks_the_reader_by_form(tmp_path, coco_file, odvg_file):
     with pytest.raises(DataError, match="not found"):
         read_dataset(tmp_path / "nope.json")
     (tmp_path / "x.csv").write_text("")
-    with pytest.raises(DataError, match="give a COCO .json, an ODVG .jsonl or a YOLO folder"):
+    with pytest.raises(DataError, match=r"give a COCO .json, an ODVG .jsonl or a YOLO folder"):
         read_dataset(tmp_path / "x.csv")

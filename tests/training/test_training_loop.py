@@ -133,7 +133,7 @@ def test_bad_settings_are_refused(shapes, tmp_path):
         train(shapes["train"], "config:small_test", tmp_path, TrainSettings(freeze=("decoder",)), log=io.StringIO())
     with pytest.raises(TrainError, match="unknown preset"):
         train(shapes["train"], "config:huge", tmp_path, TrainSettings(), log=io.StringIO())
-    with pytest.raises(TrainError, match="emulated|fp32"):
+    with pytest.raises(TrainError, match=r"emulated|fp32"):
         train(
             shapes["train"],
             "config:small_test",
@@ -199,7 +199,7 @@ def test_checkpoints_load_in_gdino_and_transformers(shapes, tmp_path):
     assert min(inputs["pixel_values"].shape[-2:]) == 96
     with torch.no_grad():
         expected = theirs.eval()(**inputs)
-        got = ours(**{k: v for k, v in inputs.items()})
+        got = ours(**dict(inputs.items()))
     assert torch.allclose(got.pred_boxes, expected.pred_boxes, atol=1e-4)
     finite = torch.isfinite(expected.logits)
     assert torch.allclose(got.logits[finite], expected.logits[finite], atol=1e-3)
