@@ -12,7 +12,7 @@ PUBLISHED=IDEA-Research/grounding-dino-tiny
 if [ -z "${MODEL:-}" ] && ! .venv/bin/python -c "from gdino.utils.hub import resolve; resolve('$PUBLISHED')" 2>/dev/null; then
   echo "demo: $PUBLISHED cannot be downloaded (no network?) and is not cached; running the packaged shapes model gdino-shapes on examples/shapes.png instead" >&2
   .venv/bin/gdino detect examples/shapes.png --model gdino-shapes --annotate out/ \
-      --box-threshold 0.25 --nms 0.5 --prompt "red circle,green circle,yellow circle,orange circle,green square,red triangle,orange triangle,blue star"
+      --nms 0.5 --prompt "red circle,green circle,yellow circle,orange circle,green square,red triangle,orange triangle,blue star"
   echo "annotated image written to out/shapes.png" >&2
   exit 0
 fi

@@ -375,6 +375,7 @@ def test_refused_image_does_not_stop_the_run(fast_dir, photos, tmp_path, monkeyp
             output,
             "--annotate",
             tmp_path / "drawn",
+            "--overwrite",  # the second batch size draws the same images again
         )
         assert status == 2, err
         _one_line_error(err, str(thin), "too elongated")

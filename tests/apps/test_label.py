@@ -22,9 +22,12 @@ CLASSES = "cat,remote control,rocket"
 THRESHOLD = "0.5"
 
 
-def gdino(*args: str | Path, background: bool = False) -> subprocess.Popen | subprocess.CompletedProcess:
+def gdino(
+    *args: str | Path, background: bool = False, threads: str = "1"
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    """``gdino label ARGS`` in a subprocess whose torch default is ``threads`` threads (OMP_NUM_THREADS)."""
     command = [sys.executable, "-m", "gdino", "label", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the small model gains nothing from threads
+    env = {**os.environ, "OMP_NUM_THREADS": threads}  # the small model gains nothing from threads
     if background:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

@@ -16,7 +16,7 @@ from reference import ROOT
 
 EXAMPLE = ROOT / "examples" / "shapes.png"
 SHIPPED_AP50 = 0.848  # measured on the seed-777 set below when the model was packaged
-DEMO_THRESHOLD = 0.25  # scripts/demo.sh's --box-threshold
+RECOMMENDED = 0.25  # the packaged config.json's "gdino_defaults" (scripts/demo.sh gives no threshold)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,24 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
+def test_the_packaged_model_brings_its_thresholds(shapes_model, tmp_path):
+    """With no threshold given, detect uses the model's recommended ones (0.25), not the published
+    model's 0.35, which finds fewer of the demo's shapes; an explicit threshold still wins."""
+    from gdino.models.grounding_dino.config import GroundingDinoConfig
+
+    assert shapes_model.config.detection_defaults() == {"box_threshold": RECOMMENDED, "text_threshold": RECOMMENDED}
+    labels = ["red circle", "green circle", "yellow circle", "orange circle", "green square", "red triangle"]
+    default = shapes_model.detect(EXAMPLE, labels)
+    at = shapes_model.detect(EXAMPLE, labels, box_threshold=RECOMMENDED)
+    published = shapes_model.detect(EXAMPLE, labels, box_threshold=0.35)
+    assert default.labels == at.labels and np.array_equal(default.boxes, at.boxes)
+    assert len(published) < len(default)
+    # the defaults survive save and load, and a published config has none
+    assert GroundingDinoConfig.from_hf_dict(shapes_model.config.to_hf_dict()) == shapes_model.config
+    assert "gdino_defaults" not in GroundingDinoConfig.tiny().to_hf_dict()
+    assert GroundingDinoConfig.tiny().detection_defaults() == {"box_threshold": 0.35, "text_threshold": 0.25}
+
+
 def test_gdino_detect_finds_the_shapes_of_the_demo_image(tmp_path):
     """What ``scripts/demo.sh`` runs offline: most annotated shapes found with their own label, and
     every box on an annotated shape (nothing invented on the background)."""
@@ -83,8 +101,6 @@ def test_gdino_detect_finds_the_shapes_of_the_demo_image(tmp_path):
                 "gdino-shapes",
                 "--prompt",
                 ",".join(labels),
-                "--box-threshold",
-                str(DEMO_THRESHOLD),
                 "--nms",
                 "0.5",
                 "--output",

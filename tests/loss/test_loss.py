@@ -260,3 +260,23 @@ def test_loss_matches_transformers_small(small_reference, small_dir):
 def test_loss_matches_transformers(reference_model, our_model):
     """The full-size parity checkpoint, two images at a reduced size, auxiliary losses on."""
     check_against_reference(reference_model, our_model.eval(), FULL_SIZE)
+
+
+def test_what_transformers_encoder_terms_train(small_reference):
+    """Why the ``*_enc`` terms differ from transformers' (README, "Fine-tuning"): transformers scores
+    its learnt ``query_position_embeddings`` against the text before the feature enhancer, with the
+    proposal boxes detached. So its encoder terms train those embeddings, ``text_projection`` and
+    BERT, and none of the proposal head (which ours, as the original repository's, trains)."""
+    model = small_reference
+    inputs = make_inputs(SMALL_SIZE)
+    model.zero_grad(set_to_none=True)
+    try:
+        out = model(**inputs, labels=LABELS)
+        assert not out.encoder_pred_boxes.requires_grad  # the proposal boxes are detached
+        sum(out.loss_dict[f"{k}_enc"] * w for k, w in ENC_WEIGHTS.items()).backward()
+        trained = {n.split(".")[1] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert {"query_position_embeddings", "text_projection", "text_backbone"} <= trained
+        # neither the proposal head nor the feature enhancer: the text is taken before the encoder
+        assert not trained & {"enc_output", "enc_output_norm", "encoder_output_bbox_embed", "encoder", "backbone"}
+    finally:
+        model.zero_grad(set_to_none=True)

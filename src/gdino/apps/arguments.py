@@ -84,6 +84,7 @@ def load_detector(args: argparse.Namespace, threads: int | None = None) -> Any:
 
     name = model_name(args)
     runtime = getattr(args, "runtime", None)
+    threads = threads or getattr(args, "threads", None)
     if is_export(name):
         from gdino.runtime.onnx import load
 
@@ -95,8 +96,12 @@ def load_detector(args: argparse.Namespace, threads: int | None = None) -> Any:
             f"--runtime {runtime} runs ONNX exports and {name} is not one; "
             "write one with `gdino export onnx --model MODEL --out DIR`"
         )
+    import torch
+
     from gdino.inference.detector import GroundingDinoForObjectDetection
 
+    if threads:  # matrix kernels split their sums by thread count: scores can differ in the 4th decimal
+        torch.set_num_threads(threads)
     return GroundingDinoForObjectDetection.from_pretrained(
         name, device=args.device, dtype=torch_dtype(args.dtype)
     ).eval()
@@ -199,6 +204,35 @@ def check_output_file(path: Path, option: str) -> None:
             path.unlink()
     except OSError as exc:
         raise UsageError(f"cannot write {option} {path}: {exc.strerror or exc}") from None
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's CPU threads, for this process and (``gdino label --ray``) each actor alike."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice, here; one in each Ray actor); the same N gives "
+        "the same scores wherever it runs on the same kind of CPU",
+    )
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: the one way to let a command replace a file that is already there."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} already there (by default an existing file is never replaced; inputs never are)",
+    )
+
+
+def check_not_there(path: Path, option: str, overwrite: bool) -> None:
+    """Refuses (``UsageError``) an output file that already exists, unless ``overwrite``.
+
+    gdino never replaces a file it cannot tell it wrote; ``--overwrite`` says the user can.
+    """
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise UsageError(f"{option} {path} already exists; give --overwrite to replace it, or another path")
 
 
 def check_output_folder(path: Path, option: str) -> None:

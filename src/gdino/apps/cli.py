@@ -22,7 +22,10 @@ from gdino.apps.arguments import (
     EXIT_BAD_INPUT,
     UsageError,
     add_model_arguments,
+    add_overwrite_argument,
+    add_threads_argument,
     check_device,
+    check_not_there,
     check_output_file,
     check_output_folder,
     error,
@@ -63,8 +66,12 @@ def _parser() -> argparse.ArgumentParser:
 def _add_detect(detect: argparse.ArgumentParser) -> None:
     detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     detect.add_argument("--prompt", required=True, help='"a cat. a remote control." or labels "cat,remote control"')
-    detect.add_argument("--box-threshold", type=fraction, default=0.35, help="0 to 1 (default 0.35)")
-    detect.add_argument("--text-threshold", type=fraction, default=0.25, help="0 to 1 (default 0.25)")
+    detect.add_argument(
+        "--box-threshold", type=fraction, default=None, help="0 to 1 (default: the model's; 0.35 for the published)"
+    )
+    detect.add_argument(
+        "--text-threshold", type=fraction, default=None, help="0 to 1 (default: the model's; 0.25 for the published)"
+    )
     detect.add_argument(
         "--nms",
         type=fraction,
@@ -75,7 +82,9 @@ def _add_detect(detect: argparse.ArgumentParser) -> None:
     detect.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     detect.add_argument("--output", type=Path, help="write JSON Lines here instead of stdout")
     detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
+    add_overwrite_argument(detect, "--output and --annotate files")
     add_model_arguments(detect)
+    add_threads_argument(detect)
 
 
 def _add_label(label: argparse.ArgumentParser) -> None:
@@ -86,8 +95,8 @@ def _add_label(label: argparse.ArgumentParser) -> None:
     label.add_argument(
         "--box-threshold",
         type=fraction,
-        default=0.35,
-        help="keep boxes whose class scores above this, 0 to 1 (default 0.35)",
+        default=None,
+        help="keep boxes whose class scores above this, 0 to 1 (default: the model's; 0.35 for the published)",
     )
     label.add_argument(
         "--nms",
@@ -97,6 +106,7 @@ def _add_label(label: argparse.ArgumentParser) -> None:
         help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)",
     )
     label.add_argument("--batch-size", type=positive_int, default=4, help="images per call (default 4)")
+    add_overwrite_argument(label, "files in --out that an earlier gdino label did not write")
     label.add_argument(
         "--ray",
         nargs="?",
@@ -113,6 +123,7 @@ def _add_label(label: argparse.ArgumentParser) -> None:
         help="with --ray: model actors (default: one per GPU, else one per two CPUs)",
     )
     add_model_arguments(label)
+    add_threads_argument(label)
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +139,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp16: Swin, BERT and the feature enhancer in half precision, for GPU providers",
     )
     onnx.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation of the weights")
+    add_overwrite_argument(onnx, "the files of a non-empty --out")
 
 
 def export(args: argparse.Namespace) -> int:
@@ -138,6 +150,9 @@ def export(args: argparse.Namespace) -> int:
 
     if args.dtype == "fp16" and args.quantize:  # refused before the model loads and minutes of tracing
         return error(QUANTIZE_FP16)
+    if args.out.is_file() or (args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite):
+        what = "is a file" if args.out.is_file() else "is not empty"
+        return error(f"--out {args.out} {what}; an export goes into a new or empty folder (or give --overwrite)")
     try:
         model = GroundingDinoForObjectDetection.from_pretrained(args.model or DEFAULT_MODEL_ID, device="cpu")
     except CheckpointError as e:
@@ -154,7 +169,9 @@ def _add_eval_coco(coco: argparse.ArgumentParser) -> None:
     coco.add_argument("--detections", type=Path, default=None, help="write the detections here (COCO results)")
     coco.add_argument("--max-dets", type=positive_int, default=300, help="detections kept per image (default 300)")
     coco.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    add_overwrite_argument(coco, "--out and --detections files")
     add_model_arguments(coco)
+    add_threads_argument(coco)
 
 
 # --------------------------------------------------------------------------- where the outputs go
@@ -178,8 +195,11 @@ def annotated_paths(images: Sequence[str], folder: Path) -> list[Path]:
     return targets
 
 
-def check_outputs(images: Sequence[str], output: Path | None, annotate: Path | None) -> list[Path] | None:
-    """Refuses (``UsageError``) outputs that would overwrite an input image or cannot be written.
+def check_outputs(
+    images: Sequence[str], output: Path | None, annotate: Path | None, overwrite: bool = False
+) -> list[Path] | None:
+    """Refuses (``UsageError``) outputs that would overwrite an input image or cannot be written,
+    and, unless ``overwrite``, any output file that is already there.
 
     Returns the annotated file of each image (None without ``annotate``). Compares files, not
     names: a symbolic link, a relative path or a hard link to an input counts as the input.
@@ -199,8 +219,16 @@ def check_outputs(images: Sequence[str], output: Path | None, annotate: Path | N
                 f"--annotate {annotate} would write {clashes[0][0]} over the input image "
                 f"{clashes[0][1]}{more}; choose another folder"
             )
+        there = [t for t in targets if t.exists() or t.is_symlink()]
+        if there and not overwrite:
+            more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+            raise UsageError(
+                f"--annotate {annotate} already holds {there[0].name}{more}; give --overwrite to replace "
+                "annotated images, or another folder"
+            )
         check_output_folder(annotate, "--annotate")
     if output is not None:
+        check_not_there(output, "--output", overwrite)
         check_output_file(output, "--output")
     return targets
 
@@ -240,7 +268,7 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[int]]:
 def detect(args: argparse.Namespace) -> int:
     """Runs ``gdino detect``; returns the exit status (2 when anything given could not be used)."""
     try:
-        targets = check_outputs(args.images, args.output, args.annotate)
+        targets = check_outputs(args.images, args.output, args.annotate, args.overwrite)
         args.device = check_device(args.device)
     except UsageError as e:
         return error(str(e))

@@ -13,7 +13,15 @@ import argparse
 import sys
 from typing import Any
 
-from gdino.apps.arguments import UsageError, check_device, check_output_file, error, load_detector, model_name
+from gdino.apps.arguments import (
+    UsageError,
+    check_device,
+    check_not_there,
+    check_output_file,
+    error,
+    load_detector,
+    model_name,
+)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,7 +51,14 @@ def run_label(args: argparse.Namespace) -> int:
 
         runner = _ray_runner(args, classes) if args.ray is not None else None
         summary = label_folder(
-            args.folder, args.out, args.format, settings, make_detector, args.batch_size, runner=runner
+            args.folder,
+            args.out,
+            args.format,
+            settings,
+            make_detector,
+            args.batch_size,
+            runner=runner,
+            overwrite=args.overwrite,
         )
     except (LabelError, CheckpointError, PromptError, UsageError) as e:
         return error(str(e))
@@ -73,6 +88,7 @@ def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
         args.workers,
         args.device,
         args.dtype,
+        args.threads,
     )
     return ray_runner(options, image_settings(options.model))
 
@@ -85,6 +101,7 @@ def run_eval_coco(args: argparse.Namespace) -> int:
     try:
         for path, option in ((args.out, "--out"), (args.detections, "--detections")):
             if path is not None:
+                check_not_there(path, option, args.overwrite)
                 check_output_file(path, option)
         args.device = check_device(args.device)
     except UsageError as e:

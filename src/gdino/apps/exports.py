@@ -205,6 +205,20 @@ def export(
     return written
 
 
+def export_targets(images: Sequence[str], fmt: str, out: Path) -> list[Path]:
+    """Every path ``export`` may write under ``out`` for these images (paths relative to the image
+    folder, with "/"), in ``fmt``: what a run checks and claims before any work."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt in ("coco", "jsonl"):
+        return [out / ("annotations.json" if fmt == "coco" else "detections.jsonl")]
+    label_path = yolo_label_path if fmt == "yolo" else voc_label_path
+    paths = list(dict.fromkeys(out / label_path(image) for image in images))
+    if fmt == "yolo":
+        paths += [out / "images" / image for image in images] + [out / "classes.txt", out / "data.yaml"]
+    return paths
+
+
 def _per_image(
     records: Sequence[Record],
     classes: Sequence[str],

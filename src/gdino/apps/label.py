@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from PIL import Image
 
-from gdino.apps.exports import FORMATS, Record, export
+from gdino.apps.exports import FORMATS, Record, export, export_targets
 from gdino.processing.image import ImageError, load_image
 from gdino.processing.prompts import check_labels
 from gdino.processing.text import PromptError
@@ -30,6 +30,7 @@ from gdino.utils.progress import Progress, read_ahead
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 JOURNAL = ".gdino-label.jsonl"
+MANIFEST = ".gdino-label-files.txt"  # every file this OUT's exports have written, relative to OUT
 ERRORS = "errors.txt"
 EXPORT_FOLDERS = ("images", "labels", "Annotations")  # what exports write under OUT, besides files
 
@@ -46,7 +47,7 @@ class Settings:
 
     classes: tuple[str, ...]
     model: str
-    box_threshold: float
+    box_threshold: float | None  # None: the model's default
     nms_threshold: float | None
 
 
@@ -97,7 +98,9 @@ def find_images(root: Path, exclude: Path | None = None) -> list[str]:
     found = []
     for folder, dirs, files in os.walk(root):  # links to folders are not followed
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not skipped(here / d))
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not skipped(here / d) and not is_label_output(here / d)
+        )
         found += [
             (here / f).relative_to(root).as_posix()
             for f in files
@@ -106,6 +109,38 @@ def find_images(root: Path, exclude: Path | None = None) -> list[str]:
             and not (os.path.islink(here / f) and skipped(here / f))
         ]
     return sorted(found)
+
+
+def is_label_output(folder: Path) -> bool:
+    """Whether ``folder`` is the OUT of a gdino label run (its journal or manifest is there): the
+    image search leaves it out, since its exports hold links to images labelled already."""
+    return (folder / JOURNAL).is_file() or (folder / MANIFEST).is_file()
+
+
+def claim_outputs(out: Path, targets: Sequence[Path], overwrite: bool = False) -> None:
+    """Adds ``targets`` to OUT's manifest of files gdino label wrote, after refusing any of them
+    that is already there and that no gdino label run wrote (unless ``overwrite``).
+
+    An OUT that holds a journal but no manifest is a run of an earlier gdino, whose exports are
+    taken as its own. Called before any detection, so a refused run has changed nothing.
+
+    Raises:
+        LabelError: a file in the way, without ``overwrite``.
+    """
+    manifest = out / MANIFEST
+    names = [t.relative_to(out).as_posix() for t in targets]
+    if manifest.is_file():
+        known = set(manifest.read_text(encoding="utf-8").splitlines())
+    else:
+        known = set(names) if (out / JOURNAL).is_file() else set()
+    foreign = [n for n, t in zip(names, targets) if n not in known and (t.exists() or t.is_symlink())]
+    if foreign and not overwrite:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise LabelError(
+            f"{out / foreign[0]}{more} is already there and no gdino label run wrote it; give --overwrite "
+            "to replace it, or another --out"
+        )
+    write_atomic(manifest, "".join(f"{n}\n" for n in sorted(known | set(names))))
 
 
 def _link_hops(path: Path) -> list[Path]:
@@ -283,6 +318,7 @@ def label_folder(
     batch_size: int = 4,
     log: IO[str] | None = None,
     runner: Runner | None = None,
+    overwrite: bool = False,
 ) -> Summary:
     """Detects ``settings.classes`` in every image under ``root`` and exports them to ``out``.
 
@@ -298,6 +334,8 @@ def label_folder(
         runner: runs the detector over the images not in the journal yet, adding their records
             to the journal (``gdino.apps.label_ray`` runs them on Ray); this process, batch by batch,
             when None.
+        overwrite: replace files in ``out`` that the export writes although no gdino label run
+            wrote them (without it they are refused before any work: ``claim_outputs``).
     """
     log = log if log is not None else sys.stderr
     _check(fmt, settings)
@@ -306,6 +344,7 @@ def label_folder(
         raise LabelError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        claim_outputs(out, [*export_targets(names, fmt, out), out / ERRORS], overwrite)
         journal = Journal(out / JOURNAL, settings)
     except OSError as e:
         raise LabelError(f"cannot write in the output folder {out}: {e.strerror or e}") from None

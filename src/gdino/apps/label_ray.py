@@ -66,17 +66,20 @@ class RayOptions:
         workers: actors; None: one per GPU in the cluster, else one per two CPUs.
         device: the actors' device; None: cuda when the cluster has GPUs.
         dtype: "fp32", "bf16" or "fp16".
+        threads: torch CPU threads in each actor (``--threads``); None: one. An actor reserves half
+            a CPU whatever the count, so that reading tasks fit beside it on a one-CPU node.
     """
 
     address: str | None
     model: str
     classes: tuple[str, ...]
-    box_threshold: float
+    box_threshold: float | None  # None: the model's default
     nms_threshold: float | None
     batch_size: int = 4
     workers: int | None = None
     device: str | None = None
     dtype: str = "fp32"
+    threads: int | None = None
 
 
 def import_ray() -> Any:
@@ -208,7 +211,7 @@ def _pipeline(
     )
     return dataset.map_batches(
         actor,
-        fn_constructor_kwargs={"options": options, "gpu": bool(gpus), "threads": 1},
+        fn_constructor_kwargs={"options": options, "gpu": bool(gpus), "threads": options.threads or 1},
         batch_size=max(1, options.batch_size),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR),

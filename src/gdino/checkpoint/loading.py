@@ -45,11 +45,27 @@ def read_state_dict(checkpoint: Checkpoint) -> StateDict:
 
 
 def read_config(checkpoint: Checkpoint) -> GroundingDinoConfig:
-    """The checkpoint's config.json if it has one, else the grounding-dino-tiny architecture."""
-    if checkpoint.directory is not None and (checkpoint.directory / "config.json").is_file():
-        with open(checkpoint.directory / "config.json") as f:
-            return GroundingDinoConfig.from_hf_dict(json.load(f))
-    return GroundingDinoConfig.tiny()
+    """The checkpoint's config.json if it has one, else the grounding-dino-tiny architecture.
+
+    Raises:
+        CheckpointError: config.json cannot be read, is not JSON, or holds a value the model cannot
+            be built with (the message names the file and the key).
+    """
+    if checkpoint.directory is None or not (checkpoint.directory / "config.json").is_file():
+        return GroundingDinoConfig.tiny()
+    path = checkpoint.directory / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    try:
+        return GroundingDinoConfig.from_hf_dict(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_strict(model: torch.nn.Module, state_dict: StateDict, source: str = "checkpoint") -> None:

@@ -255,8 +255,7 @@ def _settings(model: GroundingDino, tokenizer: Any, image: Any, opset: int, dtyp
         "num_feature_levels": config.num_feature_levels,
         "special_token_ids": list(config.special_token_ids),
         "pad_token_id": tokenizer.pad_token_id,
-        "box_threshold": 0.35,
-        "text_threshold": 0.25,
+        **config.detection_defaults(),  # detect's thresholds when the caller gives none
         "opset": opset,
         "dtype": dtype,
         "quantize": quantize,

@@ -223,8 +223,8 @@ class GroundingDinoForObjectDetection(GroundingDino):
         self,
         images: ImageLike | Sequence[ImageLike] | EncodedImages,
         prompt: TextInput | None = None,
-        box_threshold: float = 0.35,
-        text_threshold: float = 0.25,
+        box_threshold: float | None = None,
+        text_threshold: float | None = None,
         *,
         labels: Sequence[str] | None = None,
         prompts: Sequence[str | Sequence[str]] | None = None,
@@ -245,9 +245,11 @@ class GroundingDinoForObjectDetection(GroundingDino):
             images: a PIL image, a uint8 numpy array (H, W, 3) or a file path; or a list of them;
                 or ``encode_image``'s output.
             prompt: "a cat. a remote control.", or a list of labels ["cat", "remote control"].
-            box_threshold: keep a box when its score is above this (a number in [0, 1]).
+            box_threshold: keep a box when its score is above this (a number in [0, 1]); by
+                default the model's (``config.box_threshold``: 0.35 for the published models,
+                what a model's config.json recommends under "gdino_defaults" otherwise).
             text_threshold: phrase prompts only: keep a box only when its phrase scores at least
-                this (a number in [0, 1]).
+                this (a number in [0, 1]); by default the model's (``config.text_threshold``).
             labels: instead of ``prompt``, a label list, e.g. ``labels=["st. bernard", "cat"]``.
             prompts: instead of ``prompt``, one prompt per image, each a string or a label list.
             token_spans: labels as character spans of a string prompt, e.g. for "the man in a red
@@ -264,7 +266,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
                 prompts that does not match the images.
             ImageError: an image that cannot be read.
         """
-        thresholds = Thresholds(box_threshold, text_threshold, nms_threshold)
+        thresholds = Thresholds.chosen(box_threshold, text_threshold, nms_threshold, self.config.detection_defaults())
         n_images = len(images.sizes) if isinstance(images, EncodedImages) else len(images_to_list(images))
         queries = self._queries(prompt, n_images, token_spans, labels, prompts)  # before any image work
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)

@@ -10,7 +10,7 @@ here imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +67,18 @@ class Thresholds:
         check_fraction(self.text, "text_threshold")
         if self.nms is not None:
             check_fraction(self.nms, "nms_threshold")
+
+    @classmethod
+    def chosen(
+        cls, box: float | None, text: float | None, nms: float | None, defaults: Mapping[str, float]
+    ) -> Thresholds:
+        """The thresholds a caller gave, the model's ``defaults`` (``box_threshold``, ``text_threshold``:
+        what its config recommends) for those it left out."""
+        return cls(
+            defaults.get("box_threshold", cls.box) if box is None else box,
+            defaults.get("text_threshold", cls.text) if text is None else text,
+            nms,
+        )
 
 
 def resolve_queries(

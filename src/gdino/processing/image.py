@@ -8,7 +8,9 @@ largest height and width with a ``pixel_mask`` marking the real pixels.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any, cast
 
 import numpy as np
 from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,16 +77,38 @@ class ImageSettings:
 
 def _open_file(path: Path) -> Image.Image:
     """Opens and fully decodes an image file, EXIF orientation applied."""
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageOps.exif_transpose(img)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)  # said once here, below
+            with Image.open(path) as img:
+                img.load()
+                if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+                    _say_large(path, img)
+                return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path} is too large to decode safely ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageError(f"cannot identify {path} as an image (not an image file, or a corrupt header)") from exc
     except Exception as exc:  # truncated / corrupt data: OSError, SyntaxError, EOFError ...
         raise ImageError(f"cannot decode image file {path} (truncated or corrupt?): {exc}") from exc
+
+
+def _say_large(path: Path, img: Image.Image) -> None:
+    """One log line for an image over PIL's decompression-bomb size, instead of PIL's warning."""
+    pixels = img.width * img.height
+    megabytes = pixels * len(img.getbands()) / 1e6
+    log.warning(
+        "%s is %dx%d (%.0f megapixels): decoding it takes about %.0f MB",
+        path,
+        img.width,
+        img.height,
+        pixels / 1e6,
+        megabytes,
+    )
 
 
 def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:

@@ -162,6 +162,9 @@ def read_prompts(prompt: object, n_images: int, *, labels: object = None, prompt
         raise PromptError(f"the prompt must be a string or a list of labels, got {type(prompt).__name__}")
     if len(prompt) == 0 or all(isinstance(p, str) for p in prompt):
         return [check_labels(prompt)] * n_images
+    if not any(isinstance(p, (list, tuple)) for p in prompt):
+        bad = next(i for i, p in enumerate(prompt) if not isinstance(p, str))
+        raise PromptError(f"labels must be strings; label {bad} is {prompt[bad]!r} ({type(prompt[bad]).__name__})")
     if not all(isinstance(p, (list, tuple)) for p in prompt):
         raise PromptError(
             "the prompt mixes strings and lists: a list of strings is one label list for every "

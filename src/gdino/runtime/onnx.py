@@ -27,6 +27,7 @@ from gdino.processing.classes import TokenSpans
 from gdino.processing.image import ImageLike, ImageSettings, images_to_list, load_image, preprocess_image
 from gdino.processing.prompts import TextInput
 from gdino.processing.text import TextTokenizer
+from gdino.utils.hub import CheckpointError
 
 SETTINGS_FILE = "gdino_onnx.json"
 
@@ -110,30 +111,18 @@ class OnnxDetector:
         runtime: str = "onnxruntime",
     ) -> None:
         root = Path(directory)
-        if not is_export(root):
-            raise FileNotFoundError(
-                f"{root} holds no ONNX export ({SETTINGS_FILE} is missing); "
-                "write one with `gdino export onnx --out DIR`"
-            )
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
         if providers and runtime != "onnxruntime":
             raise ValueError("providers are onnxruntime's; OpenVINO runs on the CPU here")
-        self.settings = json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
+        self.settings = read_settings(root)
         self.runtime = runtime
-        graphs = {name: root / file for name, file in self.settings["graphs"].items()}
-        self.sessions = (
-            _ort_sessions(graphs, providers, threads)
-            if runtime == "onnxruntime"
-            else {name: OpenVinoSession(path, threads) for name, path in graphs.items()}
-        )
         self.max_text_len = int(self.settings["max_text_len"])
         self.special_token_ids = tuple(self.settings["special_token_ids"])
-        self.tokenizer = TextTokenizer.from_tokenizer_json(root / self.settings["tokenizer"], self.max_text_len)
-        image = dict(self.settings["image"])
-        for key in ("image_mean", "image_std"):
-            image[key] = tuple(image[key])
-        self.image_settings = ImageSettings(**image)
+        self.tokenizer = _tokenizer(root / self.settings["tokenizer"], self.max_text_len)
+        self.image_settings = _image_settings(root / SETTINGS_FILE, self.settings["image"])
+        graphs = {name: root / file for name, file in self.settings["graphs"].items()}
+        self.sessions = _sessions(graphs, runtime, providers, threads)
         # the same attributes as the detector's processor
         self.processor = SimpleNamespace(tokenizer=self.tokenizer, image_settings=self.image_settings)
         self._text_cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -181,8 +170,8 @@ class OnnxDetector:
         self,
         images: ImageLike | Sequence[ImageLike] | EncodedImages,
         prompt: TextInput | None = None,
-        box_threshold: float = 0.35,
-        text_threshold: float = 0.25,
+        box_threshold: float | None = None,
+        text_threshold: float | None = None,
         *,
         token_spans: TokenSpans | None = None,
         nms_threshold: float | None = None,
@@ -191,7 +180,10 @@ class OnnxDetector:
     ) -> Detections | list[Detections]:
         """Finds the prompt's phrases or labels; arguments and results as the PyTorch ``detect``
         (the same loop, ``gdino.inference.pipeline.detect_queries``)."""
-        thresholds = Thresholds(box_threshold, text_threshold, nms_threshold)
+        defaults: dict[str, float] = {
+            k: float(self.settings[k]) for k in ("box_threshold", "text_threshold") if k in self.settings
+        }
+        thresholds = Thresholds.chosen(box_threshold, text_threshold, nms_threshold, defaults)
         n_images = len(images.sizes) if isinstance(images, EncodedImages) else len(images_to_list(images))
         queries = self._queries(prompt, n_images, token_spans, labels, prompts)  # before any image work
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
@@ -215,15 +207,97 @@ class OnnxDetector:
         )
 
 
-# ------------------------------------------------------------------------------ sessions
+# ------------------------------------------------------------------------------ loading
+
+# What gdino_onnx.json must hold to be run, with the type of each value.
+_SETTINGS_TYPES: dict[str, tuple[type, str]] = {
+    "graphs": (dict, "an object"),
+    "max_text_len": (int, "a whole number"),
+    "special_token_ids": (list, "a list"),
+    "tokenizer": (str, "a file name"),
+    "image": (dict, "an object"),
+}
+GRAPHS = ("text", "image", "detection")
 
 
-def _ort_sessions(graphs: dict[str, Path], providers: Sequence[str] | None, threads: int | None) -> dict[str, Any]:
-    """An onnxruntime ``InferenceSession`` per graph (the CPU provider unless ``providers``)."""
+def read_settings(root: Path) -> dict[str, Any]:
+    """``gdino_onnx.json`` of an export, checked for what the runtime reads.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, or lacks a field or holds one of another type
+            (the message names the file and the field).
+    """
+    path = root / SETTINGS_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{root} is not an ONNX export: {SETTINGS_FILE} is missing; write one with `gdino export onnx --out DIR`"
+        )
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} as JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(settings).__name__}")
+    for key, (kind, what) in _SETTINGS_TYPES.items():
+        if key not in settings:
+            raise CheckpointError(f"{path} has no {key!r}; export again with `gdino export onnx`")
+        if not isinstance(settings[key], kind) or isinstance(settings[key], bool):
+            raise CheckpointError(f"{path}: {key!r} must be {what}, got {settings[key]!r}")
+    missing = [g for g in GRAPHS if not isinstance(settings["graphs"].get(g), str)]
+    if missing:
+        raise CheckpointError(f"{path}: 'graphs' names no file for the {', '.join(missing)} graph")
+    return settings
+
+
+def _tokenizer(path: Path, max_text_len: int) -> TextTokenizer:
+    try:
+        return TextTokenizer.from_tokenizer_json(path, max_text_len)
+    except Exception as e:  # noqa: BLE001 (the tokenizers library raises a bare Exception for a bad file)
+        raise CheckpointError(f"{path} cannot be read as the export's tokenizer: {e}") from None
+
+
+def _image_settings(path: Path, values: dict[str, Any]) -> ImageSettings:
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return ImageSettings(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: 'image' holds settings the runtime cannot use: {e}") from None
+
+
+def _sessions(
+    graphs: dict[str, Path], runtime: str, providers: Sequence[str] | None, threads: int | None
+) -> dict[str, Any]:
+    """A session per graph on ``runtime``.
+
+    Raises:
+        CheckpointError: the runtime is not installed, or a graph file is missing, truncated or corrupt.
+    """
+    package = "onnxruntime" if runtime == "onnxruntime" else "openvino"
+    extra = "onnx" if runtime == "onnxruntime" else "openvino"
+    sessions = {}
+    for name, path in graphs.items():
+        if not path.is_file():
+            raise CheckpointError(f"the export's {name} graph {path} is missing")
+        try:
+            sessions[name] = (
+                _ort_session(path, providers, threads) if runtime == "onnxruntime" else (OpenVinoSession(path, threads))
+            )
+        except ImportError:
+            raise CheckpointError(
+                f"--runtime {runtime} needs {package}, which is not installed: pip install 'gdino[{extra}]'"
+            ) from None
+        except Exception as e:  # noqa: BLE001 (onnxruntime and OpenVINO raise their own types for a bad file)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path} cannot be loaded by {package} (truncated or corrupt?): {first}") from None
+    return sessions
+
+
+def _ort_session(path: Path, providers: Sequence[str] | None, threads: int | None) -> Any:
+    """An onnxruntime ``InferenceSession`` (the CPU provider unless ``providers``)."""
     import onnxruntime as ort  # here, so that is_export works without it
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     chosen = list(providers) if providers else ["CPUExecutionProvider"]
-    return {name: ort.InferenceSession(str(path), options, providers=chosen) for name, path in graphs.items()}
+    return ort.InferenceSession(str(path), options, providers=chosen)

@@ -112,6 +112,11 @@ def _from_directory(path: Path) -> Checkpoint:
     originals = sorted(p for p in path.iterdir() if p.suffix in _ORIGINAL_SUFFIXES)
     if len(originals) == 1:
         return Checkpoint(originals[0], "original", path)
+    if any(path.glob("*.onnx")):
+        raise CheckpointError(
+            f"{path} holds ONNX graphs but no gdino_onnx.json, which a gdino export writes beside them; "
+            "export again with `gdino export onnx --out DIR`"
+        )
     raise CheckpointError(f"{path} holds no model.safetensors, pytorch_model.bin or single original .pth checkpoint")
 
 

@@ -9,6 +9,7 @@ data (``gdino.training.shapes``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -96,6 +97,10 @@ class GroundingDinoConfig:
     bbox_loss_coefficient: float = 5.0
     giou_loss_coefficient: float = 2.0
     focal_alpha: float = 0.25
+    # ``detect``'s thresholds when the caller gives none: the published model's 0.35 and 0.25, or
+    # what a model's config.json recommends under "gdino_defaults" (the packaged gdino-shapes: 0.25).
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
 
     # Derived widths, named as in the paper's feature enhancer.
     @property
@@ -180,25 +185,73 @@ class GroundingDinoConfig:
         _require(d, "position_embedding_type", "sine")
         _require(d, "activation_function", "relu")
         _require(d, "query_dim", 4)
-        return cls(
-            swin=_swin_from_hf(d.get("backbone_config") or {}),
-            text=_bert_from_hf(d.get("text_config") or {}),
-            d_model=d.get("d_model", 256),
-            num_feature_levels=d.get("num_feature_levels", 4),
-            num_queries=d.get("num_queries", 900),
-            max_text_len=d.get("max_text_len", 256),
-            encoder_layers=d.get("encoder_layers", 6),
-            encoder_ffn_dim=d.get("encoder_ffn_dim", 2048),
-            encoder_heads=d.get("encoder_attention_heads", 8),
-            encoder_points=d.get("encoder_n_points", 4),
-            decoder_layers=d.get("decoder_layers", 6),
-            decoder_ffn_dim=d.get("decoder_ffn_dim", 2048),
-            decoder_heads=d.get("decoder_attention_heads", 8),
-            decoder_points=d.get("decoder_n_points", 4),
-            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-            position_temperature=float(d.get("positional_embedding_temperature", 20)),
-            **{k: type(v)(d[k]) for k, v in _training_defaults().items() if k in d},
+        config = cls(
+            swin=_swin_from_hf(_section(d, "backbone_config")),
+            text=_bert_from_hf(_section(d, "text_config")),
+            d_model=_int(d, "d_model", 256),
+            num_feature_levels=_int(d, "num_feature_levels", 4),
+            num_queries=_int(d, "num_queries", 900),
+            max_text_len=_int(d, "max_text_len", 256, low=2),
+            encoder_layers=_int(d, "encoder_layers", 6),
+            encoder_ffn_dim=_int(d, "encoder_ffn_dim", 2048),
+            encoder_heads=_int(d, "encoder_attention_heads", 8),
+            encoder_points=_int(d, "encoder_n_points", 4),
+            decoder_layers=_int(d, "decoder_layers", 6),
+            decoder_ffn_dim=_int(d, "decoder_ffn_dim", 2048),
+            decoder_heads=_int(d, "decoder_attention_heads", 8),
+            decoder_points=_int(d, "decoder_n_points", 4),
+            layer_norm_eps=_float(d, "layer_norm_eps", 1e-5),
+            position_temperature=_float(d, "positional_embedding_temperature", 20.0),
+            **{k: _training_value(d, k, v) for k, v in _training_defaults().items() if k in d},
         )
+        defaults = _detection_defaults(_section(d, "gdino_defaults"))
+        config = replace(
+            config,
+            box_threshold=defaults.get("box_threshold", config.box_threshold),
+            text_threshold=defaults.get("text_threshold", config.text_threshold),
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuses widths that cannot be split into the configured heads, and a text length the
+        text encoder cannot hold; each message names the ``config.json`` keys.
+
+        Raises:
+            ValueError: the first inconsistency found.
+        """
+        s, t = self.swin, self.text
+        pairs = [
+            ("d_model", self.d_model, "encoder_attention_heads", self.encoder_heads),
+            ("d_model", self.d_model, "decoder_attention_heads", self.decoder_heads),
+            (
+                "encoder_ffn_dim / 2 (the fusion width)",
+                self.fusion_dim,
+                "encoder_attention_heads / 2",
+                self.fusion_heads,
+            ),
+            ("d_model", self.d_model, "encoder_attention_heads / 2 (the text enhancer)", self.text_enhancer_heads),
+            ("text_config.hidden_size", t.hidden_size, "text_config.num_attention_heads", t.num_heads),
+        ]
+        pairs += [
+            (f"backbone_config stage {i} width", s.stage_dim(i), f"backbone_config.num_heads[{i}]", heads)
+            for i, heads in enumerate(s.num_heads)
+        ]
+        for width_name, width, heads_name, heads in pairs:
+            if heads < 1 or width % heads:
+                raise ValueError(f"{width_name} = {width} cannot be split into {heads_name} = {heads} heads")
+        if len(s.depths) != len(s.num_heads):
+            raise ValueError(f"backbone_config.depths has {len(s.depths)} stages but num_heads {len(s.num_heads)}")
+        if any(not 0 <= i < len(s.depths) for i in s.out_indices) or len(s.out_indices) + 1 != self.num_feature_levels:
+            raise ValueError(
+                f"backbone_config.out_indices {[i + 1 for i in s.out_indices]} do not give num_feature_levels - 1 = "
+                f"{self.num_feature_levels - 1} stages of the {len(s.depths)}"
+            )
+        if self.max_text_len > t.max_position_embeddings:
+            raise ValueError(
+                f"max_text_len = {self.max_text_len} is more tokens than the text encoder has positions for "
+                f"(text_config.max_position_embeddings = {t.max_position_embeddings})"
+            )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` for this configuration (inverse of ``from_hf_dict``)."""
@@ -228,6 +281,11 @@ class GroundingDinoConfig:
             "activation_function": "relu",
             "query_dim": 4,
             **{k: getattr(self, k) for k in _training_defaults()},
+            **(
+                {"gdino_defaults": self.detection_defaults()}
+                if self.detection_defaults() != _PUBLISHED_DEFAULTS
+                else {}
+            ),
             "backbone_config": {
                 "model_type": "swin",
                 "embed_dim": s.embed_dim,
@@ -258,6 +316,10 @@ class GroundingDinoConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def detection_defaults(self) -> dict[str, float]:
+        """``detect``'s default thresholds for this model: ``{"box_threshold", "text_threshold"}``."""
+        return {"box_threshold": self.box_threshold, "text_threshold": self.text_threshold}
+
 
 def _training_defaults() -> dict[str, Any]:
     """The training settings (matching costs, loss weights) with their defaults."""
@@ -275,6 +337,68 @@ def _training_defaults() -> dict[str, Any]:
     return {name: getattr(defaults, name) for name in names}
 
 
+_PUBLISHED_DEFAULTS = {"box_threshold": 0.35, "text_threshold": 0.25}
+
+
+def _detection_defaults(d: dict[str, Any]) -> dict[str, float]:
+    """config.json's "gdino_defaults": the thresholds a model recommends, each a number in [0, 1]."""
+    unknown = sorted(set(d) - set(_PUBLISHED_DEFAULTS))
+    if unknown:
+        raise ValueError(f"gdino_defaults has {unknown[0]!r}; it may hold {', '.join(_PUBLISHED_DEFAULTS)}")
+    found = {}
+    for key, value in d.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"gdino_defaults.{key} must be a number from 0 to 1, got {value!r}")
+        found[key] = float(value)
+    return found
+
+
+def _section(d: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested config (``backbone_config``, ``text_config``); absent means the defaults."""
+    value = d.get(key) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _int(d: dict[str, Any], key: str, default: int, low: int = 1, where: str = "") -> int:
+    """``d[key]`` as a whole number of at least ``low`` (``default`` when absent)."""
+    value = d.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{where}{key} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def _ints(d: dict[str, Any], key: str, default: tuple[int, ...], low: int = 1, where: str = "") -> tuple[int, ...]:
+    """``d[key]`` as a non-empty list of whole numbers of at least ``low``."""
+    value = d.get(key, default)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where}{key} must be a list of whole numbers, got {value!r}")
+    return tuple(_int({key: v}, key, 0, low, where) for v in value)
+
+
+def _float(d: dict[str, Any], key: str, default: float, where: str = "") -> float:
+    """``d[key]`` as a finite positive number (``default`` when absent)."""
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}{key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _training_value(d: dict[str, Any], key: str, default: Any) -> Any:
+    """A training setting (a flag, or a non-negative weight) in ``default``'s type."""
+    value = d[key]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def _require(d: dict[str, Any], key: str, value: Any) -> None:
     if key in d and d[key] != value:
         raise ValueError(
@@ -287,32 +411,34 @@ def _swin_from_hf(b: dict[str, Any]) -> SwinConfig:
     if b.get("model_type", "swin") != "swin":
         raise ValueError(f"only a Swin backbone is supported, config has {b.get('model_type')!r}")
     # HF counts the stem as stage 0, so its out_indices [2, 3, 4] are our stages 1, 2, 3.
-    out_indices = tuple(i - 1 for i in b.get("out_indices", (2, 3, 4)))
+    at = "backbone_config."
+    out_indices = tuple(i - 1 for i in _ints(b, "out_indices", (2, 3, 4), where=at))
     return SwinConfig(
-        embed_dim=b.get("embed_dim", 96),
-        depths=tuple(b.get("depths", (2, 2, 6, 2))),
-        num_heads=tuple(b.get("num_heads", (3, 6, 12, 24))),
-        window_size=b.get("window_size", 7),
-        mlp_ratio=float(b.get("mlp_ratio", 4.0)),
-        patch_size=b.get("patch_size", 4),
-        in_channels=b.get("num_channels", 3),
+        embed_dim=_int(b, "embed_dim", 96, where=at),
+        depths=_ints(b, "depths", (2, 2, 6, 2), where=at),
+        num_heads=_ints(b, "num_heads", (3, 6, 12, 24), where=at),
+        window_size=_int(b, "window_size", 7, where=at),
+        mlp_ratio=_float(b, "mlp_ratio", 4.0, where=at),
+        patch_size=_int(b, "patch_size", 4, where=at),
+        in_channels=_int(b, "num_channels", 3, where=at),
         out_indices=out_indices,
-        layer_norm_eps=b.get("layer_norm_eps", 1e-5),
+        layer_norm_eps=_float(b, "layer_norm_eps", 1e-5, where=at),
     )
 
 
 def _bert_from_hf(t: dict[str, Any]) -> BertConfig:
     """The ``text_config`` of a Hugging Face ``config.json``."""
+    at = "text_config."
     return BertConfig(
-        vocab_size=t.get("vocab_size", 30522),
-        hidden_size=t.get("hidden_size", 768),
-        num_layers=t.get("num_hidden_layers", 12),
-        num_heads=t.get("num_attention_heads", 12),
-        intermediate_size=t.get("intermediate_size", 3072),
-        max_position_embeddings=t.get("max_position_embeddings", 512),
-        type_vocab_size=t.get("type_vocab_size", 2),
-        layer_norm_eps=t.get("layer_norm_eps", 1e-12),
-        pad_token_id=t.get("pad_token_id", 0) or 0,
+        vocab_size=_int(t, "vocab_size", 30522, where=at),
+        hidden_size=_int(t, "hidden_size", 768, where=at),
+        num_layers=_int(t, "num_hidden_layers", 12, where=at),
+        num_heads=_int(t, "num_attention_heads", 12, where=at),
+        intermediate_size=_int(t, "intermediate_size", 3072, where=at),
+        max_position_embeddings=_int(t, "max_position_embeddings", 512, where=at),
+        type_vocab_size=_int(t, "type_vocab_size", 2, where=at),
+        layer_norm_eps=_float(t, "layer_norm_eps", 1e-12, where=at),
+        pad_token_id=_int({"pad_token_id": t.get("pad_token_id") or 0}, "pad_token_id", 0, low=0, where=at),
     )
 
 
