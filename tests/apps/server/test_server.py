@@ -28,6 +28,7 @@ from PIL import Image
 
 from gdino.apps.server.app import Settings, create_app, serve_in_thread
 from gdino.apps.server.batching import Batcher, Job, QueueFull, run_group
+from gdino.apps.server.requests import body_limit
 from reference import ROOT
 
 PROMPT = "a cat. a remote control."
@@ -249,6 +250,33 @@ def test_malformed_requests(client):
     assert_error(client.get("/nowhere"), 404)
 
 
+def _multipart(fields: dict, image: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """A whole multipart detect body as httpx writes it, its headers and its closing delimiter."""
+    request = httpx.Request("POST", "http://test/v1/detect", files={"image": ("i.png", image)}, data=fields)
+    content_type = request.headers["content-type"]
+    closing = b"--" + content_type.partition("boundary=")[2].encode() + b"--\r\n"
+    return request.read(), {"content-type": content_type}, closing
+
+
+def test_truncated_multipart_is_400(client):
+    """A body that ends before its closing boundary is malformed multipart, not a request without an image."""
+    body, headers, closing = _multipart({"prompt": "a cat."}, png())
+    assert body.endswith(closing)
+    image_at = body.index(b"\x89PNG")
+    for cut in (body[: -len(closing)], body[:-3], body[: image_at + 20], body[: body.index(b"a cat.")]):
+        body_400 = assert_error(client.post("/v1/detect", content=cut, headers=headers), 400, "invalid_multipart")
+        assert "closing boundary" in body_400["detail"], body_400
+    assert_error(client.post("/v1/detect", content=b"", headers=headers), 400, "invalid_multipart")
+    assert client.post("/v1/detect", content=body, headers=headers).status_code == 200
+    assert client.post("/v1/detect", content=body[:-2], headers=headers).status_code == 200  # no CRLF after it: fine
+    epilogue = client.post("/v1/detect", content=body + b"an epilogue\r\n", headers=headers)  # RFC 2046 allows one
+    assert epilogue.status_code == 200, epilogue.text
+    missing = client.post("/v1/detect", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert_error(missing, 400, "invalid_multipart")  # no boundary parameter
+    two = client.post("/v1/detect", files=[("image", ("a.png", png())), ("image", ("b.png", png()))])
+    assert_error(two, 422, "too_many_files")
+
+
 def test_upload_limits(fast_model, data_dir):
     image = (data_dir / "chelsea.png").read_bytes()
     settings = Settings(max_upload_bytes=len(image) - 1, max_pixels=10_000)
@@ -257,8 +285,8 @@ def test_upload_limits(fast_model, data_dir):
         body = base64.b64encode(image).decode()
         assert_error(small.post("/v1/detect", json={"image": body, "prompt": "a cat."}), 413)
         # no Content-Length (chunked): the limit holds while the body streams in
-        big = image * 2  # past the JSON cap (4/3 of the upload limit, for base64, plus a little)
-        chunks = (big[i : i + 4096] for i in range(0, len(big), 4096))
+        big = b" " * (body_limit(settings, "application/json") + 1)  # past the JSON cap (4/3 for base64, the text)
+        chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))
         streamed = small.post("/v1/detect", content=chunks, headers={"content-type": "application/json"})
         assert_error(streamed, 413, "too_large")
         assert_error(post(small, png((101, 100)), prompt="a cat."), 413, "too_many_pixels")
@@ -402,6 +430,31 @@ def test_a_huge_label_list_is_refused_at_once(client):
     csv = post(client, png(), labels=",".join(f"l{i}" for i in range(2001)))  # the comma-separated form too
     assert_error(csv, 413, "too_many_labels")
     assert_error(post(client, png(), prompt="x" * 5000), 413, "prompt_too_long")
+
+
+def test_labels_as_repeated_fields_up_to_max_labels(fast_model, data_dir):
+    """Each label its own form field: up to --max-labels answer, past it 413 too_many_labels (not the parser's 400)."""
+    image = data_dir / "coffee.png"
+    labels = _cjk_labels(100)  # one chunk
+    with TestClient(create_app(fast_model, Settings(max_labels=100)), raise_server_exceptions=False) as c:
+        fields = {"labels": labels, "box_threshold": "0.3", "text_threshold": "0.2"}
+        answer = c.post("/v1/detect", files={"image": ("coffee.png", image.read_bytes())}, data=fields)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == expected(fast_model, image, labels, 0.3, 0.2)
+        for n in (101, 103, 104, 5000):  # 101, 103: read, then counted; 104, 5000: past the parser's 100 + 3 fields
+            refused = assert_error(post(c, png(), labels=_cjk_labels(n)), 413, "too_many_labels")
+            assert "100" in refused["detail"] and "--max-labels" in refused["detail"], refused
+        long_field = assert_error(post(c, png(), prompt="x" * 300_000), 413, "prompt_too_long")  # past max_part_size
+        assert "--max-prompt-chars" in long_field["detail"], long_field
+    # the defaults: 2000 fields of 32 characters (192 kB of UTF-8) next to an image at the upload limit are read
+    # whole and counted (max_chunks=1 then refuses them before tokenising); 2001 are too many labels
+    settings = Settings(max_upload_bytes=len(png()), max_chunks=1)
+    assert Settings().max_labels == 2000
+    with TestClient(create_app(fast_model, settings), raise_server_exceptions=False) as c:
+        assert_error(post(c, png(), labels=_cjk_labels(2000, chars=32)), 413, "too_many_chunks")
+        assert_error(post(c, png(), labels=_cjk_labels(2001, chars=32)), 413, "too_many_labels")
+        as_json = {"image": base64.b64encode(png()).decode(), "labels": _cjk_labels(2000, chars=32)}
+        assert_error(c.post("/v1/detect", json=as_json), 413, "too_many_chunks")  # the JSON body's room too
 
 
 @pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation)
@@ -717,6 +770,60 @@ def test_sigterm_stops_gdino_serve_while_long_label_lists_are_queued(fast_dir, t
     assert elapsed < 8, f"SIGTERM took {elapsed:.1f} s\n{log}"
     assert answers == [503, 503], log
     assert "Traceback" not in log, log
+
+
+@pytest.mark.slow  # over 1 s on 2 cores (a subprocess or a long computation): gdino serve, whose log this checks
+def test_gdino_serve_logs_one_line_for_a_client_gone_mid_upload(fast_dir):
+    """The README's promise, in the real ``gdino serve`` log: one line per client gone mid-upload, and it goes on."""
+    import os
+    import signal
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-c", "import sys; from gdino.apps.cli import main; sys.exit(main())", "serve"]
+    command += ["--model", str(fast_dir), "--port", str(port), "--threads", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in server.stdout), daemon=True)
+    reader.start()
+
+    def gone() -> list[str]:
+        return [line for line in list(lines) if "disconnected" in line]
+
+    try:
+        _wait_until(lambda: _healthy(base), timeout=120)
+        big = png((2000, 1500)) + bytes(2 * 1024 * 1024)  # past the 1 MB the parser keeps in memory
+        part = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + big
+        json_part = b'{"prompt": "a cat.", "image": "' + base64.b64encode(big)
+        for content_type, sent in (("multipart/form-data; boundary=xyz", part), ("application/json", json_part)):
+            head = (
+                f"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(sent) * 2}\r\n\r\n"
+            ).encode()
+            before = len(gone())
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(head + sent)  # half the body, then the client goes
+            _wait_until(lambda before=before: len(gone()) > before)
+            answer = httpx.post(base + "/v1/detect", files={"image": ("i.png", png())}, data={"prompt": "a cat."})
+            assert answer.status_code == 200, answer.text  # still serving
+        time.sleep(0.5)  # room for a second line, were there one
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        reader.join(10)
+    log = "".join(lines)
+    assert len(gone()) == 2, log
+    for line in gone():
+        assert line.startswith("INFO:") and "POST /v1/detect" in line, log
+    assert "Traceback" not in log and "ERROR" not in log, log
 
 
 def _healthy(base: str) -> bool:

@@ -8,6 +8,7 @@ Every route that answers GET answers HEAD too, and every answer has ``X-Content-
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import hmac
 import logging
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gdino import __version__
 from gdino.apps.server.batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
-from gdino.apps.server.requests import FORM_SLACK, check_resizable, decode_image, limited, read_json, read_multipart
+from gdino.apps.server.requests import body_limit, check_resizable, decode_image, limited, read_json, read_multipart
 from gdino.apps.server.schema import ERRORS, REQUEST_BODY, DetectResponse
 from gdino.apps.server.settings import MB, ApiError, Settings
 from gdino.inference.detector import GroundingDinoForObjectDetection
@@ -251,9 +252,9 @@ def _add_detect(app: FastAPI, model: GroundingDinoForObjectDetection, batcher: B
         """
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
-            req = await read_multipart(limited(request, settings.max_upload_bytes + FORM_SLACK), settings)
+            req = await read_multipart(limited(request, body_limit(settings, content_type)), settings)
         elif content_type == "application/json":
-            req = await read_json(limited(request, settings.max_upload_bytes * 4 // 3 + FORM_SLACK), settings)
+            req = await read_json(limited(request, body_limit(settings, content_type)), settings)
         else:
             raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
         try:
@@ -362,6 +363,20 @@ def _server(app: FastAPI, config: Any) -> Any:
     return Server(config)
 
 
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging for ``gdino serve``, with gdino's own lines going to uvicorn's handler too.
+
+    uvicorn configures only its own loggers; without a handler for ``gdino`` Python drops its INFO
+    lines (such as a client gone mid-upload) and prints the others bare. ``serve_in_thread`` keeps
+    uvicorn's default, so that tests see gdino's records where pytest looks for them (the root logger).
+    """
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["gdino"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
 @contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Runs ``app`` with uvicorn in a background thread; yields its base URL (``port=0``: a free port)."""
@@ -427,6 +442,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level="info",
+        log_config=_log_config(),
         timeout_graceful_shutdown=settings.shutdown_seconds,  # type: ignore[arg-type]  # as above
     )
     _server(app, config).run()

@@ -12,12 +12,15 @@ import io
 import json
 import logging
 import math
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from PIL import Image
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message
 
 from gdino.apps.server.settings import ApiError, Settings
@@ -29,7 +32,30 @@ log = logging.getLogger(__name__)
 # Decoders the server accepts (those this Pillow has); the others (EPS, ICO, PSD, ...) are refused
 # to keep the attack surface small. JPEG includes MPO (phone cameras' multi-picture JPEG).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM")
-FORM_SLACK = 64 * 1024  # room for the prompt and other fields next to the image in a request body
+FORM_SLACK = 64 * 1024  # room for the thresholds, a name and the like next to the image in a request body
+PART_OVERHEAD = 256  # a multipart part's delimiter (a boundary is at most 70 bytes) and headers; a JSON string's quotes
+OTHER_FIELDS = ("prompt", "box_threshold", "text_threshold")  # the form fields besides the image and the labels
+
+
+def max_form_fields(settings: Settings) -> int:
+    """Most text form fields the multipart parser reads: ``max_labels`` labels, one a field, and the others."""
+    return settings.max_labels + len(OTHER_FIELDS)
+
+
+def max_text_bytes(settings: Settings) -> int:
+    """Most bytes of one text form field: labels of 16 x ``max_prompt_chars`` characters in all, UTF-8, with commas."""
+    return 4 * 16 * settings.max_prompt_chars + settings.max_labels
+
+
+def body_limit(settings: Settings, content_type: str) -> int:
+    """Most request body bytes read: the image (base64 in JSON), and room for prompts or labels within the limits.
+
+    A body past it is 413 ``too_large``; every request within the other limits fits (one label a
+    field or comma-separated, any UTF-8, JSON escapes included), and one request stays bounded.
+    """
+    image = settings.max_upload_bytes * 4 // 3 if content_type == "application/json" else settings.max_upload_bytes
+    text = 12 * 17 * settings.max_prompt_chars  # the labels and a prompt; "\uXXXX" twice for a character past U+FFFF
+    return image + FORM_SLACK + text + PART_OVERHEAD * (max_form_fields(settings) + 1)
 
 
 @dataclass
@@ -124,8 +150,66 @@ def limited(request: Request, limit: int) -> Request:
     return Request(request.scope, limited_receive)
 
 
+class _Multipart(MultiPartParser):
+    """starlette's multipart parser with the server's limits, and refusing a body cut before its closing boundary.
+
+    python-multipart's ``finalize`` does not check that the body is complete, and starlette then
+    returns the fields read so far; its ``on_end`` callback says the closing boundary was read.
+    """
+
+    def __init__(self, request: Request, settings: Settings) -> None:
+        self.complete = False
+        self.settings = settings
+        super().__init__(
+            request.headers,
+            self._to_the_end(request.stream()),
+            max_files=1,
+            max_fields=max_form_fields(settings),
+            max_part_size=max_text_bytes(settings),
+        )
+
+    def on_end(self) -> None:
+        self.complete = True
+
+    async def _to_the_end(self, stream: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """``stream``, then 400 if the parser has not read the closing boundary (raised in ``parse``: files closed)."""
+        async with aclosing(stream):
+            async for chunk in stream:
+                yield chunk
+        if not self.complete:
+            raise ApiError(400, "invalid_multipart", "the multipart body ends before its closing boundary (truncated?)")
+
+    async def read(self) -> FormData:
+        """The form, or ``ApiError``: 413 past the server's limits, 422 for a second file, 400 for malformed data."""
+        try:
+            return await self.parse()
+        except MultiPartException as exc:
+            raise self._error(exc.message) from None
+
+    def _error(self, message: str) -> ApiError:
+        settings = self.settings
+        if message.startswith("Too many fields"):  # starlette's words for the max_fields limit
+            return ApiError(
+                413,
+                "too_many_labels",
+                f"more than {max_form_fields(settings)} form fields; the server takes at most {settings.max_labels} "
+                f"labels per request (--max-labels), each its own field or comma-separated, besides "
+                f"{', '.join(OTHER_FIELDS)}",
+            )
+        if message.startswith("Part exceeded"):  # max_part_size, which applies to text fields only
+            return ApiError(
+                413,
+                "prompt_too_long",
+                f"a form field has more than {max_text_bytes(settings)} bytes, more than the labels may have "
+                f"in all ({16 * settings.max_prompt_chars} characters: the server's --max-prompt-chars x 16)",
+            )
+        if message.startswith("Too many files"):
+            return ApiError(422, "too_many_files", "send one file per request, the image (field 'image')")
+        return ApiError(400, "invalid_multipart", f"the body is not valid multipart/form-data: {message}"[:300])
+
+
 async def read_multipart(request: Request, settings: Settings) -> DetectRequest:
-    form = await request.form(max_files=1, max_fields=32, max_part_size=settings.max_upload_bytes)
+    form = await _Multipart(request, settings).read()
     try:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):

@@ -64,11 +64,11 @@ REQUEST_BODY = {
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
-        400: "not an image, or a malformed request",
+        400: "not an image (or corrupt), or malformed JSON or multipart (a truncated body included)",
         401: "missing or wrong API key",
-        413: "upload or image too large",
+        413: "past a limit a flag raises: upload, pixels, prompt characters, labels (--max-labels), chunks",
         415: "neither multipart/form-data nor application/json",
-        422: "empty or over-long prompt, thresholds outside [0, 1]",
+        422: "no image or a second file, an empty prompt, thresholds outside [0, 1], an image too thin to resize",
         503: "queue full; retry after the Retry-After header's seconds",
     }.items()
 }
