@@ -831,3 +831,20 @@ def _healthy(base: str) -> bool:
         return httpx.get(base + "/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_request_without_thresholds_gets_the_models_own(data_dir):
+    """gdino-shapes recommends 0.25 (its config.json): a request that gives no threshold uses it, as
+    detect() does, and /healthz tells the page which values to start from."""
+    from gdino import GroundingDinoForObjectDetection
+
+    shapes = GroundingDinoForObjectDetection.from_pretrained("gdino-shapes").eval()
+    image = ROOT / "examples" / "shapes.png"
+    labels = "red circle,green square,red triangle,orange triangle,yellow circle"
+    with TestClient(create_app(shapes)) as c:
+        assert c.get("/healthz").json()["defaults"] == {"box_threshold": 0.25, "text_threshold": 0.25}
+        answer = post(c, image, name="shapes.png", prompt=labels)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == expected(shapes, image, labels.split(","), 0.25, 0.25, name="shapes.png")
+        stricter = post(c, image, name="shapes.png", prompt=labels, box_threshold="0.35").json()
+        assert len(stricter["detections"]) < len(answer.json()["detections"])

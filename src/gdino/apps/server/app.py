@@ -100,6 +100,15 @@ def _key_given(request: Request) -> str | None:
     return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
 
 
+def _detection_defaults(model: Any) -> dict[str, float]:
+    """The thresholds a request without any gets: the model's own (an ONNX export carries them too)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        return dict(config.detection_defaults())
+    settings = getattr(model, "settings", {})
+    return {k: float(settings.get(k, v)) for k, v in (("box_threshold", 0.35), ("text_threshold", 0.25))}
+
+
 def _key_matches(given: str | None, key: str | None) -> bool:
     """True when no key is set, or ``given`` is it (compared in constant time)."""
     return key is None or (given is not None and hmac.compare_digest(given.encode(), key.encode()))
@@ -221,6 +230,7 @@ def _add_health(
         return {
             **answer,
             "device": str(model.device),
+            "defaults": _detection_defaults(model),
             "queue": {"pending": batcher.pending, "max": batcher.max_queue},
             "batches": {
                 "groups": s.groups,

@@ -68,8 +68,8 @@ class Job:
     image: Image.Image
     key: Hashable
     prompt: TextInput
-    box_threshold: float
-    text_threshold: float
+    box_threshold: float | None  # None: the model's default
+    text_threshold: float | None
     future: Future = field(default_factory=Future)
     abandoned: threading.Event = field(default_factory=threading.Event)
 

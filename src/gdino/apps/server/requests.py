@@ -63,13 +63,14 @@ class DetectRequest:
     data: bytes
     name: str
     prompt: TextInput
-    box_threshold: float
-    text_threshold: float
+    box_threshold: float | None  # None: the model's default
+    text_threshold: float | None
 
 
-def _threshold(value: Any, name: str, default: float) -> float:
+def _threshold(value: Any, name: str) -> float | None:
+    """A request's threshold; None when it gives none (the model's default, as ``detect``'s)."""
     if value is None or value == "":
-        return default
+        return None
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -221,8 +222,8 @@ async def read_multipart(request: Request, settings: Settings) -> DetectRequest:
             data=data,
             name=(upload.filename or "upload").encode("utf-8", "replace").decode(),
             prompt=_prompt(form.get("prompt"), split, settings),
-            box_threshold=_threshold(form.get("box_threshold"), "box_threshold", 0.35),
-            text_threshold=_threshold(form.get("text_threshold"), "text_threshold", 0.25),
+            box_threshold=_threshold(form.get("box_threshold"), "box_threshold"),
+            text_threshold=_threshold(form.get("text_threshold"), "text_threshold"),
         )
     finally:
         await form.close()
@@ -249,8 +250,8 @@ async def read_json(request: Request, settings: Settings) -> DetectRequest:
         data=data,
         name=name.encode("utf-8", "replace").decode() if isinstance(name, str) else "upload",
         prompt=_prompt(body.get("prompt"), body.get("labels"), settings),
-        box_threshold=_threshold(body.get("box_threshold"), "box_threshold", 0.35),
-        text_threshold=_threshold(body.get("text_threshold"), "text_threshold", 0.25),
+        box_threshold=_threshold(body.get("box_threshold"), "box_threshold"),
+        text_threshold=_threshold(body.get("text_threshold"), "text_threshold"),
     )
 
 

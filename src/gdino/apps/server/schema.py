@@ -27,8 +27,18 @@ class ErrorResponse(BaseModel):
 
 
 THRESHOLDS = {
-    "box_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.35},
-    "text_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.25},
+    "box_threshold": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "default: the model's (0.35 for the published models)",
+    },
+    "text_threshold": {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "default: the model's (0.25 for the published models)",
+    },
 }
 PROMPT = {"type": "string", "description": '"a cat. a remote control."; without "." but with commas, a label list'}
 REQUEST_BODY = {
