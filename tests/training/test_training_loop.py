@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,23 +86,49 @@ def test_without_augmentation_images_are_trained_at_the_image_size(shapes, tmp_p
     assert saved.processor.image_settings.shortest_edge == 64
 
 
-def test_resume_ends_with_the_same_weights(shapes, tmp_path):
-    """6 steps straight equal 3 steps, a stop (checkpoint in last/), and --resume for the rest."""
+class Killed(Exception):
+    """Stands for a kill: raised from inside a training step."""
+
+
+def test_resume_ends_with_the_same_weights_and_history(shapes, tmp_path, monkeypatch):
+    """6 steps straight equal a stop by time after step 1 (``max_minutes=0``), a resume killed in
+    step 4 (``save_every=1`` left last/ at step 3), and a second resume for the rest: the same
+    weights bit for bit, and the same ``history.jsonl`` but for ``seconds`` (the stop's partial
+    record is gone, and epoch 2's mean loss is over both of its steps, across the kill)."""
+    from gdino.training import trainer
+
     settings = TrainSettings(epochs=3, **FAST)
     straight = train(shapes["train"], "config:small_test", tmp_path / "a", settings, log=io.StringIO())
     assert straight.position.step == 6
     stopped = train(
-        shapes["train"],
-        "config:small_test",
-        tmp_path / "b",
-        TrainSettings(epochs=3, max_steps=3, **FAST),
-        log=io.StringIO(),
+        shapes["train"], "config:small_test", tmp_path / "b", replace(settings, max_minutes=0.0), log=io.StringIO()
     )
-    assert stopped.checkpoint == tmp_path / "b" / "last" and stopped.position.step == 3
-    assert (stopped.position.epoch, stopped.position.offset) == (1, 2)  # mid-epoch: half of epoch 2 done
+    assert stopped.checkpoint == tmp_path / "b" / "last" and stopped.position.step == 1
+    assert (stopped.position.epoch, stopped.position.offset) == (0, 2)  # half of epoch 1 done
+    assert len(_history(tmp_path / "b")) == 1  # the stop's record, of half an epoch
+
+    real_step, calls = trainer.train_step, []
+
+    def killed_in_step_4(*args: Any, **kwargs: Any) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 3:  # steps 2 and 3 done, last/ saved after each
+            raise Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", killed_in_step_4)
+    with pytest.raises(Killed):
+        train(
+            shapes["train"],
+            "config:small_test",
+            tmp_path / "b",
+            replace(settings, save_every=1),
+            resume=True,
+            log=io.StringIO(),
+        )
+    monkeypatch.setattr(trainer, "train_step", real_step)
     log = io.StringIO()
     resumed = train(shapes["train"], "config:small_test", tmp_path / "b", settings, resume=True, log=log)
-    assert "resuming from" in log.getvalue() and resumed.position.step == 6
+    assert f"resuming from {tmp_path / 'b' / 'last'}" in log.getvalue() and resumed.position.step == 6
     a, b = _weights(tmp_path / "a" / "epoch-3"), _weights(tmp_path / "b" / "epoch-3")
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -109,6 +136,15 @@ def test_resume_ends_with_the_same_weights(shapes, tmp_path):
     # and the run did train: the weights moved from the start
     start_weights = from_config(GroundingDinoConfig.small_test(), 0).state_dict()
     assert not torch.equal(start_weights["bbox_embed.layers.2.weight"], resumed_weight(tmp_path / "b" / "epoch-3"))
+    # the history: three epoch records, equal to the uninterrupted run's to the last digit
+    untimed = [{k: v for k, v in r.items() if k != "seconds"} for r in _history(tmp_path / "a")]
+    assert [r["step"] for r in untimed] == [2, 4, 6]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in _history(tmp_path / "b")] == untimed
+    assert [r["seconds"] for r in _history(tmp_path / "b")] == sorted(r["seconds"] for r in _history(tmp_path / "b"))
+
+
+def _history(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
 
 
 def resumed_weight(directory: Path) -> torch.Tensor:

@@ -30,7 +30,13 @@ def add_arguments(commands: Any) -> None:
         required=True,
         help="hub id, directory, checkpoint file, or config:shapes / config:tiny (random weights)",
     )
-    train.add_argument("--out", type=Path, required=True, help="output folder: epoch-N/ checkpoints, history.jsonl")
+    train.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: epoch-N/ checkpoints, history.jsonl, train_settings.json; one that holds "
+        "a run needs --resume or --overwrite",
+    )
     train.add_argument("--val", type=Path, default=None, help="COCO .json to compute mAP on after each epoch")
     train.add_argument("--val-limit", type=positive_int, default=None, help="validate on the first N images only")
     train.add_argument("--epochs", type=positive_int, default=12)
@@ -82,7 +88,18 @@ def add_arguments(commands: Any) -> None:
     train.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also write OUT/last every N steps")
     train.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in all")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint, validate) after this long")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (refused if a setting that changes "
+        "what is trained differs; a finished run is left as it is; no run there: start afresh)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds a run, removing that run's checkpoints, history and "
+        "settings first (never other files)",
+    )
     train.add_argument(
         "--export-original",
         action="store_true",
@@ -129,7 +146,9 @@ def settings_of(args: argparse.Namespace) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs ``train`` or ``shapes``; a bad setting or unusable data is a one-line error, status 2."""
+    """Runs ``train`` or ``shapes``; a bad setting, unusable data or a refused ``--out`` (it holds a
+    run, without ``--resume`` or ``--overwrite``; ``--resume`` with other settings; a file in the
+    way) is a one-line error, status 2."""
     from gdino.training.samples import DataError
     from gdino.training.trainer import TrainError, train
     from gdino.utils.hub import CheckpointError
@@ -142,7 +161,9 @@ def main(args: argparse.Namespace) -> int:
             from gdino.training.datasets import read_dataset
 
             data = read_dataset(args.data, args.images)
-        result = train(data, args.model, args.out, settings_of(args), val=args.val, resume=args.resume)
+        result = train(
+            data, args.model, args.out, settings_of(args), val=args.val, resume=args.resume, overwrite=args.overwrite
+        )
     except (TrainError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"gdino: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

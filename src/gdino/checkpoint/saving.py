@@ -11,6 +11,7 @@ and moved into place, so a run killed while saving leaves the previous checkpoin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,22 @@ from gdino.processing.text import packaged_vocab_path
 
 STATE_FILE = "trainer_state.pt"
 ORIGINAL_FILE = "groundingdino.pth"
+# Every file save_pretrained (with a resume state) and export_original write into a checkpoint folder.
+CHECKPOINT_FILES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "tokenizer.json",
+        STATE_FILE,
+        ORIGINAL_FILE,
+        Path(ORIGINAL_FILE).with_suffix(".tmp").name,
+    }
+)
+CHECKPOINT_NAME = re.compile(r"epoch-[0-9]+|last")  # the trainer's checkpoint folders in OUT
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,17 +119,32 @@ def export_original(model: GroundingDino, path: str | Path) -> Path:
     return path
 
 
+def foreign_entries(directory: Path) -> list[str]:
+    """The names in ``directory`` that neither ``save_pretrained`` nor ``export_original`` writes
+    (a folder or a link counts as foreign whatever its name), sorted."""
+    return sorted(
+        e.name for e in directory.iterdir() if e.name not in CHECKPOINT_FILES or e.is_symlink() or not e.is_file()
+    )
+
+
 def load_state(directory: Path) -> dict[str, Any]:
     return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
 
 
 def latest(out: Path) -> Path | None:
-    """The checkpoint under ``out`` with the most training steps (``epoch-N/`` or ``last/``)."""
+    """The checkpoint under ``out`` furthest into training (``epoch-N/`` or ``last/``).
+
+    By step, then by epoch: at the end of an epoch ``last/`` (saved by ``save_every`` before the
+    epoch is counted done) and ``epoch-N/`` share the step, and ``epoch-N/`` is the later one.
+    Leftovers of a save cut short (``epoch-N.tmp/``, ``last.old/``) are never chosen."""
     found = []
-    for directory in [*out.glob("epoch-*"), out / "last"]:
+    for directory in out.iterdir() if out.is_dir() else ():
+        if not CHECKPOINT_NAME.fullmatch(directory.name):
+            continue
         if (directory / STATE_FILE).is_file() and (directory / "model.safetensors").is_file():
-            found.append((int(load_state(directory)["position"]["step"]), directory.name, directory))
-    return max(found)[2] if found else None
+            position = load_state(directory)["position"]
+            found.append((int(position["step"]), int(position["epoch"]), directory.name, directory))
+    return max(found)[3] if found else None
 
 
 def _fresh(directory: Path) -> Path:

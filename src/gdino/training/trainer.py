@@ -13,14 +13,24 @@ Each epoch writes ``OUT/epoch-N/`` in the Hugging Face layout (``config.json``,
 ``GroundingDinoForObjectDetection.from_pretrained`` load, plus ``trainer_state.pt`` (optimiser,
 schedule, RNG, data position) that ``resume`` continues from; ``save_every`` steps also writes
 ``OUT/last/``. The data order of an epoch depends only on ``(seed, epoch)`` (see ``loader``), so a
-resumed run on CPU ends with exactly the weights of an uninterrupted one.
+resumed run on CPU ends with exactly the weights of an uninterrupted one; the resume state also
+carries the epoch's running loss sums and the history so far, so ``OUT/history.jsonl`` of a
+resumed run is the uninterrupted run's too (but for ``seconds``).
+
+An OUT holds one run. ``OUT/train_settings.json`` records what the run trains (model, data, and
+the settings in ``TRAINED``); a new run into an OUT that holds one is refused unless ``resume``
+(continue it, refused where a recorded setting differs, each one named) or ``overwrite`` (start
+over, the old run's files removed first). Nothing the trainer writes replaces a file that no
+gdino training run wrote: other files in OUT are left alone, and one in the way is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,10 +60,37 @@ PRESETS: dict[str, Callable[[], GroundingDinoConfig]] = {
 }
 FREEZABLE = ("backbone", "text")
 STATE_FILE = "trainer_state.pt"
+RUN_FILE = "train_settings.json"  # what the run in OUT trains (``run_record``)
+HISTORY_FILE = "history.jsonl"
+# The settings that change what is trained: a resume is refused where one differs from the run's.
+# The others (device, save_every, max_minutes, export_original, val_limit) may change between sessions.
+TRAINED = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_backbone",
+    "lr_text",
+    "weight_decay",
+    "schedule",
+    "lr_drop",
+    "warmup_steps",
+    "clip_max_norm",
+    "freeze",
+    "dtype",
+    "seed",
+    "image_size",
+    "augment",
+    "max_labels",
+    "max_steps",
+    "denoise",
+    "aux_loss",
+)
+# ``gdino train``'s flag of each setting, for messages; the rest are ``--`` and the name with hyphens.
+FLAGS = {"warmup_steps": "--warmup", "clip_max_norm": "--clip", "augment": "--no-augment"}
 
 
 class TrainError(ValueError):
-    """Training cannot start: a bad setting, an unknown preset, nothing to resume from."""
+    """Training cannot start: a bad setting, an unknown preset, or an OUT that ``claim`` refuses."""
 
 
 @dataclass(frozen=True)
@@ -143,11 +180,15 @@ class Position:
 
 @dataclass
 class TrainResult:
-    """What ``train`` did: the last checkpoint, each epoch's mean losses and validation metrics."""
+    """What ``train`` did: the last checkpoint, each epoch's mean losses and validation metrics.
+
+    ``history`` holds this session's records; ``already_finished``: the run in OUT had finished
+    before (a resume that did nothing), and ``history`` is the run's whole history."""
 
     checkpoint: Path | None
     position: Position
     history: list[dict[str, Any]] = field(default_factory=list)
+    already_finished: bool = False
 
 
 # --------------------------------------------------------------------------- model
@@ -376,12 +417,26 @@ class Run:
     scaler: torch.amp.GradScaler | None = None
     log: IO[str] = sys.stderr
     began: float = field(default_factory=time.monotonic)
+    record: dict[str, Any] = field(default_factory=dict)  # ``run_record``: written with the first checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)  # history.jsonl's records but a stop by time's
+    sums: dict[str, float] = field(default_factory=dict)  # the current epoch's loss terms, summed
+    epoch_steps: int = 0  # the steps the sums are over
+    seconds_before: float = 0.0  # training time of the sessions before this one
 
     def out_of_time(self) -> bool:
         s = self.settings
         return (s.max_steps is not None and self.position.step >= s.max_steps) or (
             s.max_minutes is not None and time.monotonic() - self.began >= 60 * s.max_minutes
         )
+
+    def seconds(self) -> float:
+        """Training time in all, over every session of the run."""
+        return self.seconds_before + time.monotonic() - self.began
+
+
+def finished(position: Position, settings: TrainSettings) -> bool:
+    """Whether a run at ``position`` has done all its epochs, or its ``max_steps``."""
+    return position.epoch >= settings.epochs or (settings.max_steps is not None and position.step >= settings.max_steps)
 
 
 def set_image_size(processor: GroundingDinoProcessor, short: int | None) -> GroundingDinoProcessor:
@@ -402,13 +457,18 @@ def make_augment(settings: TrainSettings) -> Augment | None:
 
 
 def state_of(run: Run) -> dict[str, Any]:
-    """What ``resume`` needs besides the weights."""
+    """What ``resume`` needs besides the weights: optimiser, schedule, RNG, position, and for the
+    history to come out as an uninterrupted run's, the finished epochs' records and the current
+    epoch's loss sums."""
     state = {
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "position": asdict(run.position),
         "settings": asdict(run.settings),
+        "history": list(run.history),
+        "epoch_sums": {"sums": dict(run.sums), "steps": run.epoch_steps},
+        "seconds": run.seconds(),
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -416,19 +476,29 @@ def state_of(run: Run) -> dict[str, Any]:
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
-    """Puts the optimiser, schedule, RNG and data position back as a checkpoint saved them."""
+    """Puts the optimiser, schedule, RNG, data position, history and loss sums back as a checkpoint
+    saved them (a state of an earlier gdino has no history or sums: the epoch's mean is then over
+    the steps after the resume)."""
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     run.position = Position(**state["position"])
+    run.history = list(state.get("history", []))
+    sums = state.get("epoch_sums", {})
+    run.sums, run.epoch_steps = dict(sums.get("sums", {})), int(sums.get("steps", 0))
+    run.seconds_before = float(state.get("seconds", 0.0))
 
 
 def checkpoint(run: Run, name: str) -> Path:
-    """Writes ``OUT/name/`` (model, processor, resume state) and, if asked, the original layout."""
+    """Writes ``OUT/name/`` (model, processor, resume state) and, if asked, the original layout;
+    the first one of a run also writes ``OUT/train_settings.json``."""
     from gdino.checkpoint.saving import ORIGINAL_FILE, export_original, save_pretrained
+    from gdino.utils.files import write_atomic
 
+    if run.record and not (run.out / RUN_FILE).is_file():
+        write_atomic(run.out / RUN_FILE, json.dumps(run.record, indent=2) + "\n")
     directory = save_pretrained(run.model, run.out / name, run.model.processor, state_of(run))
     if run.settings.export_original:
         export_original(run.model, directory / ORIGINAL_FILE)
@@ -458,27 +528,26 @@ def epoch_batches(run: Run) -> Iterator[list[Example]]:
 
 
 def run_epoch(run: Run) -> tuple[dict[str, float], bool]:
-    """Trains on the rest of the epoch; returns the mean loss terms and whether ``max_steps`` stopped it."""
+    """Trains on the rest of the epoch; returns the mean loss terms over the whole epoch (the steps
+    before a resume included) and whether ``max_steps`` or ``max_minutes`` stopped it."""
     from gdino.utils.progress import Progress
 
     s, pos = run.settings, run.position
-    totals: dict[str, float] = {}
-    steps = 0
     left = len(run.dataset) - pos.offset
     with Progress(left, f"epoch {pos.epoch + 1}/{s.epochs}", stream=run.log) as progress:
         for batch in epoch_batches(run):
             terms = train_step(run.model, batch, run.optimizer, run.scheduler, s, run.scaler)
             pos.step += 1
-            steps += 1
+            run.epoch_steps += 1
             for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v
+                run.sums[k] = run.sums.get(k, 0.0) + v
             progress.postfix = f"loss {terms['loss']:.3f} lr {run.scheduler.get_last_lr()[0]:.2e}"
             progress.update(len(batch))
             if run.out_of_time():
-                return _means(totals, steps), True
+                return _means(run.sums, run.epoch_steps), True
             if s.save_every and pos.step % s.save_every == 0:
                 checkpoint(run, "last")
-    return _means(totals, steps), False
+    return _means(run.sums, run.epoch_steps), False
 
 
 def _means(totals: dict[str, float], steps: int) -> dict[str, float]:
@@ -513,6 +582,233 @@ def load_data(data: str | Path | Dataset, log: IO[str]) -> Dataset:
     return dataset
 
 
+# --------------------------------------------------------------------------- the run in OUT
+
+
+def model_identity(model: str | Path | GroundingDinoForObjectDetection) -> str:
+    """What a run's ``model`` is, to compare on resume: a local path resolved, a hub id or
+    ``config:NAME`` as given, a model object by the SHA-256 of its config and weights."""
+    if not isinstance(model, GroundingDinoForObjectDetection):
+        text = str(model)
+        return str(Path(text).resolve()) if Path(text).exists() else text
+    digest = hashlib.sha256(json.dumps(model.config.to_hf_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"a model object (config and weights sha256 {digest.hexdigest()[:16]})"
+
+
+def data_identity(dataset: Dataset) -> dict[str, Any]:
+    """The source, image count and a SHA-256 of what is trained on: the label list and each
+    sample's image (relative to the annotation file's folder, or the YOLO folder), size, boxes,
+    labels, caption and phrases. A resume compares the digest, so a moved data folder resumes and
+    an edited annotation file does not."""
+    source = Path(dataset.source) if dataset.source else Path()
+    base = source if source.is_dir() else source.parent
+    digest = hashlib.sha256(json.dumps(list(dataset.names)).encode())
+    for sample in dataset.samples:
+        item = [
+            Path(os.path.relpath(sample.image, base)).as_posix(),
+            sample.width,
+            sample.height,
+            sample.boxes.tolist(),
+            list(sample.labels),
+            sample.caption,
+            [[p.text, [list(span) for span in p.spans]] for p in sample.phrases],
+        ]
+        digest.update(json.dumps(item).encode() + b"\n")
+    shown = str(source.resolve()) if dataset.source else "a Dataset"
+    return {"source": shown, "images": len(dataset), "sha256": digest.hexdigest()}
+
+
+def run_record(
+    model: str | Path | GroundingDinoForObjectDetection, dataset: Dataset, settings: TrainSettings
+) -> dict[str, Any]:
+    """What ``OUT/train_settings.json`` holds: the model, the data and the ``TRAINED`` settings (as JSON reads them)."""
+    trained = {k: v for k, v in asdict(settings).items() if k in TRAINED}
+    record = {"gdino_train": 1, "model": model_identity(model), "data": data_identity(dataset), "settings": trained}
+    loaded: dict[str, Any] = json.loads(json.dumps(record))
+    return loaded
+
+
+def saved_record(out: Path) -> dict[str, Any] | None:
+    """The record of the run in ``out``; ``None`` when it holds none. A run of an earlier gdino has
+    no ``train_settings.json``: its settings come from its newest checkpoint (its model and data are unknown)."""
+    from gdino.checkpoint.saving import latest, load_state
+
+    path = out / RUN_FILE
+    if path.is_file():
+        try:
+            loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return {"unreadable": f"{path}: {e}"}
+        return loaded
+    found = latest(out) if out.is_dir() else None
+    if found is None:
+        return None
+    return json.loads(json.dumps({"settings": load_state(found).get("settings", {})}, default=list))
+
+
+def differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"name: saved -> new"`` for each recorded model, data and ``TRAINED`` setting that differs."""
+    if "unreadable" in saved:
+        return [f"the saved settings cannot be read ({saved['unreadable']})"]
+    found = []
+    if "model" in saved and saved["model"] != new["model"]:
+        found.append(f"model: {_short(saved['model'])} -> {_short(new['model'])}")
+    if "data" in saved and saved["data"].get("sha256") != new["data"]["sha256"]:
+        found.append(f"data: {_data_text(saved['data'])} -> {_data_text(new['data'])}")
+    old, now = saved.get("settings", {}), new["settings"]
+    for key in TRAINED:
+        if key in old and old[key] != now[key]:
+            found.append(f"{key} ({FLAGS.get(key, '--' + key.replace('_', '-'))}): {old[key]} -> {now[key]}")
+    return found
+
+
+def _short(text: object, limit: int = 80) -> str:
+    text = str(text)
+    return text if len(text) <= limit else "..." + text[-(limit - 3) :]
+
+
+def _data_text(data: dict[str, Any]) -> str:
+    return f"{_short(data.get('source'))} ({data.get('images')} images, sha256 {str(data.get('sha256'))[:12]})"
+
+
+def _targets(out: Path, done: int, settings: TrainSettings) -> list[Path]:
+    """Every checkpoint folder a run after epoch ``done`` may write (or clear): ``epoch-N/`` and
+    ``last/``, each with the ``.tmp`` and ``.old`` folders ``save_pretrained`` passes through."""
+    names = [f"epoch-{n}" for n in range(done + 1, settings.epochs + 1)] + ["last"]
+    return [out / (name + suffix) for name in names for suffix in ("", ".tmp", ".old")]
+
+
+def _run_folder(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder a gdino training run wrote: a real folder with only
+    checkpoint files in it, a resume state among them (or a ``.tmp`` folder, written before its
+    state), or an empty folder, which holds nothing to lose."""
+    from gdino.checkpoint.saving import foreign_entries
+
+    if path.is_symlink() or not path.is_dir() or foreign_entries(path):
+        return False
+    return (path / STATE_FILE).is_file() or path.name.endswith(".tmp") or not any(path.iterdir())
+
+
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _refuse_existing(paths: Sequence[Path]) -> None:
+    """In an OUT that holds no run, nothing the run writes may be there already (an empty folder may)."""
+    there = [p for p in paths if (p.exists() or p.is_symlink()) and not _empty_folder(p)]
+    if there:
+        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+        raise TrainError(
+            f"{there[0]}{more} is already there and no gdino training run wrote it; move it, or use another --out"
+        )
+
+
+def _refuse_foreign(paths: Sequence[Path]) -> None:
+    """Each checkpoint folder the run will replace must be one a gdino training run wrote."""
+    from gdino.checkpoint.saving import foreign_entries
+
+    for path in paths:
+        if (path.exists() or path.is_symlink()) and not _run_folder(path):
+            what = (
+                f"holds {', '.join(foreign_entries(path)[:3]) or 'no resume state'}, "
+                if path.is_dir() and not path.is_symlink()
+                else "is not a folder, "
+            )
+            raise TrainError(
+                f"{path} {what}which no gdino training run wrote, and the run would replace it; "
+                "move it, or use another --out"
+            )
+
+
+def remove_run(out: Path, log: IO[str]) -> int:
+    """Deletes the files of the run in ``out``: its settings, history and checkpoint folders (the
+    checkpoint files in them; a folder that holds other files too keeps those). Returns how many."""
+    from gdino.checkpoint.saving import CHECKPOINT_FILES, CHECKPOINT_NAME
+
+    removed = 0
+    for name in (RUN_FILE, HISTORY_FILE):
+        for path in [out / name, *out.glob(f".{name}.*.tmp")]:  # the second: a write_atomic cut short
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed += 1
+    for folder in sorted(out.iterdir()):
+        stem = folder.name.removesuffix(".tmp").removesuffix(".old")
+        if not CHECKPOINT_NAME.fullmatch(stem) or folder.is_symlink() or not folder.is_dir():
+            continue
+        if not (folder / STATE_FILE).is_file() and not folder.name.endswith(".tmp"):
+            continue  # e.g. a model someone saved there: no training run wrote it
+        for path in folder.iterdir():
+            if path.name in CHECKPOINT_FILES and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed += 1
+        if any(folder.iterdir()):
+            print(f"train: kept {folder} (it holds files no gdino training run wrote)", file=log, flush=True)
+        else:
+            folder.rmdir()
+    return removed
+
+
+def claim(
+    out: Path, record: dict[str, Any], settings: TrainSettings, resume: bool, overwrite: bool, log: IO[str]
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """Decides what to do with ``out``; returns the checkpoint to resume from and its state (or
+    ``None, None``: start afresh). Changes nothing in ``out`` unless ``overwrite`` (the old run's
+    files are then removed), and nothing at all when it refuses.
+
+    Raises:
+        TrainError: ``out`` holds a run, without ``resume`` or ``overwrite``; the run's settings differ
+            (with ``resume``); a file in the way that no gdino training run wrote.
+    """
+    from gdino.checkpoint.saving import latest, load_state
+
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is not a folder")
+    saved = saved_record(out)
+    if saved is None:
+        _refuse_existing([out / RUN_FILE, out / HISTORY_FILE, *_targets(out, 0, settings)])
+        if resume:
+            print(f"train: nothing to resume in {out}; starting afresh", file=log, flush=True)
+        return None, None
+    if resume:
+        changed = differences(saved, record)
+        if changed:
+            raise TrainError(
+                f"{out} holds a run with other settings: {'; '.join(changed)}; resume it with its settings, "
+                "give --overwrite to start over, or use another --out"
+            )
+        found = latest(out)
+        if found is None:
+            print(f"train: no checkpoint in {out} yet; starting the run afresh", file=log, flush=True)
+            return None, None
+        return found, load_state(found)
+    if not overwrite:
+        raise TrainError(
+            f"{out} holds a training run; give --resume to continue it, --overwrite to start over "
+            "(removing its checkpoints and history), or use another --out"
+        )
+    _refuse_foreign(_targets(out, 0, settings))
+    removed = remove_run(out, log)
+    print(f"train: --overwrite: removed the run in {out} ({removed} files)", file=log, flush=True)
+    return None, None
+
+
+def _write_history(out: Path, history: Sequence[dict[str, Any]]) -> None:
+    """``OUT/history.jsonl`` as the records of the finished epochs (none: no file)."""
+    from gdino.utils.files import write_atomic
+
+    path = out / HISTORY_FILE
+    if history:
+        write_atomic(path, "".join(json.dumps(record) + "\n" for record in history))
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- training
+
+
 def start(
     data: str | Path | Dataset,
     model: str | Path | GroundingDinoForObjectDetection,
@@ -521,20 +817,31 @@ def start(
     resume: bool = False,
     log: IO[str] = sys.stderr,
 ) -> Run:
-    """Everything set up to train: data, model (or the last checkpoint's), optimiser, schedule."""
-    settings.check()
-    out = Path(out)
-    dataset = load_data(data, log)
-    state, spec = None, model if isinstance(model, (str, Path)) else ""
-    if resume:
-        from gdino.checkpoint.saving import latest, load_state
+    """Everything set up to train: data, model (or the last checkpoint's), optimiser, schedule.
 
-        found = latest(out)
-        if found is None:
-            print(f"train: nothing to resume in {out}; starting afresh", file=log, flush=True)
-        else:
-            print(f"train: resuming from {found}", file=log, flush=True)
-            model, state = GroundingDinoForObjectDetection.from_pretrained(found), load_state(found)
+    Reads ``out`` (with ``resume``, its newest checkpoint) but checks and writes nothing there: ``train`` does."""
+    from gdino.checkpoint.saving import latest, load_state
+
+    settings.check()
+    dataset = load_data(data, log)
+    found = latest(Path(out)) if resume and Path(out).is_dir() else None
+    return build_run(dataset, model, Path(out), settings, found, load_state(found) if found else None, log)
+
+
+def build_run(
+    dataset: Dataset,
+    model: str | Path | GroundingDinoForObjectDetection,
+    out: Path,
+    settings: TrainSettings,
+    found: Path | None,
+    state: dict[str, Any] | None,
+    log: IO[str],
+) -> Run:
+    """The run: the model (``found``'s, restored to ``state``, when resuming), optimiser, schedule."""
+    spec = model if isinstance(model, (str, Path)) else ""
+    if found is not None:
+        print(f"train: resuming from {found}", file=log, flush=True)
+        model = GroundingDinoForObjectDetection.from_pretrained(found)
     if not isinstance(model, GroundingDinoForObjectDetection):
         model = build_model(model, settings.seed)
     model.processor = set_image_size(model.processor, settings.image_size)
@@ -565,22 +872,59 @@ def train(
     val: str | Path | None = None,
     resume: bool = False,
     log: IO[str] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Trains ``model`` on ``data``, writing ``OUT/epoch-N/`` after each epoch (and its validation
-    metrics to ``OUT/history.jsonl`` when ``val``, a COCO file, is given).
+    """Trains ``model`` on ``data``, writing ``OUT/epoch-N/`` after each epoch and its record (mean
+    losses, and validation metrics when ``val``, a COCO file, is given) to ``OUT/history.jsonl``.
 
     Args:
         data: a COCO ``.json``, ODVG ``.jsonl``, YOLO folder, or a read ``Dataset``.
         model: a model, a hub id / directory / checkpoint file, or ``config:shapes`` (random init).
-        out: the output folder.
+        out: the output folder; one that holds a run needs ``resume`` or ``overwrite``.
         settings: how to train (the defaults when ``None``).
         val: COCO annotations to compute mAP on after each epoch.
-        resume: continue from the last checkpoint in ``out`` (if there is none, start afresh).
+        resume: continue the run in ``out`` from its newest checkpoint (refused if its model, data
+            or a ``TRAINED`` setting differs; if it has finished, do nothing; if ``out`` holds no
+            run, start afresh). ``history.jsonl`` is then put back to the checkpoint's history.
         log: where progress goes (stderr when None).
+        overwrite: start over in an ``out`` that holds a run, removing its files first (never others).
+
+    Raises:
+        TrainError: a bad setting, or an ``out`` that ``claim`` refuses.
     """
     settings = settings if settings is not None else TrainSettings()
     log = log if log is not None else sys.stderr
-    run = start(data, model, out, settings, resume, log)
+    out = Path(out)
+    if resume and overwrite:
+        raise TrainError("give --resume or --overwrite, not both")
+    settings.check()
+    dataset = load_data(data, log)
+    record = run_record(model, dataset, settings)
+    found, state = claim(out, record, settings, resume, overwrite, log)
+    position = Position(**state["position"]) if state is not None else Position()
+    if state is not None and finished(position, settings):
+        done = _progress(position, settings)
+        print(f"train: the run in {out} has finished ({done}); nothing to do", file=log, flush=True)
+        return TrainResult(found, position, list(state.get("history", [])), already_finished=True)
+    if resume:
+        _refuse_foreign(_targets(out, position.epoch, settings))
+    run = build_run(dataset, model, out, settings, found, state, log)
+    run.record = record
+    if state is None or "history" in state:  # a state of an earlier gdino: its history.jsonl is kept
+        _write_history(out, run.history)
+    return _loop(run, val)
+
+
+def _progress(position: Position, settings: TrainSettings) -> str:
+    """How far a finished run went, for messages."""
+    if position.epoch >= settings.epochs:
+        return f"all {settings.epochs} epochs, step {position.step}"
+    return f"step {position.step}, its max_steps, in epoch {position.epoch + 1} of {settings.epochs}"
+
+
+def _loop(run: Run, val: str | Path | None) -> TrainResult:
+    """The epochs from ``run.position`` on, each checkpointed and recorded in ``OUT/history.jsonl``."""
+    settings, log = run.settings, run.log
     result = TrainResult(None, run.position)
     while run.position.epoch < settings.epochs:
         means, stopped = run_epoch(run)
@@ -589,14 +933,18 @@ def train(
         record: dict[str, Any] = {
             "epoch": run.position.epoch,
             "step": run.position.step,
-            "seconds": round(time.monotonic() - run.began, 1),
+            "seconds": round(run.seconds(), 1),
             **means,
         }
         if val is not None:
             record["val"] = validate(run.model, Path(val), settings.val_limit, log)
+        if not stopped or finished(run.position, settings):  # a stop by time: until a resume ends the epoch
+            run.history.append(record)
+        if not stopped:
+            run.sums, run.epoch_steps = {}, 0
         result.checkpoint = checkpoint(run, "last" if stopped else f"epoch-{run.position.epoch}")
         result.history.append(record)
-        _append_history(run.out / "history.jsonl", record)
+        _append_history(run.out / HISTORY_FILE, record)
         print(f"train: {result.checkpoint.name}: " + _summary(record), file=log, flush=True)
         if stopped:
             break
