@@ -40,6 +40,7 @@ def runtimes(fast_model):
     onnx = object.__new__(OnnxDetector)
     onnx.tokenizer = fast_model.processor.tokenizer
     onnx.special_token_ids = tuple(fast_model.config.special_token_ids)
+    onnx.settings = fast_model.config.detection_defaults()  # what an export of the model records
     onnx.processor = SimpleNamespace(tokenizer=onnx.tokenizer)
     onnx.run_text = raw_outputs  # type: ignore[method-assign]
     torch_side = fast_model

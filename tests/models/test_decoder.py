@@ -102,7 +102,7 @@ def _hf_outputs(hf: torch.nn.Module, x: dict) -> tuple[torch.Tensor, ...]:
 
 
 def _ours(decoder: Decoder, box_head: MLP, config: GroundingDinoConfig, x: dict) -> tuple[torch.Tensor, ...]:
-    hidden, references = decoder(**x, box_head=box_head)
+    hidden, references = decoder(**x, box_heads=[box_head] * config.decoder_layers)
     text, padding = x["text"], x["text_padding_mask"]
     logits = torch.stack([contrastive_logits(h, text, padding, config.max_text_len) for h in hidden])
     return hidden, references, logits, predict_boxes(hidden, references, box_head)
@@ -172,16 +172,16 @@ def test_padding_is_ignored(models) -> None:
     """Changing padded pixels or padded text tokens of the second sample changes nothing."""
     _, decoder, box_head, config = models
     x = _inputs(config)
-    hidden, references = decoder(**x, box_head=box_head)
+    hidden, references = decoder(**x, box_heads=[box_head] * config.decoder_layers)
     y = dict(x)
     y["memory"] = x["memory"].masked_fill(x["memory_padding_mask"][..., None], 7.0)
     y["text"] = x["text"].masked_fill(x["text_padding_mask"][..., None], -5.0)
-    hidden2, references2 = decoder(**y, box_head=box_head)
+    hidden2, references2 = decoder(**y, box_heads=[box_head] * config.decoder_layers)
     torch.testing.assert_close(hidden2, hidden, atol=1e-5, rtol=0)
     torch.testing.assert_close(references2, references, atol=1e-5, rtol=0)
     # ... whereas changing real pixels of the second sample does change its queries.
     y["memory"] = x["memory"].masked_fill(~x["memory_padding_mask"][..., None], 7.0)
-    hidden3, _ = decoder(**y, box_head=box_head)
+    hidden3, _ = decoder(**y, box_heads=[box_head] * config.decoder_layers)
     assert (hidden3[:, 1] - hidden[:, 1]).abs().max() > 1e-2
 
 
@@ -253,7 +253,7 @@ def test_original_refinement_matches_the_original_code(models) -> None:
     decoder.load_state_dict(hf_decoder.state_dict())
     x = _alone(_inputs(config), 0)
     x["reference_points"][0, :3] = torch.tensor([[1.0, 0.5, 0.9996, 0.3], [0.0, 2e-4, 0.2, 1.0], [0.5, 0.5, 1.0, 1.0]])
-    hidden, references = decoder(**x, box_head=box_head)
+    hidden, references = decoder(**x, box_heads=[box_head] * config.decoder_layers)
     boxes = predict_boxes(hidden, references, box_head, original.box_logit_eps, original=True)
 
     reference, output, expected = x["reference_points"], x["queries"], []
@@ -274,5 +274,5 @@ def test_original_refinement_matches_the_original_code(models) -> None:
         reference = (box_head(output) + before_sigmoid).sigmoid()
     torch.testing.assert_close(boxes[:, 0], torch.stack(expected)[:, 0], atol=1e-6, rtol=0)
     # transformers' arithmetic gives other boxes from the same weights: the test tells them apart.
-    hf_boxes = predict_boxes(*hf_decoder(**x, box_head=box_head), box_head)
+    hf_boxes = predict_boxes(*hf_decoder(**x, box_heads=[box_head] * config.decoder_layers), box_head)
     assert (hf_boxes - boxes).abs().max() > 1e-3

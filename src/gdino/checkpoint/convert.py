@@ -3,7 +3,11 @@
 Our parameter names follow the original repository (``groundingdino_swint_ogc.pth``) with two
 simplifications: the Swin backbone is ``backbone.`` (not ``backbone.0.``), and the box head shared
 by all decoder layers is stored once as ``bbox_embed.`` (the original file holds it twelve times,
-a Hugging Face file once or more under several names).
+a Hugging Face file once or more under several names). Heads that are not shared (a config's
+``decoder_bbox_embed_share`` / ``decoder_cls_embed_share`` false, MM-Grounding-DINO) are
+``bbox_embed.{layer}.`` and ``class_embed.{layer}.``; MM-Grounding-DINO's class heads hold a bias
+(``class_embed.bias`` when shared, and ``transformer.enc_out_class_embed.bias``), Grounding DINO's
+none.
 
 Every function maps a ``{name: tensor}`` dict to another and does no IO, so each direction can be
 tested alone. Tensors that can be recomputed (Swin's ``relative_position_index``, BERT's
@@ -69,6 +73,7 @@ _RULES: list[tuple[str, str]] = [
     ("model.enc_output.", "transformer.enc_output."),
     ("model.enc_output_norm.", "transformer.enc_output_norm."),
     ("model.encoder_output_bbox_embed.", "transformer.enc_out_bbox_embed."),
+    ("model.encoder_output_class_embed.", "transformer.enc_out_class_embed."),
     # Feature enhancer: text self-attention, image-text fusion, deformable self-attention
     (_ENC + "text_enhancer_layer.self_attn.out_proj.", "transformer.encoder.text_layers.{0}.self_attn.out_proj."),
     (_ENC + "text_enhancer_layer.fc1.", "transformer.encoder.text_layers.{0}.linear1."),
@@ -147,8 +152,13 @@ _PACKED_ALIASES = [
 ]
 
 
-_HF_BOX_HEAD = re.compile(r"^(?:model\.decoder\.)?bbox_embed\.(\d+)\.(layers\..*)$")
-_ORIGINAL_BOX_HEAD = re.compile(r"^(?:transformer\.decoder\.)?bbox_embed\.(\d+)\.(layers\..*)$")
+# A decoder layer's box or class head, under its own name or the decoder's copy of it.
+_HF_HEAD = re.compile(r"^(?:model\.decoder\.)?(?P<head>bbox_embed|class_embed)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+_ORIGINAL_HEAD = re.compile(
+    r"^(?:transformer\.decoder\.)?(?P<head>bbox_embed|class_embed)\.(?P<layer>\d+)\.(?P<rest>.+)$"
+)
+_OUR_HEAD = re.compile(r"^(?P<head>bbox_embed|class_embed)\.(?:(?P<layer>\d+)\.)?(?P<rest>.+)$")
+Copies = dict[tuple[str, int, str], list[tuple[str, torch.Tensor]]]  # (head, layer, rest) -> [(file name, tensor)]
 
 
 class ConversionError(ValueError):
@@ -191,38 +201,45 @@ def _rename(name: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
     return None
 
 
-def _merge_box_head(copies_by_suffix: dict[str, list[tuple[str, torch.Tensor]]]) -> StateDict:
-    """The decoder's box head is shared by all layers: checks every stored copy holds the same values."""
+def _merge_heads(copies: Copies, shared_boxes: bool = True, shared_classes: bool = True) -> StateDict:
+    """The decoder layers' heads, one name per tensor: a shared head once (``bbox_embed.rest``), else
+    one per layer (``bbox_embed.{layer}.rest``); every stored copy of one tensor must hold the same values."""
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for (head, layer, rest), found in copies.items():
+        shared = shared_boxes if head == "bbox_embed" else shared_classes
+        groups.setdefault(f"{head}.{rest}" if shared else f"{head}.{layer}.{rest}", []).extend(found)
     out: StateDict = {}
     differing = []
-    for suffix, copies in copies_by_suffix.items():
-        first_name, first = copies[0]
+    for ours, found in groups.items():
+        first_name, first = found[0]
         differing += [
-            f"{n} != {first_name}" for n, t in copies[1:] if t.shape != first.shape or not torch.equal(t, first)
+            f"{n} != {first_name}" for n, t in found[1:] if t.shape != first.shape or not torch.equal(t, first)
         ]
-        out["bbox_embed." + suffix] = first
+        out[ours] = first
     if differing:
         raise ConversionError(
-            "the decoder's box head must be shared by all layers (decoder_bbox_embed_share), "
+            "the config shares the decoder's heads by all layers (decoder_bbox_embed_share, decoder_cls_embed_share), "
             "but these copies differ: " + ", ".join(differing[:8])
         )
     return out
 
 
-def hf_to_ours(sd: StateDict) -> tuple[StateDict, list[str]]:
-    """Hugging Face ``GroundingDinoForObjectDetection`` names -> ours.
+def hf_to_ours(sd: StateDict, shared_boxes: bool = True, shared_classes: bool = True) -> tuple[StateDict, list[str]]:
+    """Hugging Face ``GroundingDinoForObjectDetection`` (and ``MMGroundingDinoForObjectDetection``) names -> ours.
 
-    Returns the converted dict and the names no rule maps (the strict loader reports them).
+    ``shared_boxes`` and ``shared_classes`` are the config's ``decoder_bbox_embed_share`` and
+    ``decoder_cls_embed_share``. Returns the converted dict and the names no rule maps (the strict
+    loader reports them).
     """
     out: StateDict = {}
     unknown: list[str] = []
     packed: dict[str, dict[str, torch.Tensor]] = {}
-    boxes: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    heads: Copies = {}
     for name, t in sd.items():
         if _ignored(name, IGNORED_HF):
             continue
-        if m := _HF_BOX_HEAD.match(name):
-            boxes.setdefault(m.group(2), []).append((name, t))
+        if m := _HF_HEAD.match(name):
+            heads.setdefault((m["head"], int(m["layer"]), m["rest"]), []).append((name, t))
             continue
         for pattern, parts, ours, w_name, b_name in _PACKED_FORWARD:
             if m := pattern.match(name):
@@ -240,7 +257,7 @@ def hf_to_ours(sd: StateDict) -> tuple[StateDict, list[str]]:
             unknown.append(f"{target} (has only {', '.join(sorted(found))} of query, key, value)")
             continue
         out[target] = torch.cat([found["query"], found["key"], found["value"]], 0)  # (3 * dim, ...)
-    out.update(_merge_box_head(boxes))
+    out.update(_merge_heads(heads, shared_boxes, shared_classes))
     return out, unknown
 
 
@@ -248,8 +265,8 @@ def ours_to_hf(sd: StateDict) -> StateDict:
     """Ours -> Hugging Face names as ``save_pretrained`` writes them; the inverse of ``hf_to_ours``."""
     out: StateDict = {}
     for name, t in sd.items():
-        if name.startswith("bbox_embed."):
-            out["bbox_embed.0." + name.removeprefix("bbox_embed.")] = t
+        if m := _OUR_HEAD.match(name):  # a shared head is saved as layer 0's; transformers ties the others
+            out[f"{m['head']}.{m['layer'] or 0}.{m['rest']}"] = t
             continue
         for pattern, hf, parts, w_name in _PACKED_BACKWARD:
             if m := pattern.match(name):
@@ -265,25 +282,27 @@ def ours_to_hf(sd: StateDict) -> StateDict:
     return out
 
 
-def original_to_ours(sd: StateDict) -> tuple[StateDict, list[str]]:
+def original_to_ours(
+    sd: StateDict, shared_boxes: bool = True, shared_classes: bool = True
+) -> tuple[StateDict, list[str]]:
     """Original repository names (the ``'model'`` dict of groundingdino_swint_ogc.pth) -> ours.
 
     Returns the converted dict and the names it cannot place (none today: every other name is
     already ours, and the strict loader reports any that the model lacks).
     """
     out: StateDict = {}
-    boxes: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    heads: Copies = {}
     for name, t in sd.items():
         name = name.removeprefix("module.")  # files saved from DistributedDataParallel
         if _ignored(name, IGNORED_ORIGINAL):
             continue
-        if m := _ORIGINAL_BOX_HEAD.match(name):
-            boxes.setdefault(m.group(2), []).append((name, t))
+        if m := _ORIGINAL_HEAD.match(name):
+            heads.setdefault((m["head"], int(m["layer"]), m["rest"]), []).append((name, t))
         elif name.startswith("backbone.0."):
             out["backbone." + name.removeprefix("backbone.0.")] = t
         else:
             out[name] = t
-    out.update(_merge_box_head(boxes))
+    out.update(_merge_heads(heads, shared_boxes, shared_classes))
     return out, []
 
 
@@ -291,11 +310,10 @@ def ours_to_original(sd: StateDict, decoder_layers: int) -> StateDict:
     """Ours -> original repository names, with every shared box-head copy that repository stores."""
     out: StateDict = {}
     for name, t in sd.items():
-        if name.startswith("bbox_embed."):
-            rest = name.removeprefix("bbox_embed.")
-            for i in range(decoder_layers):
-                out[f"bbox_embed.{i}.{rest}"] = t
-                out[f"transformer.decoder.bbox_embed.{i}.{rest}"] = t
+        if m := _OUR_HEAD.match(name):
+            for i in range(decoder_layers) if m["layer"] is None else [int(m["layer"])]:
+                out[f"{m['head']}.{i}.{m['rest']}"] = t
+                out[f"transformer.decoder.{m['head']}.{i}.{m['rest']}"] = t
         elif name.startswith("backbone."):
             out["backbone.0." + name.removeprefix("backbone.")] = t
         else:

@@ -20,8 +20,24 @@ from gdino.models.grounding_dino.model import GroundingDino
 from gdino.utils.hub import DEFAULT_MODEL_ID, Checkpoint, CheckpointError, resolve
 
 
-def read_state_dict(checkpoint: Checkpoint) -> StateDict:
-    """Reads the weights file and converts its names to ours (no model needed)."""
+def read_state_dict(checkpoint: Checkpoint, config: GroundingDinoConfig | None = None) -> StateDict:
+    """Reads the weights file and converts its names to ours (no model needed).
+
+    ``config`` says whether the decoder's heads are shared (by default the checkpoint's own, see
+    ``read_config``).
+    """
+    raw = read_tensors(checkpoint)
+    config = config if config is not None else read_config(checkpoint)
+    looks_hf = any(k.startswith("model.") for k in raw)
+    convert = hf_to_ours if looks_hf else original_to_ours
+    converted, unknown = convert(raw, config.share_box_heads, config.share_class_heads)
+    if unknown:
+        raise CheckpointError(f"{checkpoint.weights} has tensors that fit no part of the model: {_names(unknown)}")
+    return converted
+
+
+def read_tensors(checkpoint: Checkpoint) -> StateDict:
+    """The weights file's tensors under the file's own names (an original file's ``"model"`` dict)."""
     file = checkpoint.weights
     raw: Any
     try:
@@ -37,11 +53,7 @@ def read_state_dict(checkpoint: Checkpoint) -> StateDict:
         raw = raw["model"]
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{file} does not hold a state dict of tensors")
-    looks_hf = any(k.startswith("model.") for k in raw)
-    converted, unknown = hf_to_ours(raw) if looks_hf else original_to_ours(raw)
-    if unknown:
-        raise CheckpointError(f"{file} has tensors that fit no part of the model: {_names(unknown)}")
-    return converted
+    return raw
 
 
 def read_config(checkpoint: Checkpoint) -> GroundingDinoConfig:
@@ -125,7 +137,7 @@ def load_model(
     # like any other; ``dtype`` alone decides the precision the model runs in.
     state_dict = {
         k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-        for k, v in read_state_dict(checkpoint).items()
+        for k, v in read_state_dict(checkpoint, config).items()
     }
     with torch.device("meta"):  # no memory and no random init: the file's tensors are assigned
         net = model_class(config, init_weights=False)

@@ -22,6 +22,10 @@ BOX_REFINEMENTS: dict[str, dict[str, Any]] = {
     "transformers": {"box_logit_eps": 1e-5, "box_logit_original": False},
 }
 
+GROUNDING_DINO = "grounding-dino"
+MM_GROUNDING_DINO = "mm-grounding-dino"
+MODEL_TYPES = (GROUNDING_DINO, MM_GROUNDING_DINO)
+
 # Token ids that split a prompt into phrases: [CLS], [SEP], "." and "?" (BERT-uncased vocabulary).
 SPECIAL_TOKEN_IDS: tuple[int, ...] = (101, 102, 1012, 1029)
 
@@ -101,6 +105,18 @@ class GroundingDinoConfig:
     # what a model's config.json recommends under "gdino_defaults" (the packaged gdino-shapes: 0.25).
     box_threshold: float = 0.35
     text_threshold: float = 0.25
+    # The family member's head (MM-Grounding-DINO and LLMDet, model_type "mm-grounding-dino"): its
+    # contrastive class head divides the dot products by sqrt(d_model) and adds a learnt bias, and
+    # each decoder layer may have its own class and box heads (decoder_cls_embed_share,
+    # decoder_bbox_embed_share False). Grounding DINO's class head has no parameters.
+    model_type: str = "grounding-dino"
+    share_box_heads: bool = True
+    share_class_heads: bool = True
+
+    @property
+    def contrastive_bias(self) -> bool:
+        """Whether the class heads scale by 1/sqrt(d_model) and add a learnt bias (MM-Grounding-DINO)."""
+        return self.model_type == MM_GROUNDING_DINO
 
     # Derived widths, named as in the paper's feature enhancer.
     @property
@@ -177,10 +193,17 @@ class GroundingDinoConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> GroundingDinoConfig:
-        """Reads a Hugging Face ``config.json`` (model_type ``grounding-dino``)."""
+        """Reads a Hugging Face ``config.json`` (model_type ``grounding-dino`` or ``mm-grounding-dino``)."""
+        model_type = d.get("model_type", GROUNDING_DINO)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type is {model_type!r}; gdino runs {' and '.join(repr(m) for m in MODEL_TYPES)} checkpoints "
+                "(Grounding DINO, MM-Grounding-DINO, LLMDet)"
+            )
+        if model_type == GROUNDING_DINO:
+            _require(d, "decoder_cls_embed_share", True)  # its class head has no parameters to share
         _require(d, "two_stage", True)
         _require(d, "embedding_init_target", True)
-        _require(d, "decoder_bbox_embed_share", True)
         _require(d, "two_stage_bbox_embed_share", False)
         _require(d, "position_embedding_type", "sine")
         _require(d, "activation_function", "relu")
@@ -207,6 +230,9 @@ class GroundingDinoConfig:
         defaults = _detection_defaults(_section(d, "gdino_defaults"))
         config = replace(
             config,
+            model_type=model_type,
+            share_box_heads=_flag(d, "decoder_bbox_embed_share", True),
+            share_class_heads=_flag(d, "decoder_cls_embed_share", True),
             box_threshold=defaults.get("box_threshold", config.box_threshold),
             text_threshold=defaults.get("text_threshold", config.text_threshold),
         )
@@ -256,9 +282,10 @@ class GroundingDinoConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` for this configuration (inverse of ``from_hf_dict``)."""
         s, t = self.swin, self.text
+        mm = self.model_type == MM_GROUNDING_DINO
         return {
-            "model_type": "grounding-dino",
-            "architectures": ["GroundingDinoForObjectDetection"],
+            "model_type": self.model_type,
+            "architectures": ["MMGroundingDinoForObjectDetection" if mm else "GroundingDinoForObjectDetection"],
             "d_model": self.d_model,
             "num_feature_levels": self.num_feature_levels,
             "num_queries": self.num_queries,
@@ -275,7 +302,8 @@ class GroundingDinoConfig:
             "positional_embedding_temperature": _int_if_whole(self.position_temperature),
             "two_stage": True,
             "embedding_init_target": True,
-            "decoder_bbox_embed_share": True,
+            "decoder_bbox_embed_share": self.share_box_heads,
+            **({"decoder_cls_embed_share": self.share_class_heads} if mm else {}),
             "two_stage_bbox_embed_share": False,
             "position_embedding_type": "sine",
             "activation_function": "relu",
@@ -385,6 +413,13 @@ def _float(d: dict[str, Any], key: str, default: float, where: str = "") -> floa
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{where}{key} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _flag(d: dict[str, Any], key: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _training_value(d: dict[str, Any], key: str, default: Any) -> Any:

@@ -9,11 +9,14 @@ Each layer runs, in this order, with a post-norm residual around each step:
 
 The query position is a sine embedding of the query's reference box (the reference scales it by the
 first level's valid ratio, see ``query_position``) passed through ``ref_point_head``. After every
-layer the shared box head, which the detector owns, refines the reference boxes (iterative box
-refinement); the refined boxes are the next layer's references.
+layer its box head, which the detector owns (one shared by every layer, or one per layer when the
+checkpoint has them: MM-Grounding-DINO's ``decoder_bbox_embed_share: false``), refines the
+reference boxes (iterative box refinement); the refined boxes are the next layer's references.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +114,7 @@ class Decoder(nn.Module):
         valid_ratios: Tensor,
         text: Tensor,
         text_padding_mask: Tensor,
-        box_head: nn.Module,
+        box_heads: Sequence[nn.Module],
         query_allowed: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decodes the queries, refining their reference boxes after every layer.
@@ -125,7 +128,8 @@ class Decoder(nn.Module):
             valid_ratios: (B, nL, 2) unpadded fraction ``(width, height)`` of each level.
             text: (B, T, D) text tokens from the encoder.
             text_padding_mask: (B, T) bool, True on padding tokens.
-            box_head: the detector's shared box head, (..., D) -> (..., 4) delta in logit space.
+            box_heads: each layer's box head (the same module for every layer when the detector
+                shares one), (..., D) -> (..., 4) delta in logit space.
             query_allowed: bool, broadcastable to (B, 1, Q, Q): True where query i may attend
                 query j (False on queries selected from padding, see ``query_selection``, and
                 between denoising groups), or None: everywhere.
@@ -147,5 +151,5 @@ class Decoder(nn.Module):
             hidden.append(self.norm(x))
             references.append(reference_points)
             if i < len(self.layers) - 1:  # the box head refines the un-normalized output
-                reference_points = refine_boxes(box_head(x), reference_points, *self.box_logit).detach()
+                reference_points = refine_boxes(box_heads[i](x), reference_points, *self.box_logit).detach()
         return torch.stack(hidden), torch.stack(references)  # (L, B, Q, D), (L, B, Q, 4)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from gdino.models.grounding_dino.bert import BertEncoder, phrase_masks
 from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.models.grounding_dino.features import DenoisingQueries, ImageFeatures, TextFeatures, pad_levels, stack_images
-from gdino.models.grounding_dino.heads import MLP, contrastive_logits, refine_boxes
+from gdino.models.grounding_dino.heads import MLP, ClassHead, per_layer, predict_boxes
 from gdino.models.grounding_dino.swin import SwinBackbone
 from gdino.models.grounding_dino.transformer import Decoded, Transformer
 
@@ -100,7 +100,15 @@ class GroundingDino(nn.Module):
             in_channels = d
         self.input_proj = nn.ModuleList(projections)
         self.transformer = Transformer(config, init=init_weights)
-        self.bbox_embed = MLP(d, d, 4, 3)  # shared by every decoder layer
+        layers = config.decoder_layers
+        # One module shared by every decoder layer, or a ModuleList of one per layer (see heads.per_layer).
+        self.bbox_embed: nn.Module = (
+            MLP(d, d, 4, 3) if config.share_box_heads else nn.ModuleList(MLP(d, d, 4, 3) for _ in range(layers))
+        )
+        scaled = config.contrastive_bias
+        self.class_embed: nn.Module = (
+            ClassHead(scaled) if config.share_class_heads else nn.ModuleList(ClassHead(scaled) for _ in range(layers))
+        )
 
     def set_precision(self, dtype: torch.dtype) -> GroundingDino:
         """Runs Swin, BERT and the feature enhancer (nearly all the arithmetic) in ``dtype``.
@@ -174,9 +182,11 @@ class GroundingDino(nn.Module):
         """
         decoded = self.decode(image, text, query_index)
         hidden, refs = decoded.hidden[-1], decoded.references[-1]
-        logits = contrastive_logits(hidden, decoded.memory_text, text.padding_mask, self.config.max_text_len)
+        last = self.config.decoder_layers - 1
+        logits = self._class_heads()[last](hidden, decoded.memory_text, text.padding_mask, self.config.max_text_len)
         logits = _mask_padded(logits, decoded.padded, float("-inf"))  # queries on padding (see query_selection)
-        return logits, _mask_padded(self._boxes(hidden, refs), decoded.padded, 0.0), decoded.index
+        boxes = self._refine(self._box_heads()[last], hidden, refs)
+        return logits, _mask_padded(boxes, decoded.padded, 0.0), decoded.index
 
     def decode(
         self,
@@ -186,13 +196,26 @@ class GroundingDino(nn.Module):
         denoise: DenoisingQueries | None = None,
     ) -> Decoded:
         """Feature enhancer, query selection and decoder, up to the heads (``Transformer``, see ``Decoded``)."""
-        decoded: Decoded = self.transformer(image, text, self.bbox_embed, query_index, denoise)
+        decoded: Decoded = self.transformer(image, text, self._box_heads(), query_index, denoise)
         return decoded
 
-    def _boxes(self, hidden: Tensor, references: Tensor) -> Tensor:
-        """The box head's refinement of ``references`` (..., 4) with the configured box logit."""
+    def _box_heads(self) -> list[nn.Module]:
+        return per_layer(self.bbox_embed, self.config.decoder_layers)
+
+    def _class_heads(self) -> list[nn.Module]:
+        return per_layer(self.class_embed, self.config.decoder_layers)
+
+    def _refine(self, box_head: nn.Module, hidden: Tensor, references: Tensor) -> Tensor:
+        """``box_head``'s refinement of ``references`` (..., 4) with the configured box logit."""
         config = self.config
-        return refine_boxes(self.bbox_embed(hidden), references, config.box_logit_eps, config.box_logit_original)
+        return predict_boxes(hidden, references, box_head, config.box_logit_eps, config.box_logit_original)
+
+    def _layer_logits(self, hidden: Tensor, memory_text: Tensor, text_padding_mask: Tensor) -> Tensor:
+        """(L, B, N, D) every layer's hidden states -> (L, B, N, max_text_len), each by its layer's class head."""
+        width = self.config.max_text_len
+        return torch.stack(
+            [head(h, memory_text, text_padding_mask, width) for head, h in zip(self._class_heads(), hidden)]
+        )
 
     def intermediate_outputs(self, decoded: Decoded, text_padding_mask: Tensor) -> dict[str, Tensor]:
         """Every decoder layer's logits and boxes, and the encoder proposals' (what the loss needs).
@@ -205,23 +228,22 @@ class GroundingDino(nn.Module):
         boxes, so its encoder loss trains none of them.
         """
         width = self.config.max_text_len
-        layers = [contrastive_logits(h, decoded.memory_text, text_padding_mask, width) for h in decoded.hidden]
+        layers = self._layer_logits(decoded.hidden, decoded.memory_text, text_padding_mask)  # (L, B, Q, W)
         extra: dict[str, Tensor] = {}
         if decoded.denoise_hidden is not None and decoded.denoise_references is not None:
             extra = {
-                "denoise_logits": torch.stack(
-                    [
-                        contrastive_logits(h, decoded.memory_text, text_padding_mask, width)
-                        for h in decoded.denoise_hidden
-                    ]
-                ),  # (L, B, N, W)
-                "denoise_pred_boxes": self._boxes(decoded.denoise_hidden, decoded.denoise_references),  # (L, B, N, 4)
+                "denoise_logits": self._layer_logits(decoded.denoise_hidden, decoded.memory_text, text_padding_mask),
+                "denoise_pred_boxes": self._refine(
+                    self.bbox_embed, decoded.denoise_hidden, decoded.denoise_references
+                ),  # (L, B, N, 4)
             }
         return {
             **extra,
-            "decoder_logits": _mask_padded(torch.stack(layers), decoded.padded, float("-inf")),  # (L, B, Q, W)
-            "decoder_pred_boxes": _mask_padded(self._boxes(decoded.hidden, decoded.references), decoded.padded, 0.0),
-            "encoder_logits": contrastive_logits(
+            "decoder_logits": _mask_padded(layers, decoded.padded, float("-inf")),  # (L, B, Q, W)
+            "decoder_pred_boxes": _mask_padded(
+                self._refine(self.bbox_embed, decoded.hidden, decoded.references), decoded.padded, 0.0
+            ),
+            "encoder_logits": self.transformer.enc_out_class_embed(
                 decoded.proposal_tokens, decoded.memory_text, text_padding_mask, width
             ),
             "encoder_pred_boxes": decoded.proposal_boxes,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from gdino.models.grounding_dino.config import GroundingDinoConfig
-from gdino.models.grounding_dino.heads import MLP, contrastive_logits
+from gdino.models.grounding_dino.heads import MLP, ClassHead
 
 
 class SelectionParts(Protocol):
@@ -32,6 +32,7 @@ class SelectionParts(Protocol):
     enc_output: nn.Linear
     enc_output_norm: nn.LayerNorm
     enc_out_bbox_embed: MLP
+    enc_out_class_embed: ClassHead
     tgt_embed: nn.Embedding
 
 
@@ -89,7 +90,7 @@ def proposal_scores(
     t = transformer
     usable = torch.isfinite(proposals).all(-1, keepdim=True)
     tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~usable, 0.0)))  # (B, S, D)
-    scores = contrastive_logits(tokens, text, text_padding_mask, t.config.max_text_len).max(-1).values
+    scores = t.enc_out_class_embed(tokens, text, text_padding_mask, t.config.max_text_len).max(-1).values
     return tokens, scores.masked_fill(padding_mask, float("-inf"))  # (B, S, D), (B, S)
 
 

@@ -7,6 +7,7 @@ heads that turn it into logits and boxes belong to ``GroundingDino``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.models.grounding_dino.decoder import Decoder
 from gdino.models.grounding_dino.encoder import FeatureEnhancer
 from gdino.models.grounding_dino.features import DenoisingQueries, ImageFeatures, TextFeatures
-from gdino.models.grounding_dino.heads import MLP
+from gdino.models.grounding_dino.heads import MLP, ClassHead
 from gdino.models.grounding_dino.init import embedding
 from gdino.models.grounding_dino.position import sine_position_embedding
 from gdino.models.grounding_dino.query_selection import query_padding, select_queries
@@ -67,6 +68,7 @@ class Transformer(nn.Module):
         self.enc_output = nn.Linear(d, d)
         self.enc_output_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.enc_out_bbox_embed = MLP(d, d, 4, 3)
+        self.enc_out_class_embed = ClassHead(config.contrastive_bias)
         self.encoder = FeatureEnhancer(config)
         self.decoder = Decoder(config)
         if init:
@@ -76,7 +78,7 @@ class Transformer(nn.Module):
         self,
         image: ImageFeatures,
         text: TextFeatures,
-        box_head: nn.Module,
+        box_heads: Sequence[nn.Module],
         query_index: Tensor | None = None,
         denoise: DenoisingQueries | None = None,
     ) -> Decoded:
@@ -85,7 +87,7 @@ class Transformer(nn.Module):
         Args:
             image: the projected multi-scale image features.
             text: the encoded prompt.
-            box_head: the box head shared by every decoder layer (refines the reference boxes).
+            box_heads: each decoder layer's box head (refines the reference boxes).
             query_index: (B, Q) image tokens to decode instead of the best-scoring ones.
             denoise: denoising queries to decode before the matching ones (training only); the
                 matching queries' results are the same with or without them.
@@ -123,7 +125,7 @@ class Transformer(nn.Module):
             starts = torch.cat([denoise.boxes.to(starts.dtype), starts], 1)  # (B, N + Q, 4)
             allowed = denoise_attention(denoise, padded, queries.shape[1] - n)
         hidden, refs = self.decoder(
-            queries, starts, memory, padding, shapes, ratios, memory_text, text.padding_mask, box_head, allowed
+            queries, starts, memory, padding, shapes, ratios, memory_text, text.padding_mask, box_heads, allowed
         )
         if not n:
             return Decoded(hidden, refs, memory_text, index, chosen, references, padded)
