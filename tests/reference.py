@@ -53,13 +53,32 @@ def noised_reference(config, noise: float, seed: int = 0, noise_seed: int = 1):
 
 
 def build_reference(config=None, seed: int = 0):
-    """transformers' GroundingDinoForObjectDetection with test weights, in eval mode."""
-    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+    """transformers' GroundingDinoForObjectDetection (or MMGroundingDinoForObjectDetection, for an
+    ``MMGroundingDinoConfig``) with test weights, in eval mode."""
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection, MMGroundingDinoForObjectDetection
 
     torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(config or GroundingDinoConfig())
+    config = config or GroundingDinoConfig()
+    cls = (
+        MMGroundingDinoForObjectDetection
+        if config.model_type == "mm-grounding-dino"
+        else GroundingDinoForObjectDetection
+    )
+    model = cls(config)
     perturb_(model, seed)
     return model.eval()
+
+
+def as_mm_config(config, share: bool = True, **overrides):
+    """An ``MMGroundingDinoConfig`` with the settings of a ``GroundingDinoConfig`` (and ``overrides``);
+    ``share``: decoder_bbox_embed_share and decoder_cls_embed_share."""
+    from transformers import MMGroundingDinoConfig
+
+    settings = {
+        k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")
+    }
+    settings.update(decoder_bbox_embed_share=share, decoder_cls_embed_share=share, **overrides)
+    return MMGroundingDinoConfig(**settings)
 
 
 def save_reference(model, directory: Path) -> Path:
@@ -69,9 +88,9 @@ def save_reference(model, directory: Path) -> Path:
     return directory
 
 
-def small_reference_config(**overrides):
+def small_reference_config(backbone: dict | None = None, **overrides):
     """A narrow, shallow reference configuration (fast), in transformers' terms; ``overrides``
-    replace its top-level settings (e.g. ``decoder_layers=3``)."""
+    replace its top-level settings (e.g. ``decoder_layers=3``), ``backbone`` its Swin settings."""
     from transformers import GroundingDinoConfig
 
     settings = {
@@ -93,6 +112,7 @@ def small_reference_config(**overrides):
             "out_indices": [2, 3, 4],
             "out_features": ["stage2", "stage3", "stage4"],
             "window_size": 7,
+            **(backbone or {}),
         },
         text_config={
             "model_type": "bert",

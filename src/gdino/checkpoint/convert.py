@@ -60,6 +60,7 @@ _RULES: list[tuple[str, str]] = [
     (_BLOCK + "output.dense.", "backbone.layers.{0}.blocks.{1}.mlp.fc2."),
     (_SWIN + "encoder.layers.{0}.downsample.", "backbone.layers.{0}.downsample."),
     # HF names the output norms after the stage (stem = stage 0); the original after the 0-based index.
+    (_SWIN + "hidden_states_norms.stage1.", "backbone.norm0."),  # five-level models (Swin-L) use stage 1 too
     (_SWIN + "hidden_states_norms.stage2.", "backbone.norm1."),
     (_SWIN + "hidden_states_norms.stage3.", "backbone.norm2."),
     (_SWIN + "hidden_states_norms.stage4.", "backbone.norm3."),

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from gdino.checkpoint.architecture import original_config
 from gdino.checkpoint.convert import StateDict, hf_to_ours, original_to_ours
 from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.models.grounding_dino.model import GroundingDino
@@ -27,12 +29,17 @@ def read_state_dict(checkpoint: Checkpoint, config: GroundingDinoConfig | None =
     ``read_config``).
     """
     raw = read_tensors(checkpoint)
-    config = config if config is not None else read_config(checkpoint)
+    config = config if config is not None else read_config(checkpoint, raw)
+    return convert_tensors(raw, config, checkpoint.weights)
+
+
+def convert_tensors(raw: StateDict, config: GroundingDinoConfig, file: Path) -> StateDict:
+    """A file's tensors under our names, for ``config`` (whether its decoder heads are shared)."""
     looks_hf = any(k.startswith("model.") for k in raw)
     convert = hf_to_ours if looks_hf else original_to_ours
     converted, unknown = convert(raw, config.share_box_heads, config.share_class_heads)
     if unknown:
-        raise CheckpointError(f"{checkpoint.weights} has tensors that fit no part of the model: {_names(unknown)}")
+        raise CheckpointError(f"{file} has tensors that fit no part of the model: {_names(unknown)}")
     return converted
 
 
@@ -56,15 +63,21 @@ def read_tensors(checkpoint: Checkpoint) -> StateDict:
     return raw
 
 
-def read_config(checkpoint: Checkpoint) -> GroundingDinoConfig:
-    """The checkpoint's config.json if it has one, else the grounding-dino-tiny architecture.
+def read_config(checkpoint: Checkpoint, raw: StateDict | None = None) -> GroundingDinoConfig:
+    """The checkpoint's config.json if it has one; else, for an original ``.pth``, the architecture
+    its tensors show (``raw``, read from the file when not given; ``gdino.checkpoint.architecture``).
 
     Raises:
         CheckpointError: config.json cannot be read, is not JSON, or holds a value the model cannot
-            be built with (the message names the file and the key).
+            be built with (the message names the file and the key); an original file that is not a
+            Grounding DINO (what it holds is named).
     """
     if checkpoint.directory is None or not (checkpoint.directory / "config.json").is_file():
-        return GroundingDinoConfig.tiny()
+        tensors = raw if raw is not None else read_tensors(checkpoint)
+        try:
+            return original_config({k.removeprefix("module."): v for k, v in tensors.items()})
+        except ValueError as e:
+            raise CheckpointError(f"{checkpoint.weights}: {e}") from None
     path = checkpoint.directory / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -132,12 +145,13 @@ def load_model(
         force_download=force_download,
     )
     default = "original" if checkpoint.layout == "original" else "transformers"
-    config = read_config(checkpoint).with_box_refinement(box_refinement or default)
+    raw = read_tensors(checkpoint)
+    config = read_config(checkpoint, raw).with_box_refinement(box_refinement or default)
     # A checkpoint stored in half precision (the packaged gdino-shapes, fp16 uploads) loads as float32
     # like any other; ``dtype`` alone decides the precision the model runs in.
     state_dict = {
         k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-        for k, v in read_state_dict(checkpoint, config).items()
+        for k, v in convert_tensors(raw, config, checkpoint.weights).items()
     }
     with torch.device("meta"):  # no memory and no random init: the file's tensors are assigned
         net = model_class(config, init_weights=False)
