@@ -56,8 +56,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     rss_torch = _rss_now_mb()
-    if args.worker == "hf":
-        from transformers import GroundingDinoForObjectDetection as Model
+    if args.worker == "hf":  # GroundingDinoForObjectDetection or MMGroundingDinoForObjectDetection, by config
+        from transformers import AutoModelForZeroShotObjectDetection as Model
         from transformers.utils import logging
 
         logging.disable_progress_bar()
@@ -214,20 +214,36 @@ class Worker:
 
 def ensure_model(preset: str) -> Path:
     """The random-weight checkpoint of tests/reference.py, built once into the cache."""
-    directory = CACHE / ("tiny-random" if preset == "tiny" else "small-random")
+    directory = CACHE / f"{preset}-random"
     if (directory / "model.safetensors").is_file() and (directory / "config.json").is_file():
         return directory
     spec = importlib.util.spec_from_file_location("gdino_bench_reference", ROOT / "tests" / "reference.py")
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
     print(f"building the random-weight {preset} checkpoint in {directory} (once)", file=sys.stderr)
-    config = reference.small_reference_config() if preset == "small" else None
+    config = _preset_config(reference, preset)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=directory.name + "."))
     reference.save_reference(reference.build_reference(config), tmp)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return directory
+
+
+def _preset_config(reference: Any, preset: str) -> Any:
+    """transformers' config of a random-weight preset: the published architectures, or a small one."""
+    from transformers import GroundingDinoConfig, SwinConfig
+
+    swin_b = {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 12}
+    if preset == "small":
+        return reference.small_reference_config()
+    if preset == "base":  # grounding-dino-base
+        return GroundingDinoConfig(
+            backbone_config=SwinConfig(**swin_b, image_size=384, out_features=["stage2", "stage3", "stage4"])
+        )
+    if preset == "mm-tiny":  # MM-Grounding-DINO tiny / LLMDet tiny: per-layer heads
+        return reference.as_mm_config(GroundingDinoConfig(), share=False)
+    return None  # grounding-dino-tiny
 
 
 def make_inputs(args: argparse.Namespace, path: Path) -> dict[str, Any]:
@@ -311,9 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--preset",
-        choices=["tiny", "small"],
+        choices=["tiny", "base", "mm-tiny", "small"],
         default="tiny",
-        help="which random checkpoint to build without --model; 'small' is a narrow one for smoke tests",
+        help="which random checkpoint to build without --model: grounding-dino-tiny, grounding-dino-base "
+        "(Swin-B), MM-Grounding-DINO/LLMDet tiny, or 'small', a narrow one for smoke tests",
     )
     p.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     add_train_arguments(commands)
     _add_export_arguments(commands.add_parser("export", help="export the model for other runtimes (gdino[onnx])"))
+    models = commands.add_parser("models", help="the published checkpoints of the family, to give as --model")
+    models.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
     return parser
 
 
@@ -159,6 +161,37 @@ def export(args: argparse.Namespace) -> int:
         return error(str(e))
     settings = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize)
     print(json.dumps({"out": str(args.out), "seconds": settings["export_seconds"], "files": settings["file_sizes"]}))
+    return 0
+
+
+def list_models(as_json: bool) -> int:
+    """``gdino models``: the known checkpoints, their size, licence, published figures and checks."""
+    from gdino.checkpoint.catalog import KNOWN_MODELS
+
+    rows: list[dict[str, Any]] = [
+        {
+            "model": m.name,
+            "family": m.family,
+            "backbone": m.backbone,
+            "parameters_m": round(m.parameters() / 1e6, 1),
+            "licence": m.licence,
+            "published": m.figures or "see its model card",
+            "checked_against": m.checked,
+        }
+        for m in KNOWN_MODELS
+    ]
+    if as_json:
+        print("".join(json.dumps(row) + "\n" for row in rows), end="")
+        return 0
+    width = max(len(r["model"]) for r in rows)
+    for r in rows:
+        print(
+            f"{r['model']:<{width}}  {r['backbone']:<6}  {r['parameters_m']:>6.1f}M  {r['licence']}  {r['published']}"
+        )
+    print(
+        "\nAny of these is a --model (downloaded once, then read from the hub cache); "
+        "`gdino models --json` adds what each was checked against."
+    )
     return 0
 
 
@@ -362,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_training(args)
     if args.command == "export":
         return export(args)
+    if args.command == "models":
+        return list_models(args.json)
     from gdino.inference.detector import on_chunk
     from gdino.utils.progress import ChunkProgress
 

@@ -52,6 +52,12 @@ class SwinConfig:
         return tuple(self.stage_dim(i) for i in self.out_indices)
 
 
+SWIN_B = SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12)
+SWIN_L = SwinConfig(
+    embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, out_indices=(0, 1, 2, 3)
+)
+
+
 @dataclass(frozen=True)
 class BertConfig:
     """BERT text encoder."""
@@ -145,6 +151,24 @@ class GroundingDinoConfig:
     def tiny(cls) -> GroundingDinoConfig:
         """The published grounding-dino-tiny (Swin-T + BERT-base)."""
         return cls()
+
+    @classmethod
+    def base(cls) -> GroundingDinoConfig:
+        """The published grounding-dino-base: Swin-B (window 12, pretrained at 384) + BERT-base."""
+        return cls(swin=SWIN_B)
+
+    @classmethod
+    def mm(cls, size: str = "tiny") -> GroundingDinoConfig:
+        """MM-Grounding-DINO and LLMDet (``size`` "tiny", "base" or "large"): the scaled class head with
+        a bias and one class and box head per decoder layer; large is Swin-L with five feature levels."""
+        swin = {"tiny": SwinConfig(), "base": SWIN_B, "large": SWIN_L}[size]
+        return cls(
+            swin=swin,
+            num_feature_levels=len(swin.out_indices) + 1,
+            model_type=MM_GROUNDING_DINO,
+            share_box_heads=False,
+            share_class_heads=False,
+        )
 
     @classmethod
     def small_test(cls) -> GroundingDinoConfig:
