@@ -3,7 +3,9 @@
 The class is the model (``model(**inputs)`` returns logits and boxes as transformers' does) plus
 loading and a processor, so the model card's snippet runs with only its import line changed. It
 also runs a label list's chunks (``score_label_chunks``, one encoder and decoder pass each, which
-``on_chunk`` callbacks follow); ``gdino.inference.detections`` turns what they find into ``Detections``.
+``on_chunk`` callbacks follow). ``detect`` is the shared loop of ``gdino.inference.pipeline`` over
+this model's ``run_text``, decoded by ``gdino.inference.postprocess`` into ``Detections``, as the
+torch-free ONNX runtime's is.
 """
 
 from __future__ import annotations
