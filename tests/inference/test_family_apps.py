@@ -50,8 +50,9 @@ def test_fine_tuning_an_mm_checkpoint_saves_one_transformers_loads(mm_dir, tmp_p
     from transformers import MMGroundingDinoForObjectDetection
 
     from gdino import GroundingDinoForObjectDetection
+    from gdino.training.settings import TrainSettings
     from gdino.training.shapes import ShapesSettings, write_shapes_dataset
-    from gdino.training.trainer import TrainSettings, train
+    from gdino.training.trainer import train
 
     shapes = write_shapes_dataset(
         tmp_path / "shapes", {"train": 4}, seed=3, settings=ShapesSettings(image_size=(96, 128)), image_format="png"

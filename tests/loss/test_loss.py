@@ -274,7 +274,9 @@ def test_what_transformers_encoder_terms_train(small_reference):
         out = model(**inputs, labels=LABELS)
         assert not out.encoder_pred_boxes.requires_grad  # the proposal boxes are detached
         sum(out.loss_dict[f"{k}_enc"] * w for k, w in ENC_WEIGHTS.items()).backward()
-        trained = {n.split(".")[1] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        trained = {
+            n.split(".")[1] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        }
         assert {"query_position_embeddings", "text_projection", "text_backbone"} <= trained
         # neither the proposal head nor the feature enhancer: the text is taken before the encoder
         assert not trained & {"enc_output", "enc_output_norm", "encoder_output_bbox_embed", "encoder", "backbone"}

@@ -21,15 +21,9 @@ from gdino.checkpoint.loading import load_strict, read_state_dict
 from gdino.inference.detector import GroundingDinoForObjectDetection
 from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.training.loader import collate
+from gdino.training.settings import TrainError, TrainSettings
 from gdino.training.shapes import ShapesSettings, write_shapes_dataset
-from gdino.training.trainer import (
-    TrainError,
-    TrainSettings,
-    epoch_batches,
-    from_config,
-    start,
-    train,
-)
+from gdino.training.trainer import epoch_batches, from_config, start, train
 from gdino.utils.hub import Checkpoint
 
 pytestmark = pytest.mark.slow  # training runs, checkpoints, resumes

@@ -18,8 +18,9 @@ import pytest
 
 pytest.importorskip("scipy")
 
+from gdino.training.settings import TrainError, TrainSettings
 from gdino.training.shapes import ShapesSettings, write_shapes_dataset
-from gdino.training.trainer import TrainError, TrainSettings, train
+from gdino.training.trainer import train
 
 pytestmark = pytest.mark.slow  # training runs and checkpoints
 

@@ -116,7 +116,7 @@ def add_arguments(commands: Any) -> None:
 
 def settings_of(args: argparse.Namespace) -> Any:
     """The ``TrainSettings`` the arguments ask for."""
-    from gdino.training.trainer import TrainSettings
+    from gdino.training.settings import TrainSettings
 
     return TrainSettings(
         epochs=args.epochs,
@@ -150,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
     run, without ``--resume`` or ``--overwrite``; ``--resume`` with other settings; a file in the
     way) is a one-line error, status 2."""
     from gdino.training.samples import DataError
-    from gdino.training.trainer import TrainError, train
+    from gdino.training.settings import TrainError
+    from gdino.training.trainer import train
     from gdino.utils.hub import CheckpointError
 
     try:
