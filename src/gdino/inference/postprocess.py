@@ -46,15 +46,32 @@ def to_pixels(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------- overlap and NMS
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) intersection over union of (N, 4) and (M, 4) xyxy boxes; 0 where the union is empty."""
+def _intersections(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, M) intersection areas of (N, 4) and (M, 4) xyxy boxes, with their (N,) and (M,) areas."""
     area_a = (a[:, 2] - a[:, 0]).clip(min=0) * (a[:, 3] - a[:, 1]).clip(min=0)
     area_b = (b[:, 2] - b[:, 0]).clip(min=0) * (b[:, 3] - b[:, 1]).clip(min=0)
     corners = np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    inter = corners.clip(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
+    return corners.clip(min=0).prod(-1), area_a, area_b
+
+
+def _ratio(inter: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """float32 ``inter / denominator``; 0 where the denominator is empty."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.maximum(union, np.finfo(np.float32).tiny), 0.0).astype(np.float32)
+        ratio = np.where(denominator > 0, inter / np.maximum(denominator, np.finfo(np.float32).tiny), 0.0)
+    return ratio.astype(np.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) intersection over union of (N, 4) and (M, 4) xyxy boxes; 0 where the union is empty."""
+    inter, area_a, area_b = _intersections(a, b)
+    return _ratio(inter, area_a[:, None] + area_b[None, :] - inter)
+
+
+def box_ios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) intersection over the smaller box's area of (N, 4) and (M, 4) xyxy boxes; 0 where the
+    smaller box is empty. 1 when one box holds the other (SAHI's "IOS", for merging tiles' boxes)."""
+    inter, area_a, area_b = _intersections(a, b)
+    return _ratio(inter, np.minimum(area_a[:, None], area_b[None, :]))
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
