@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from gdino.checkpoint.architecture import original_config
-from gdino.checkpoint.convert import StateDict, hf_to_ours, original_to_ours
+from gdino.checkpoint.convert import ConversionError, StateDict, hf_to_ours, original_to_ours
+from gdino.checkpoint.convert_mmdet import looks_mmdet, mmdet_config, mmdet_to_ours
 from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.models.grounding_dino.model import GroundingDino
 from gdino.utils.hub import DEFAULT_MODEL_ID, Checkpoint, CheckpointError, resolve
@@ -35,9 +36,16 @@ def read_state_dict(checkpoint: Checkpoint, config: GroundingDinoConfig | None =
 
 def convert_tensors(raw: StateDict, config: GroundingDinoConfig, file: Path) -> StateDict:
     """A file's tensors under our names, for ``config`` (whether its decoder heads are shared)."""
-    looks_hf = any(k.startswith("model.") for k in raw)
-    convert = hf_to_ours if looks_hf else original_to_ours
-    converted, unknown = convert(raw, config.share_box_heads, config.share_class_heads)
+    shared = (config.share_box_heads, config.share_class_heads)
+    try:
+        if looks_mmdet(raw):
+            converted, unknown = mmdet_to_ours(raw, *shared)
+        elif any(k.startswith("model.") for k in raw):
+            converted, unknown = hf_to_ours(raw, *shared)
+        else:
+            converted, unknown = original_to_ours(raw, *shared)
+    except ConversionError as e:
+        raise CheckpointError(f"{file}: {e}") from None
     if unknown:
         raise CheckpointError(f"{file} has tensors that fit no part of the model: {_names(unknown)}")
     return converted
@@ -56,8 +64,10 @@ def read_tensors(checkpoint: Checkpoint) -> StateDict:
             raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (safetensors and torch.load raise many types for a bad file)
         raise CheckpointError(f"cannot read {file}: {e}") from None
-    if checkpoint.layout == "original" and isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-        raw = raw["model"]
+    if checkpoint.layout == "original" and isinstance(
+        raw, dict
+    ):  # IDEA's {"model": ...}, mmdetection's {"state_dict": ...}
+        raw = next((raw[k] for k in ("model", "state_dict") if isinstance(raw.get(k), dict)), raw)
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{file} does not hold a state dict of tensors")
     return raw
@@ -75,6 +85,8 @@ def read_config(checkpoint: Checkpoint, raw: StateDict | None = None) -> Groundi
     if checkpoint.directory is None or not (checkpoint.directory / "config.json").is_file():
         tensors = raw if raw is not None else read_tensors(checkpoint)
         try:
+            if looks_mmdet(tensors):  # MM-Grounding-DINO and LLMDet as mmdetection saves them
+                return mmdet_config(tensors)
             return original_config({k.removeprefix("module."): v for k, v in tensors.items()})
         except ValueError as e:
             raise CheckpointError(f"{checkpoint.weights}: {e}") from None
