@@ -202,7 +202,7 @@ def _rename(name: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
     return None
 
 
-def _merge_heads(copies: Copies, shared_boxes: bool = True, shared_classes: bool = True) -> StateDict:
+def merge_heads(copies: Copies, shared_boxes: bool = True, shared_classes: bool = True) -> StateDict:
     """The decoder layers' heads, one name per tensor: a shared head once (``bbox_embed.rest``), else
     one per layer (``bbox_embed.{layer}.rest``); every stored copy of one tensor must hold the same values."""
     groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
@@ -258,7 +258,7 @@ def hf_to_ours(sd: StateDict, shared_boxes: bool = True, shared_classes: bool = 
             unknown.append(f"{target} (has only {', '.join(sorted(found))} of query, key, value)")
             continue
         out[target] = torch.cat([found["query"], found["key"], found["value"]], 0)  # (3 * dim, ...)
-    out.update(_merge_heads(heads, shared_boxes, shared_classes))
+    out.update(merge_heads(heads, shared_boxes, shared_classes))
     return out, unknown
 
 
@@ -303,7 +303,7 @@ def original_to_ours(
             out["backbone." + name.removeprefix("backbone.0.")] = t
         else:
             out[name] = t
-    out.update(_merge_heads(heads, shared_boxes, shared_classes))
+    out.update(merge_heads(heads, shared_boxes, shared_classes))
     return out, []
 
 

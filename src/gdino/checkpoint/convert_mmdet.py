@@ -66,7 +66,7 @@ from collections.abc import Mapping
 import torch
 
 from gdino.checkpoint.architecture import BERT_HEAD_DIM, TRANSFORMER_HEADS
-from gdino.checkpoint.convert import ConversionError, StateDict
+from gdino.checkpoint.convert import ConversionError, Copies, StateDict, merge_heads
 from gdino.models.grounding_dino.config import (
     GROUNDING_DINO,
     MM_GROUNDING_DINO,
@@ -180,8 +180,6 @@ _OUR_DOWNSAMPLE = re.compile(r"^backbone\.layers\.\d+\.downsample\.(reduction\.w
 _REG_LAYER = re.compile(r"^(?P<index>\d+)\.(?P<kind>weight|bias)$")  # a regression branch's Sequential index
 _BOX_LAYER = re.compile(r"^layers\.(?P<layer>\d+)\.(?P<kind>weight|bias)$")  # our MLP's layer
 _UNFOLD_ORDER = [0, 2, 1, 3]  # neighbour (row, col) order (0,0), (0,1), (1,0), (1,1) <-> (0,0), (1,0), (0,1), (1,1)
-
-Copies = dict[tuple[str, int, str], list[tuple[str, torch.Tensor]]]  # (head, layer, rest) -> [(file name, tensor)]
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -306,28 +304,6 @@ def _class_bias(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(()) if t.shape == (1,) else t
 
 
-def _merge_heads(copies: Copies, shared_boxes: bool, shared_classes: bool) -> StateDict:
-    """The decoder layers' heads under our names: a shared head once (``bbox_embed.rest``), else one
-    per layer (``bbox_embed.{layer}.rest``); the copies of a shared head must hold the same values."""
-    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    for (head, layer, rest), found in sorted(copies.items(), key=lambda item: item[0]):
-        shared = shared_boxes if head == "bbox_embed" else shared_classes
-        groups.setdefault(f"{head}.{rest}" if shared else f"{head}.{layer}.{rest}", []).extend(found)
-    out: StateDict = {}
-    differing: list[str] = []
-    for ours, found in groups.items():
-        first_name, first = found[0]
-        differing += [
-            f"{n} != {first_name}" for n, t in found[1:] if t.shape != first.shape or not torch.equal(t, first)
-        ]
-        out[ours] = first
-    if differing:
-        raise ConversionError(
-            "the decoder's heads are to be shared by all layers, but these branches differ: " + ", ".join(differing[:8])
-        )
-    return out
-
-
 def mmdet_to_ours(
     sd: Mapping[str, torch.Tensor], shared_boxes: bool, shared_classes: bool
 ) -> tuple[StateDict, list[str]]:
@@ -365,7 +341,7 @@ def mmdet_to_ours(
             unknown.append(name)
         else:
             out[new] = unfold_to_concat(t) if _OUR_DOWNSAMPLE.match(new) else t
-    out.update(_merge_heads(heads, shared_boxes, shared_classes))
+    out.update(merge_heads(heads, shared_boxes, shared_classes))
     return out, unknown
 
 
