@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ PROMPT = "a cat. a remote control."
 KINDS = {"mm-shared": True, "mm-unshared": False, "grounding-dino": True}  # kind -> decoder heads shared
 
 
-def _reference_config(kind: str):
+def _reference_config(kind: str) -> Any:
     """A small transformers config with the published head counts (8 heads, 64 channels per BERT head)."""
     base = small_reference_config(encoder_attention_heads=8, decoder_attention_heads=8)
     base.text_config.num_attention_heads = 1  # 64 wide
@@ -48,7 +49,7 @@ def _reference_config(kind: str):
     return as_mm_config(base, share=KINDS[kind])
 
 
-Case = tuple[str, torch.nn.Module, StateDict, StateDict]
+Case = tuple[str, Any, StateDict, StateDict]  # Any: transformers' model
 
 
 @functools.cache
@@ -63,11 +64,11 @@ def _case(kind: str) -> Case:
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
-def case(request) -> Case:
+def case(request: pytest.FixtureRequest) -> Case:
     return _case(request.param)
 
 
-def test_mmdet_layout_round_trips_bit_for_bit(case) -> None:
+def test_mmdet_layout_round_trips_bit_for_bit(case: Case) -> None:
     kind, reference, ours, mm = case
     layers = reference.config.decoder_layers
     back, unknown = mmdet_to_ours(mm, KINDS[kind], KINDS[kind])
@@ -102,7 +103,7 @@ def test_mmdet_layout_round_trips_bit_for_bit(case) -> None:
     assert {n for n in range(layers + 2) if f"bbox_head.reg_branches.{n}.0.weight" in mm} == set(range(layers + 1))
 
 
-def test_architecture_is_read_from_the_tensors(case) -> None:
+def test_architecture_is_read_from_the_tensors(case: Case) -> None:
     kind, reference, _, mm = case
     expected = GroundingDinoConfig.from_hf_dict(json.loads(reference.config.to_json_string()))
     assert mmdet_config(mm) == expected
@@ -124,7 +125,7 @@ def test_each_head_kind_is_shared_only_when_its_branches_are_equal() -> None:
     assert unknown == [] and "bbox_embed.1.layers.1.bias" in ours and "class_embed.bias" in ours
 
 
-def test_mmdet_file_gives_transformers_outputs(case, tmp_path: Path) -> None:
+def test_mmdet_file_gives_transformers_outputs(case: Case, tmp_path: Path) -> None:
     """A .pth in mmdetection's layout builds and loads strictly, and gives transformers' outputs
     (both decoding the image tokens transformers selected: near-ties may rank either way elsewhere)."""
     kind, reference, _, mm = case

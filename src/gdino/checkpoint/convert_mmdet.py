@@ -156,6 +156,8 @@ REQUIRED = (
     "query_embedding.weight",
     "level_embed",
     "encoder.layers.0.self_attn.attention_weights.weight",
+    "encoder.text_layers.0.ffn.layers.0.0.weight",
+    "encoder.fusion_layers.0.attn.v_proj.weight",
     "decoder.layers.0.cross_attn.attention_weights.weight",
     "bbox_head.reg_branches.0.0.weight",
 )
@@ -179,7 +181,8 @@ _OUR_NECK = re.compile(r"^input_proj\.(?P<n>\d+)\.(?P<part>[01])\.(?P<rest>.+)$"
 _OUR_DOWNSAMPLE = re.compile(r"^backbone\.layers\.\d+\.downsample\.(reduction\.weight|norm\.(weight|bias))$")
 _REG_LAYER = re.compile(r"^(?P<index>\d+)\.(?P<kind>weight|bias)$")  # a regression branch's Sequential index
 _BOX_LAYER = re.compile(r"^layers\.(?P<layer>\d+)\.(?P<kind>weight|bias)$")  # our MLP's layer
-_UNFOLD_ORDER = [0, 2, 1, 3]  # neighbour (row, col) order (0,0), (0,1), (1,0), (1,1) <-> (0,0), (1,0), (0,1), (1,1)
+# The 2x2 neighbours run row-major in Unfold, (0, 0), (0, 1), (1, 0), (1, 1), column-major in ours: swap the middle two.
+_UNFOLD_ORDER = [0, 2, 1, 3]
 
 
 def _pattern(template: str) -> re.Pattern[str]:
