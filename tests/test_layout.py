@@ -306,6 +306,10 @@ def test_every_name_imported_from_gdino_exists() -> None:
 
 
 def _is_submodule(package: str, name: str) -> bool:
+    """Whether ``package.name`` is a module (False when ``package`` is a plain module, not a package)."""
     import importlib.util
 
-    return importlib.util.find_spec(f"{package}.{name}") is not None
+    try:
+        return importlib.util.find_spec(f"{package}.{name}") is not None
+    except ModuleNotFoundError:
+        return False
