@@ -29,6 +29,12 @@ _EXPORTS = {
     "GroundingDinoProcessor": (".processing.processor", "GroundingDinoProcessor"),
     "ImageError": (".processing.image", "ImageError"),
     "PromptError": (".processing.text", "PromptError"),
+    "Sam2Model": (".inference.sam_models", "Sam2Model"),
+    "Sam2Processor": (".processing.sam2_processor", "Sam2Processor"),
+    "SamHQModel": (".inference.sam_models", "SamHQModel"),
+    "SamModel": (".inference.sam_models", "SamModel"),
+    "SamProcessor": (".processing.sam_processor", "SamProcessor"),
+    "Segmenter": (".inference.segmenter", "Segmenter"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,6 +20,7 @@ _ORIGINAL_SUFFIXES = (".pth", ".pt", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name"
 PACKAGED_MODELS: dict[str, str] = {
     "gdino-shapes": "the shapes model, trained from scratch by scripts/train_shapes.sh (coloured shapes only)",
+    "gdino-shapes-sam": "the shapes segmenter (SAM 2.1 layout), trained from scratch on the shapes' masks",
 }
 """Models shipped inside the package, by name: they load with no network."""
 

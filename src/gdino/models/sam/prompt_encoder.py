@@ -184,7 +184,8 @@ def _check_prompts(
         if boxes.ndim != 3 or boxes.shape[-1] != 4:
             raise ValueError(f"input_boxes must be (B, P, 4), got {tuple(boxes.shape)}")
         sizes["input_boxes"] = (boxes.shape[0], boxes.shape[1])
-    if len(set(sizes.values())) > 1:
+    shapes = list(sizes.values())
+    if any(shape != shapes[0] for shape in shapes[1:]):  # no set: hashing a traced size would fix it (ONNX export)
         raise ValueError(f"the prompts disagree on (images, prompts per image): {sizes}")
     b, p = next(iter(sizes.values()), (0, 1))
     if masks is not None:
