@@ -4,7 +4,9 @@ Every category name of the annotation file is in the prompt (in chunks when they
 tokens), each category is scored by the mean probability of its tokens, the ``max_dets`` (300)
 best (box, category) pairs of each image are kept (a box may count for several categories), and
 pycocotools computes the standard 12 numbers. Needs the ``eval`` extra (``pip install
-'gdino[eval]'``).
+'gdino[eval]'``). With a segmenter (``gdino eval coco --masks MODEL``) each kept box is also
+segmented (once, however many categories it counts for) and pycocotools' ``segm`` evaluation
+gives 12 more numbers, on annotations that have ``segmentation``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import io
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -37,6 +39,9 @@ Found = tuple[np.ndarray, np.ndarray, np.ndarray]
 Detector = Callable[[np.ndarray, dict[str, Any]], Found]
 """(H, W, 3) uint8 image and its COCO image entry -> what was found."""
 
+Segment = Callable[[np.ndarray, np.ndarray], list[dict[str, Any]]]
+"""(H, W, 3) uint8 image and (N, 4) x0 y0 x1 y1 pixel boxes -> each box's mask as COCO compressed RLE."""
+
 
 class EvalError(ValueError):
     """The evaluation cannot run: a missing or malformed annotation file, or pycocotools missing."""
@@ -55,6 +60,9 @@ class CocoEvaluation:
         failed: (file name, reason) of images that could not be read; they count as found nothing.
         per_category: category name -> {"AP": ..., "AP50": ...} (all areas, 100 detections); -1 where
             the evaluated images hold none of that category.
+        mask_metrics: with a segmenter, the ``segm`` evaluation's 12 numbers by name; None without.
+        mask_table: its 12 summary lines ("" without a segmenter). ``results`` then also hold each
+            detection's ``segmentation`` (RLE).
     """
 
     metrics: dict[str, float]
@@ -63,6 +71,8 @@ class CocoEvaluation:
     images: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    mask_metrics: dict[str, float] | None = None
+    mask_table: str = ""
 
 
 def _coco() -> Any:
@@ -113,6 +123,7 @@ def evaluate_coco(
     max_dets: int = 300,
     limit: int | None = None,
     log: IO[str] | None = None,
+    make_segmenter: Callable[[], Segment] | None = None,
 ) -> CocoEvaluation:
     """Runs ``detector`` on the annotated images and scores its detections with pycocotools.
 
@@ -124,6 +135,11 @@ def evaluate_coco(
         max_dets: the most detections kept per image (the best ones).
         limit: evaluate only the first ``limit`` images (by id).
         log: where progress and pycocotools' messages go (stderr when None).
+        make_segmenter: makes the ``Segment`` function (called after ``make_detector``): the kept
+            boxes are segmented and scored as ``segm`` too.
+
+    Raises:
+        EvalError: a segmenter given for annotations without ``segmentation``.
     """
     log = log if log is not None else sys.stderr
     COCO, COCOeval = _coco()
@@ -131,12 +147,20 @@ def evaluate_coco(
     categories = sorted(truth.loadCats(truth.getCatIds()), key=lambda c: c["id"])
     if not categories:
         raise EvalError(f"{annotations} has no categories")
+    if make_segmenter is not None and not any(a.get("segmentation") for a in truth.dataset["annotations"]):
+        raise EvalError(f"{annotations} has no segmentation to score masks against; leave out --masks")
     detector = make_detector([c["name"] for c in categories])
+    segment = make_segmenter() if make_segmenter is not None else None
     category_ids = np.array([c["id"] for c in categories])
     image_ids = sorted(truth.getImgIds())[:limit]
-    results, failed = _detect_all(Path(images), truth.loadImgs(image_ids), detector, category_ids, max_dets, log)
+    infos = truth.loadImgs(image_ids)
+    results, failed = _detect_all(Path(images), infos, detector, category_ids, max_dets, log, segment)
     metrics, table, per_category = _score(truth, results, image_ids, COCO, COCOeval, log)
-    return CocoEvaluation(metrics, table, results, len(image_ids), failed, per_category)
+    evaluation = CocoEvaluation(metrics, table, results, len(image_ids), failed, per_category)
+    if segment is None:
+        return evaluation
+    masks, mask_table, _ = _score(truth, results, image_ids, COCO, COCOeval, log, "segm")
+    return replace(evaluation, mask_metrics=masks, mask_table=mask_table)
 
 
 def _read_annotations(annotations: Path, COCO: Any, log: IO[str]) -> Any:
@@ -157,8 +181,10 @@ def _detect_all(
     category_ids: np.ndarray,
     max_dets: int,
     log: IO[str],
+    segment: Segment | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Every image's detections in the COCO results format, and the images that could not be used."""
+    """Every image's detections in the COCO results format (with ``segment``, each with its
+    ``segmentation``), and the images that could not be used."""
 
     def load(info: dict[str, Any]) -> tuple[np.ndarray | None, str | None]:
         try:
@@ -172,7 +198,7 @@ def _detect_all(
         for info, (image, error) in zip(infos, read_ahead(load, infos)):
             if image is not None:
                 try:
-                    results += _results(info["id"], detector(image, info), category_ids, max_dets)
+                    results += _image_results(image, info, detector, category_ids, max_dets, segment)
                 except Exception as e:  # noqa: BLE001 (one image must not end a long evaluation)
                     error = f"detection failed: {type(e).__name__}: {e}"
             if error is not None:
@@ -182,7 +208,30 @@ def _detect_all(
     return results, failed
 
 
-def _results(image_id: int, found: Found, category_ids: np.ndarray, max_dets: int) -> list[dict[str, Any]]:
+def _image_results(
+    image: np.ndarray,
+    info: dict[str, Any],
+    detector: Detector,
+    category_ids: np.ndarray,
+    max_dets: int,
+    segment: Segment | None,
+) -> list[dict[str, Any]]:
+    """One image's kept detections as COCO results; with ``segment``, each distinct box segmented once."""
+    found = detector(image, info)
+    results, order = _results(info["id"], found, category_ids, max_dets)
+    if segment is not None and results:
+        boxes = np.asarray(found[0], np.float32)[order]  # (K, 4), a box once per category it counts for
+        distinct, which = np.unique(boxes, axis=0, return_inverse=True)
+        rles = segment(image, distinct)
+        for result, j in zip(results, which.reshape(-1)):
+            result["segmentation"] = rles[int(j)]
+    return results
+
+
+def _results(
+    image_id: int, found: Found, category_ids: np.ndarray, max_dets: int
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The ``max_dets`` best detections as COCO results, and their indices into ``found``."""
     boxes, scores, labels = (np.asarray(a) for a in found)
     order = np.argsort(-scores, kind="stable")[:max_dets]
     out = []
@@ -196,16 +245,23 @@ def _results(image_id: int, found: Found, category_ids: np.ndarray, max_dets: in
                 "score": round(float(scores[i]), 6),
             }
         )
-    return out
+    return out, order
 
 
 def _score(
-    truth: Any, results: list[dict[str, Any]], image_ids: list[int], COCO: Any, COCOeval: Any, log: IO[str]
+    truth: Any,
+    results: list[dict[str, Any]],
+    image_ids: list[int],
+    COCO: Any,
+    COCOeval: Any,
+    log: IO[str],
+    kind: str = "bbox",
 ) -> tuple[dict[str, float], str, dict[str, dict[str, float]]]:
-    """pycocotools' bbox evaluation over ``image_ids``: the 12 numbers, the summary table, AP by category."""
+    """pycocotools' ``kind`` ("bbox" or "segm") evaluation over ``image_ids``: the 12 numbers, the
+    summary table, AP by category."""
     with contextlib.redirect_stdout(log):
         if results:
-            found = truth.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])  # loadRes adds keys
+            found = truth.loadRes([_for_loading(r, kind) for r in results])
         else:  # loadRes refuses an empty list; nothing found scores 0
             found = COCO()
             found.dataset = {
@@ -214,7 +270,7 @@ def _score(
                 "annotations": [],
             }
             found.createIndex()
-        evaluation = COCOeval(truth, found, "bbox")
+        evaluation = COCOeval(truth, found, kind)
         evaluation.params.imgIds = image_ids
         evaluation.evaluate()
         evaluation.accumulate()
@@ -225,6 +281,14 @@ def _score(
     precision = evaluation.eval["precision"]
     per_category = {names[c]: _category_ap(precision, k) for k, c in enumerate(evaluation.params.catIds)}
     return dict(zip(METRICS, (float(v) for v in evaluation.stats))), table.getvalue(), per_category
+
+
+def _for_loading(result: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A copy of one result for ``loadRes`` (which adds keys): for "segm" without ``bbox``, so that
+    pycocotools takes the area (small, medium, large) from the mask, not the box."""
+    if kind == "bbox":
+        return {k: v for k, v in result.items() if k != "segmentation"} | {"bbox": list(result["bbox"])}
+    return {k: v for k, v in result.items() if k != "bbox"} | {"segmentation": dict(result["segmentation"])}
 
 
 def _category_ap(precision: np.ndarray, k: int) -> dict[str, float]:
@@ -253,4 +317,6 @@ def write_report(path: Path, evaluation: CocoEvaluation, **about: Any) -> None:
         "failed": [{"image": name, "error": reason} for name, reason in evaluation.failed],
         **about,
     }
+    if evaluation.mask_metrics is not None:
+        report["segm"] = {"metrics": evaluation.mask_metrics, "stats": [evaluation.mask_metrics[m] for m in METRICS]}
     write_atomic(path, json.dumps(report, indent=2) + "\n")
