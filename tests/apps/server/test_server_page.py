@@ -145,6 +145,8 @@ def test_page_before_an_image_is_chosen(server, browser, tmp_path):
     assert not page.locator("#stage").is_visible()  # no broken-image icon, no "the chosen image"
     assert page.locator("#stage").bounding_box() is None
     assert not page.locator("#show-all").is_visible()
+    page.wait_for_load_state("networkidle")  # /healthz read: this server has no segmenter
+    assert not page.locator("#masks-option").is_visible()
     icon = page.evaluate(
         "fetch(document.querySelector('link[rel=icon]').href)"
         ".then(async r => [r.status, r.headers.get('content-type'), await r.text()])"
@@ -233,4 +235,123 @@ def test_many_boxes_keep_captions_legible_and_the_list_short(server, browser, da
     assert (tmp_path / "after.png").read_bytes() != (tmp_path / "chosen.png").read_bytes()
     page.click("#show-all")
     assert page.locator("#list li").count() == 300 and not page.locator("#show-all").is_visible()
+    page.close()
+
+
+# --------------------------------------------------------------------------- masks
+
+
+@pytest.fixture(scope="module")
+def masks_server(model):
+    from ellipse_segmenter import EllipseSegmenter
+
+    with serve_in_thread(create_app(model, Settings(), segmenter=EllipseSegmenter())) as url:
+        yield url
+
+
+def _page_colours() -> list[tuple[int, int, int]]:
+    import re
+
+    from gdino.apps.server import app as app_module
+
+    html = (Path(app_module.__file__).parent / "static" / "index.html").read_text()
+    line = re.search(r"const COLORS = \[(.*?)\];", html).group(1)
+    return [tuple(int(h[i : i + 2], 16) for i in (1, 3, 5)) for h in re.findall(r'"(#[0-9a-f]{6})"', line)]
+
+
+def _expected_masks(detections: list[dict], threshold: float, width: int, height: int):
+    """The mask layer the page should paint: (H, W, 4) RGBA, each pixel the best covering mask's
+    colour, alpha 115 inside and 255 on its outline (where a 4-neighbour belongs to another mask or none)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    shown = sorted((d for d in detections if d["score"] >= threshold), key=lambda d: -d["score"])
+    masked = [d for d in shown if "mask" in d]
+    owner = np.zeros((height, width), np.int32)
+    for k in reversed(range(len(masked))):
+        rle = {"size": masked[k]["mask"]["size"], "counts": masked[k]["mask"]["counts"].encode()}
+        owner[mask_utils.decode(rle).astype(bool)] = k + 1
+    pad = np.pad(owner, 1, constant_values=-1)
+    edge = (pad[:-2, 1:-1] != owner) | (pad[2:, 1:-1] != owner) | (pad[1:-1, :-2] != owner) | (pad[1:-1, 2:] != owner)
+    colours = _page_colours()
+    rgba = np.zeros((height, width, 4), np.int64)
+    for k, d in enumerate(masked):
+        rgba[owner == k + 1, :3] = colours[d["label_id"] % len(colours)]
+    rgba[..., 3] = np.where(owner > 0, np.where(edge, 255, 115), 0)
+    return rgba
+
+
+def _mask_layer(page, width: int, height: int):
+    import numpy as np
+
+    data = page.evaluate(
+        "() => { const c = document.getElementById('mask-layer');"
+        " return c.width ? Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data) : []; }"
+    )
+    return np.array(data, np.int64).reshape(height, width, 4) if data else np.zeros((height, width, 4), np.int64)
+
+
+def _assert_layer(got, want) -> None:
+    import numpy as np
+
+    assert (got[..., 3] == want[..., 3]).all()  # alpha is kept exactly; colours go through premultiplied alpha
+    painted = want[..., 3] > 0
+    assert painted.any()
+    assert np.abs(got[painted, :3] - want[painted, :3]).max() <= 3
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
+def test_page_draws_masks_and_the_slider_filters_them(masks_server, browser, data_dir):
+    pytest.importorskip("pycocotools", reason="the masks extra is not installed: pip install -e '.[masks]'")
+    from PIL import Image
+
+    image = data_dir / "chelsea.png"
+    width, height = Image.open(image).size
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(masks_server + "/")
+    page.locator("#masks-option").wait_for(state="visible")  # /healthz says the server has a segmenter
+    page.check("#masks")
+    page.set_input_files("#file", str(image))
+    page.fill("#prompt", PROMPT)
+    page.click("#run")
+    page.wait_for_selector("#overlay g.detection", timeout=60_000)
+    answer = page.evaluate("result")
+    assert answer["masked"] == len(answer["detections"]) > 2 and all("mask" in d for d in answer["detections"])
+
+    _slide(page, 0)
+    _assert_layer(_mask_layer(page, width, height), _expected_masks(answer["detections"], 0, width, height))
+    with_masks = page.locator("#stage").screenshot()
+    assert "with masks" in page.inner_text("#status")
+
+    scores = sorted(d["score"] for d in answer["detections"])
+    cut = round(scores[len(scores) // 2], 2)
+    _slide(page, cut)
+    want = _expected_masks(answer["detections"], cut, width, height)
+    _assert_layer(_mask_layer(page, width, height), want)
+    assert (want[..., 3] > 0).sum() < (_expected_masks(answer["detections"], 0, width, height)[..., 3] > 0).sum()
+
+    _slide(page, 1)
+    assert (_mask_layer(page, width, height)[..., 3] == 0).all() and _boxes(page) == []
+    assert page.locator("#stage").screenshot() != with_masks
+    page.close()
+
+
+def test_the_pages_rle_decoder_reads_pycocotools_counts(masks_server, browser):
+    np = pytest.importorskip("numpy")
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(0)
+    masks = [rng.random((37, 53)) < 0.5, np.zeros((9, 7), bool), np.ones((5, 4), bool)]
+    big = np.zeros((3000, 4000), bool)
+    big[100:2900, 1000:3999] = True
+    masks.append(big)  # counts of millions: several characters each, negative differences
+    page = browser.new_page()
+    page.goto(masks_server + "/")
+    for mask in masks:
+        counts = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        flat = mask.flatten(order="F").astype(np.int8)  # column-major, as COCO's runs
+        changes = np.flatnonzero(np.diff(flat)) + 1
+        runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+        if flat[0]:
+            runs = [0, *runs]  # the runs start with zeros
+        assert page.evaluate("decodeRle", counts) == runs
     page.close()

@@ -19,6 +19,7 @@ from gdino.apps.arguments import (
     positive_float,
     positive_int,
 )
+from gdino.apps.masking import add_masks_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=32,
         help="most label chunks (encoder+decoder passes) in one request (default 32)",
     )
+    parser.add_argument(
+        "--max-masks",
+        type=positive_int,
+        default=100,
+        help="with --masks: most detections of one request given a mask, the best (default 100)",
+    )
     parser.add_argument("--max-queue", type=positive_int, default=32, help="requests admitted at once; past it 503")
     parser.add_argument("--max-batch", type=positive_int, default=8, help="requests grouped into one worker pass")
     parser.add_argument("--batch-wait-ms", type=non_negative_float, default=5.0, help="wait for more requests to group")
@@ -57,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, how long requests in flight may still take (default 10)",
     )
     add_model_arguments(parser)
+    add_masks_argument(parser, "answer each detection's mask to requests with masks=true")
 
 
 def main(args: argparse.Namespace) -> int:

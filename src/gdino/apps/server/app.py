@@ -1,6 +1,7 @@
 """The HTTP application: ``POST /v1/detect``, ``GET /healthz``, the page at ``/``, OpenAPI at ``/docs``.
 
-``create_app(model)`` builds it around a loaded model; ``serve`` is ``gdino serve``. Every user
+``create_app(model)`` builds it around a loaded model (and, for ``masks=true``, a segmenter);
+``serve`` is ``gdino serve``. Every user
 error is a JSON answer ``{"error": kind, "detail": message}`` with a 4xx status; 500 means a bug.
 Every route that answers GET answers HEAD too, and every answer has ``X-Content-Type-Options: nosniff``.
 """
@@ -37,7 +38,9 @@ from gdino import __version__
 from gdino.apps.server.batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
 from gdino.apps.server.requests import body_limit, check_resizable, decode_image, limited, read_json, read_multipart
 from gdino.apps.server.schema import ERRORS, REQUEST_BODY, DetectResponse
+from gdino.apps.server.segmenting import Masked
 from gdino.apps.server.settings import MB, ApiError, Settings
+from gdino.apps.server.tiling import check_tile_cost
 from gdino.inference.detector import GroundingDinoForObjectDetection
 from gdino.processing.classes import ClassQuery, queries_for_images
 from gdino.processing.image import ImageError
@@ -134,11 +137,21 @@ def _auth(key: str | None) -> list[Any]:
 
 
 def create_app(
-    model: GroundingDinoForObjectDetection, settings: Settings | None = None, model_name: str = "model"
+    model: GroundingDinoForObjectDetection,
+    settings: Settings | None = None,
+    model_name: str = "model",
+    segmenter: Any = None,
+    segmenter_name: str = "segmenter",
 ) -> FastAPI:
-    """The application around a loaded model (loaded once, used by the batcher's one thread)."""
+    """The application around a loaded model (loaded once, used by the batcher's one thread).
+
+    With ``segmenter`` (a ``gdino.inference.segmenter.Segmenter``, run by the same thread), a
+    request with ``masks=true`` also gets each detection's mask; without one such a request is 422.
+    """
     settings = settings or Settings()
-    batcher = Batcher(model, settings.max_queue, settings.max_batch, settings.batch_wait_ms / 1000)
+    batcher = Batcher(
+        model, settings.max_queue, settings.max_batch, settings.batch_wait_ms / 1000, segmenter, settings.max_masks
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -161,7 +174,7 @@ def create_app(
     _add_docs(app)
     _add_error_handlers(app)
     _add_page(app)
-    _add_health(app, model, batcher, settings, model_name)
+    _add_health(app, model, batcher, settings, (model_name, segmenter_name if segmenter is not None else None))
     _add_detect(app, model, batcher, settings)
     return app
 
@@ -213,9 +226,14 @@ def _add_page(app: FastAPI) -> None:
 
 
 def _add_health(
-    app: FastAPI, model: GroundingDinoForObjectDetection, batcher: Batcher, settings: Settings, model_name: str
+    app: FastAPI,
+    model: GroundingDinoForObjectDetection,
+    batcher: Batcher,
+    settings: Settings,
+    names: tuple[str, str | None],
 ) -> None:
-    """``GET /healthz``."""
+    """``GET /healthz``; ``names``: the model's and the segmenter's (None without one)."""
+    model_name, segmenter_name = names
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
@@ -225,12 +243,18 @@ def _add_health(
         """
         s = batcher.stats
         answer: dict[str, Any] = {"status": "ok"}
+        masks: dict[str, Any] = {"available": segmenter_name is not None}
+        if segmenter_name is not None:
+            masks["max_per_request"] = settings.max_masks
         if _key_matches(_key_given(request), settings.api_key):
             answer["model"] = model_name
+            if segmenter_name is not None:
+                masks["model"] = segmenter_name
         return {
             **answer,
             "device": str(model.device),
             "defaults": _detection_defaults(model),
+            "masks": masks,
             "queue": {"pending": batcher.pending, "max": batcher.max_queue},
             "batches": {
                 "groups": s.groups,
@@ -267,11 +291,16 @@ def _add_detect(app: FastAPI, model: GroundingDinoForObjectDetection, batcher: B
             req = await read_json(limited(request, body_limit(settings, content_type)), settings)
         else:
             raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
+        if req.masks and batcher.segmenter is None:
+            raise ApiError(
+                422, "masks_unavailable", "this server has no segmenter: start it with `gdino serve --masks [MODEL]`"
+            )
         try:
             with batcher.reserve():
-                await run_in_threadpool(check_prompt, req.prompt)  # tokenising a long list takes seconds
+                chunks = await run_in_threadpool(check_prompt, req.prompt)  # tokenising a long list takes seconds
                 image, key = await run_in_threadpool(prepare, req.data)
-                job = Job(image, key, req.prompt, req.box_threshold, req.text_threshold)
+                check_tile_cost(image, req.tiles, chunks, settings.max_chunks)  # tiles count as chunks do
+                job = Job(image, key, req.prompt, req.box_threshold, req.text_threshold, req.masks, tiles=req.tiles)
                 found = await batcher.run(job, request.is_disconnected)
         except QueueFull as exc:
             raise ApiError(503, "busy", str(exc), {"Retry-After": str(batcher.retry_after())}) from None
@@ -285,16 +314,24 @@ def _add_detect(app: FastAPI, model: GroundingDinoForObjectDetection, batcher: B
         except ImageError as exc:
             raise ApiError(400, "invalid_image", str(exc)) from None
         width, height = found.image_size
-        return JSONResponse({"image": req.name, "width": width, "height": height, "detections": found.to_list()})
+        answer = {"image": req.name, "width": width, "height": height}
+        if isinstance(found, Masked):  # RLE-encoding many masks of a large image is a thread's work
+            answer.update(detections=await run_in_threadpool(found.to_list), masked=len(found.masked))
+        else:
+            answer["detections"] = found.to_list()
+        return JSONResponse(answer)
 
 
 def _checks(
     model: GroundingDinoForObjectDetection, settings: Settings
-) -> tuple[Callable[[TextInput], None], Callable[[bytes], tuple[Image.Image, bytes]]]:
+) -> tuple[Callable[[TextInput], int], Callable[[bytes], tuple[Image.Image, bytes]]]:
     """The checks ``/v1/detect`` runs in a thread: of the prompt, and of the image (decoded)."""
 
-    def check_prompt(prompt: TextInput) -> None:
-        """Tokenises the prompt (a thread's work, never the event loop's): 422 if malformed, 413 past max_chunks."""
+    def check_prompt(prompt: TextInput) -> int:
+        """Tokenises the prompt (a thread's work, never the event loop's): 422 if malformed, 413 past max_chunks.
+
+        Returns the passes of the encoder and decoder an image needs for it (its label chunks, or 1).
+        """
         budget = model.processor.tokenizer.max_text_len - 2  # tokens of a chunk without [CLS] and [SEP]
         if isinstance(prompt, list) and -(-2 * len(prompt) // budget) > settings.max_chunks:
             _too_many_chunks(-(-2 * len(prompt) // budget), settings.max_chunks)  # a label and its "." at least
@@ -303,8 +340,9 @@ def _checks(
             if isinstance(query, ClassQuery):
                 if len(query.prompts) > settings.max_chunks:
                     _too_many_chunks(len(query.prompts), settings.max_chunks)
-            else:
-                model.phrases(query)  # refuses a phrase-less prompt such as ". . ."
+                return len(query.prompts)
+            model.phrases(query)  # refuses a phrase-less prompt such as ". . ."
+            return 1
         except PromptError as exc:
             raise ApiError(422, "invalid_prompt", str(exc)) from None
 
@@ -418,7 +456,8 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from gdino.apps.arguments import check_device, error, load_detector, model_name
+    from gdino.apps.arguments import UsageError, check_device, error, load_detector, model_name
+    from gdino.apps.masking import load_masks_segmenter
     from gdino.utils.hub import CheckpointError
 
     if args.threads:
@@ -429,6 +468,7 @@ def serve(args: argparse.Namespace) -> int:
         max_prompt_chars=args.max_prompt_chars,
         max_labels=args.max_labels,
         max_chunks=args.max_chunks,
+        max_masks=args.max_masks,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
@@ -439,14 +479,15 @@ def serve(args: argparse.Namespace) -> int:
     args.device = args.device or check_device(None)  # main() has checked it; the default when called directly
     try:
         model = load_detector(args, threads=args.threads or None)  # an ONNX export runs on onnxruntime
-    except CheckpointError as exc:
+        segmenter = load_masks_segmenter(args, model)  # None without --masks
+    except (CheckpointError, UsageError) as exc:
         return error(str(exc))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(
             f"gdino: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
             file=sys.stderr,
         )
-    app = create_app(model, settings, name)
+    app = create_app(model, settings, name, segmenter, str(getattr(args, "masks", None)))
     config = uvicorn.Config(
         app,
         host=args.host,

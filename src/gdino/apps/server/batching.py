@@ -9,7 +9,10 @@ waits up to ``max_wait`` seconds for more (at most ``max_batch``) and runs the g
   across groups;
 * the rest (feature enhancer, query selection, decoder, heads) runs per request, one image at a
   time, exactly as ``detect`` does, so an answer never depends on the other requests of its
-  group (see the README on batch independence).
+  group (see the README on batch independence);
+* with a segmenter, the requests that ask for masks are segmented last: one ``segment`` call per
+  distinct image of the group (the segmenter encodes it once), with the best ``max_masks``
+  boxes of each of its requests.
 
 The number of requests admitted (queued or running) is bounded: ``reserve`` raises ``QueueFull``
 past ``max_queue``, so memory stays bounded however many clients call at once. A job whose client
@@ -29,11 +32,15 @@ from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from PIL import Image
 
+from gdino.apps.server.segmenting import Masked, segment_image
+from gdino.apps.server.tiling import TILE_BATCH
 from gdino.inference.detections import Detections
 from gdino.inference.detector import EncodedImages, GroundingDinoForObjectDetection, on_chunk
+from gdino.inference.tiles import TileSettings
 from gdino.processing.prompts import TextInput
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,8 @@ class Job:
         prompt: a prompt or a list of labels, already validated.
         box_threshold: as in ``detect``.
         text_threshold: as in ``detect``.
-        future: set by the worker to the ``Detections`` or to the exception.
+        masks: segment the detections too: the future gets ``Masked`` instead of ``Detections``.
+        future: set by the worker to the ``Detections`` (``Masked``) or to the exception.
         abandoned: set when the client went away: the worker stops the job at its next label chunk.
     """
 
@@ -70,6 +78,8 @@ class Job:
     prompt: TextInput
     box_threshold: float | None  # None: the model's default
     text_threshold: float | None
+    masks: bool = False
+    tiles: TileSettings | None = None  # detect on tiles of the image (not its shared encoding)
     future: Future = field(default_factory=Future)
     abandoned: threading.Event = field(default_factory=threading.Event)
 
@@ -86,15 +96,22 @@ class BatchStats:
 
 
 def run_group(
-    model: GroundingDinoForObjectDetection, jobs: list[Job], check: Callable[[Job], None] | None = None
+    model: GroundingDinoForObjectDetection,
+    jobs: list[Job],
+    check: Callable[[Job], None] | None = None,
+    segmenter: Any = None,
+    max_masks: int = 100,
 ) -> int:
     """Runs a group of jobs, sharing the image side between jobs with the same key.
 
-    Each job's future gets its ``Detections`` or its own exception; one bad job does not fail
-    the others. ``check(job)``, called before each job and before each of its label chunks, may
-    raise to end that job (e.g. ``ShuttingDown``). Returns the number of images encoded.
+    Each job's future gets its ``Detections`` (``Masked`` for a masks job, segmented by
+    ``segmenter``, at most ``max_masks`` masks a job) or its own exception; one bad job does not
+    fail the others. ``check(job)``, called before each job, before each of its label chunks and
+    before its masks, may raise to end that job (e.g. ``ShuttingDown``). Returns the number of
+    images encoded by the detector.
     """
     encoded: dict[Hashable, EncodedImages | BaseException] = {}
+    to_segment: dict[Hashable, list[tuple[Job, Detections]]] = {}
     for job in jobs:
         if check is not None:
             try:
@@ -102,25 +119,39 @@ def run_group(
             except Exception as exc:  # noqa: BLE001 (the request's own answer, e.g. its client went away)
                 job.future.set_exception(exc)
                 continue
-        if job.key not in encoded:
+        if job.key not in encoded and job.tiles is None:
             try:
                 encoded[job.key] = model.encode_image(job.image)
             except Exception as exc:  # noqa: BLE001 (reported to this image's requests, not the worker's end)
                 encoded[job.key] = exc
-        features = encoded[job.key]
+        features = encoded[job.key] if job.tiles is None else job.image
         try:
             if isinstance(features, BaseException):
                 raise features
             between_chunks = on_chunk(partial(_check_job, check, job)) if check is not None else nullcontext()
             with between_chunks:
                 found = model.detect(
-                    features, job.prompt, box_threshold=job.box_threshold, text_threshold=job.text_threshold
+                    features,
+                    job.prompt,
+                    box_threshold=job.box_threshold,
+                    text_threshold=job.text_threshold,
+                    **_tile_options(job),
                 )
         except Exception as exc:  # noqa: BLE001 (reported to this request; the worker goes on)
             job.future.set_exception(exc)
         else:
-            job.future.set_result(found)
+            if job.masks and segmenter is not None and isinstance(found, Detections):  # one image: one Detections
+                to_segment.setdefault(job.key, []).append((job, found))
+            else:
+                job.future.set_result(found)
+    for found_here in to_segment.values():
+        segment_image(segmenter, found_here, check, max_masks)
     return len(encoded)
+
+
+def _tile_options(job: Job) -> dict[str, Any]:
+    """``detect``'s tile arguments for a job ({} for one without tiles)."""
+    return {} if job.tiles is None else {"tiles": job.tiles, "batch_size": TILE_BATCH}
 
 
 def _check_job(check: Callable[[Job], None], job: Job, done: int, total: int) -> None:
@@ -136,14 +167,24 @@ class Batcher:
         max_queue: most requests admitted (waiting or running) at once.
         max_batch: most requests run as one group.
         max_wait: seconds the worker waits for more requests after the first of a group.
+        segmenter: segments the detections of jobs that ask for masks (in the worker thread too).
+        max_masks: most masks a job gets (its best detections).
     """
 
     def __init__(
-        self, model: GroundingDinoForObjectDetection, max_queue: int = 32, max_batch: int = 8, max_wait: float = 0.005
+        self,
+        model: GroundingDinoForObjectDetection,
+        max_queue: int = 32,
+        max_batch: int = 8,
+        max_wait: float = 0.005,
+        segmenter: Any = None,
+        max_masks: int = 100,
     ) -> None:
-        if max_queue < 1 or max_batch < 1 or max_wait < 0:
-            raise ValueError("max_queue and max_batch must be at least 1 and max_wait at least 0")
+        if max_queue < 1 or max_batch < 1 or max_wait < 0 or max_masks < 1:
+            raise ValueError("max_queue, max_batch and max_masks must be at least 1 and max_wait at least 0")
         self.model = model
+        self.segmenter = segmenter
+        self.max_masks = max_masks
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -185,7 +226,7 @@ class Batcher:
             with self._lock:
                 self._admitted -= 1
 
-    async def run(self, job: Job, gone: Callable[[], Awaitable[bool]] | None = None) -> Detections:
+    async def run(self, job: Job, gone: Callable[[], Awaitable[bool]] | None = None) -> Detections | Masked:
         """Queues ``job`` (admitted with ``reserve``) and waits for its detections.
 
         ``gone()`` is asked every ``poll_seconds`` whether the client went away; if so, the job is
@@ -284,7 +325,7 @@ class Batcher:
         s.largest_group = max(s.largest_group, len(group))
         start = time.perf_counter()
         try:
-            run_group(self.model, group, self._check)
+            run_group(self.model, group, self._check, self.segmenter, self.max_masks)
         except BaseException as exc:  # a bug in run_group itself: fail the group, keep the worker
             log.exception("batch worker failed")
             for job in group:

@@ -24,6 +24,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message
 
 from gdino.apps.server.settings import ApiError, Settings
+from gdino.apps.server.tiling import TILE_FIELDS, read_tiles
+from gdino.inference.tiles import TileSettings
 from gdino.processing.image import ImageError, ImageSettings, load_image, resized_size
 from gdino.processing.prompts import TextInput, prompt_from_text
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM")
 FORM_SLACK = 64 * 1024  # room for the thresholds, a name and the like next to the image in a request body
 PART_OVERHEAD = 256  # a multipart part's delimiter (a boundary is at most 70 bytes) and headers; a JSON string's quotes
-OTHER_FIELDS = ("prompt", "box_threshold", "text_threshold")  # the form fields besides the image and the labels
+OTHER_FIELDS = ("prompt", "box_threshold", "text_threshold", "masks", *TILE_FIELDS)  # besides the image, labels
 
 
 def max_form_fields(settings: Settings) -> int:
@@ -65,6 +67,19 @@ class DetectRequest:
     prompt: TextInput
     box_threshold: float | None  # None: the model's default
     text_threshold: float | None
+    masks: bool = False  # each detection's mask too (the server's segmenter, --masks)
+    tiles: TileSettings | None = None  # detect on tiles (gdino.apps.server.tiling), None: the whole image
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A request's yes/no field: JSON true/false, or a form's "true"/"false" (also 1/0, yes/no, on/off)."""
+    if value is None or value is False or value == "":
+        return False
+    if value is True:
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    raise ApiError(422, "invalid_request", f"{name} must be true or false, got {value!r}"[:200])
 
 
 def _threshold(value: Any, name: str) -> float | None:
@@ -224,6 +239,8 @@ async def read_multipart(request: Request, settings: Settings) -> DetectRequest:
             prompt=_prompt(form.get("prompt"), split, settings),
             box_threshold=_threshold(form.get("box_threshold"), "box_threshold"),
             text_threshold=_threshold(form.get("text_threshold"), "text_threshold"),
+            masks=_flag(form.get("masks"), "masks"),
+            tiles=read_tiles(form.get),
         )
     finally:
         await form.close()
@@ -252,6 +269,8 @@ async def read_json(request: Request, settings: Settings) -> DetectRequest:
         prompt=_prompt(body.get("prompt"), body.get("labels"), settings),
         box_threshold=_threshold(body.get("box_threshold"), "box_threshold"),
         text_threshold=_threshold(body.get("text_threshold"), "text_threshold"),
+        masks=_flag(body.get("masks"), "masks"),
+        tiles=read_tiles(body.get),
     )
 
 

@@ -7,11 +7,18 @@ from typing import Any
 from pydantic import BaseModel
 
 
+class Rle(BaseModel):
+    size: list[int]  # [height, width]
+    counts: str  # COCO compressed RLE (column-major runs), as pycocotools' mask.encode writes it
+
+
 class Detection(BaseModel):
     box: list[float]  # x0, y0, x1, y1 in pixels of the original image
     score: float
     label: str
     label_id: int
+    mask: Rle | None = None  # with masks=true, for the best max_masks detections
+    mask_score: float | None = None  # the segmenter's predicted IoU of the mask
 
 
 class DetectResponse(BaseModel):
@@ -19,6 +26,7 @@ class DetectResponse(BaseModel):
     width: int
     height: int
     detections: list[Detection]
+    masked: int | None = None  # with masks=true: the first `masked` detections have a mask
 
 
 class ErrorResponse(BaseModel):
@@ -40,6 +48,11 @@ THRESHOLDS = {
         "description": "default: the model's (0.25 for the published models)",
     },
 }
+MASKS = {
+    "type": "boolean",
+    "description": "also each detection's mask (COCO RLE) and mask_score, for the best max_masks "
+    "detections; 422 on a server started without --masks",
+}
 PROMPT = {"type": "string", "description": '"a cat. a remote control."; without "." but with commas, a label list'}
 REQUEST_BODY = {
     "required": True,
@@ -53,6 +66,7 @@ REQUEST_BODY = {
                     "prompt": PROMPT,
                     "labels": {"type": "array", "items": {"type": "string"}, "description": "instead of prompt"},
                     **THRESHOLDS,
+                    "masks": MASKS,
                 },
             }
         },
@@ -66,6 +80,7 @@ REQUEST_BODY = {
                     "prompt": PROMPT,
                     "labels": {"type": "array", "items": {"type": "string"}, "description": "instead of prompt"},
                     **THRESHOLDS,
+                    "masks": MASKS,
                 },
             }
         },
@@ -78,7 +93,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "missing or wrong API key",
         413: "past a limit a flag raises: upload, pixels, prompt characters, labels (--max-labels), chunks",
         415: "neither multipart/form-data nor application/json",
-        422: "no image or a second file, an empty prompt, thresholds outside [0, 1], an image too thin to resize",
+        422: "no image or a second file, an empty prompt, thresholds outside [0, 1], an image too thin to resize, "
+        "masks=true on a server without a segmenter",
         503: "queue full; retry after the Retry-After header's seconds",
     }.items()
 }

@@ -19,6 +19,9 @@ class Settings:
         max_labels: most labels in one label list (413 past it), checked before tokenising.
         max_chunks: most label chunks (413 past it): a label list is run as one pass of the encoder
             and decoder per chunk of at most 256 tokens, so this bounds the worker's time per request.
+        max_masks: with ``masks=true``, most detections of one request given a mask: the best ones
+            (answers list them first); the others are answered without one. This bounds the
+            segmenter's time per request (one image encoding and at most this many box decodings).
         max_queue: requests admitted (waiting or running) at once; past it 503 with Retry-After.
         max_batch: most requests the worker runs as one group.
         batch_wait_ms: how long the worker waits for more requests to group.
@@ -33,6 +36,7 @@ class Settings:
     max_prompt_chars: int = 4096
     max_labels: int = 2000
     max_chunks: int = 32
+    max_masks: int = 100
     max_queue: int = 32
     max_batch: int = 8
     batch_wait_ms: float = 5.0
