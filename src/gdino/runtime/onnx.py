@@ -5,7 +5,9 @@ what ``gdino export onnx`` writes (see ``gdino.export.onnx``). ``detect`` takes 
 detector's ``detect`` takes and returns the same ``Detections``: the image and prompt rules are
 the same modules (``gdino.processing``), and the loop over images and label chunks and the decode
 of raw outputs into ``Detections`` are the PyTorch detector's own (``gdino.inference.pipeline``,
-``gdino.inference.postprocess``): each image runs on its own at its own size.
+``gdino.inference.postprocess``): each image runs on its own at its own size. An export written
+with ``--masks`` also holds segmenter graphs: the loaded detector's ``segmenter``
+(``gdino.runtime.onnx_segmenter.OnnxSegmenter``, else None) gives ``Segmenter``'s masks for its boxes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gdino.processing.classes import TokenSpans
 from gdino.processing.image import ImageLike, ImageSettings, images_to_list, load_image, preprocess_image
 from gdino.processing.prompts import TextInput
 from gdino.processing.text import TextTokenizer
+from gdino.runtime.onnx_segmenter import SEGMENTER_GRAPHS, OnnxSegmenter, read_segmenter_settings
 from gdino.utils.hub import CheckpointError
 
 SETTINGS_FILE = "gdino_onnx.json"
@@ -57,6 +60,30 @@ def load(
             same ``.onnx`` files for the CPU; see bench/README.md for which is faster where.
     """
     return OnnxDetector(directory, providers, threads, runtime)
+
+
+def load_segmenter(
+    directory: str | os.PathLike[str],
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    runtime: str = "onnxruntime",
+) -> OnnxSegmenter:
+    """Loads an export's segmenter graphs alone (``load(DIR).segmenter`` without the detector's);
+    arguments as ``load``.
+
+    Raises:
+        CheckpointError: the export has no segmenter graphs (``gdino export onnx --masks MODEL``
+            writes them), or they cannot be loaded.
+    """
+    root = Path(directory)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    segmenter = _segmenter(root, _read_json(root), runtime, providers, threads)
+    if segmenter is None:
+        raise CheckpointError(
+            f"the ONNX export {root} has no segmenter graphs; write them with `gdino export onnx --masks MODEL`"
+        )
+    return segmenter
 
 
 class _Output:
@@ -123,6 +150,8 @@ class OnnxDetector:
         self.image_settings = _image_settings(root / SETTINGS_FILE, self.settings["image"])
         graphs = {name: root / file for name, file in self.settings["graphs"].items()}
         self.sessions = _sessions(graphs, runtime, providers, threads)
+        # the export's segmenter graphs (``gdino export onnx --masks``), for --masks; None without them
+        self.segmenter = _segmenter(root, self.settings, runtime, providers, threads)
         # the same attributes as the detector's processor
         self.processor = SimpleNamespace(tokenizer=self.tokenizer, image_settings=self.image_settings)
         self._text_cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -228,6 +257,42 @@ def read_settings(root: Path) -> dict[str, Any]:
             (the message names the file and the field).
     """
     path = root / SETTINGS_FILE
+    settings = _read_json(root)
+    for key, (kind, what) in _SETTINGS_TYPES.items():
+        if key not in settings:
+            raise CheckpointError(f"{path} has no {key!r}; export again with `gdino export onnx`")
+        if not isinstance(settings[key], kind) or isinstance(settings[key], bool):
+            raise CheckpointError(f"{path}: {key!r} must be {what}, got {settings[key]!r}")
+    missing = [g for g in GRAPHS if not isinstance(settings["graphs"].get(g), str)]
+    if missing:
+        raise CheckpointError(f"{path}: 'graphs' names no file for the {', '.join(missing)} graph")
+    return settings
+
+
+def _segmenter(
+    root: Path, settings: dict[str, Any], runtime: str, providers: Sequence[str] | None, threads: int | None
+) -> OnnxSegmenter | None:
+    """The export's ``OnnxSegmenter``, or None when it has no segmenter graphs.
+
+    Raises:
+        CheckpointError: its settings are broken, or a graph is missing or cannot be loaded.
+    """
+    entry = read_segmenter_settings(root / SETTINGS_FILE, settings)
+    if entry is None:
+        return None
+    graphs = {f"segmenter {name}": root / entry["graphs"][name] for name in SEGMENTER_GRAPHS}  # named in messages
+    sessions = _sessions(graphs, runtime, providers, threads)
+    by_name = {name: sessions[f"segmenter {name}"] for name in SEGMENTER_GRAPHS}
+    return OnnxSegmenter(by_name, entry, root / SETTINGS_FILE)
+
+
+def _read_json(root: Path) -> dict[str, Any]:
+    """``gdino_onnx.json`` of an export as a JSON object.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, or not an object.
+    """
+    path = root / SETTINGS_FILE
     if not path.is_file():
         raise CheckpointError(
             f"{root} is not an ONNX export: {SETTINGS_FILE} is missing; write one with `gdino export onnx --out DIR`"
@@ -238,14 +303,6 @@ def read_settings(root: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path} as JSON: {e}") from None
     if not isinstance(settings, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(settings).__name__}")
-    for key, (kind, what) in _SETTINGS_TYPES.items():
-        if key not in settings:
-            raise CheckpointError(f"{path} has no {key!r}; export again with `gdino export onnx`")
-        if not isinstance(settings[key], kind) or isinstance(settings[key], bool):
-            raise CheckpointError(f"{path}: {key!r} must be {what}, got {settings[key]!r}")
-    missing = [g for g in GRAPHS if not isinstance(settings["graphs"].get(g), str)]
-    if missing:
-        raise CheckpointError(f"{path}: 'graphs' names no file for the {', '.join(missing)} graph")
     return settings
 
 
