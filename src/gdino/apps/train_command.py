@@ -112,6 +112,9 @@ def add_arguments(commands: Any) -> None:
     shapes.add_argument("--val", type=int, default=200, help="validation images, seen pairs (default 200)")
     shapes.add_argument("--held-out", type=int, default=200, help="images with held-out pairs (default 200)")
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--masks", action="store_true", help="also write each object's segmentation polygons (needs gdino[masks])"
+    )
 
 
 def settings_of(args: argparse.Namespace) -> Any:
@@ -176,6 +179,7 @@ def _shapes(args: argparse.Namespace) -> int:
     from gdino.training.shapes import write_shapes_dataset
 
     counts = {"train": args.train, "val": args.val, "held_out": args.held_out}
-    for split, path in write_shapes_dataset(args.out, {k: v for k, v in counts.items() if v}, args.seed).items():
+    chosen = {k: v for k, v in counts.items() if v}
+    for split, path in write_shapes_dataset(args.out, chosen, args.seed, masks=args.masks).items():
         print(f"shapes: {split}: {path}", file=sys.stderr, flush=True)
     return 0

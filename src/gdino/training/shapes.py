@@ -2,7 +2,9 @@
 
 Every image holds 1-6 objects, each a colour-shape pair ("red circle", "blue square", ...) of
 varied size and slight rotation, on a flat, gradient, noise or photo-crop background; objects
-may touch. Boxes are the tight pixel bounds of what is visible of each object. The output is
+may touch (a later-drawn object hides what it covers). Boxes are the tight pixel bounds of what is
+visible of each object, and ``masks=True`` adds each object's visible pixels as COCO ``segmentation``
+polygons (the area is then the mask's, not the box's). The output is
 deterministic for a seed (and the same photos): image ``i`` of a split depends only on
 ``(seed, split, i)``.
 
@@ -79,12 +81,14 @@ class ShapesSettings:
 
 @dataclass(frozen=True)
 class Scene:
-    """One generated image: (H, W, 3) uint8, its (N, 4) xyxy pixel boxes and each box's pair index."""
+    """One generated image: (H, W, 3) uint8, its (N, 4) xyxy pixel boxes, each box's pair index and
+    (N, H, W) bool masks of each object's visible pixels (the boxes are their tight bounds)."""
 
     image: np.ndarray
     boxes: np.ndarray
     pairs: tuple[int, ...]
     background: str
+    masks: np.ndarray
 
 
 # --------------------------------------------------------------------------- photos
@@ -263,13 +267,16 @@ def render(
     if settings.grain > 0:
         canvas = canvas + rng.standard_normal(canvas.shape, dtype=np.float32) * settings.grain
     image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
-    boxes, kept = [], []
+    boxes, kept, masks = [], [], []
     for k, pair in enumerate(chosen):
-        ys, xs = np.nonzero(owner == k)
+        visible = owner == k  # (H, W): what later objects left of this one
+        ys, xs = np.nonzero(visible)
         if len(xs):
             boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
             kept.append(pair)
-    return Scene(image, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), tuple(kept), kind)
+            masks.append(visible)
+    dense = np.stack(masks) if masks else np.zeros((0, height, width), bool)  # (N, H, W)
+    return Scene(image, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), tuple(kept), kind, dense)
 
 
 # --------------------------------------------------------------------------- data set files
@@ -291,8 +298,11 @@ def write_split(
     settings: ShapesSettings,
     photos: Sequence[np.ndarray] = (),
     image_format: str = "jpg",
+    masks: bool = False,
 ) -> Path:
-    """Writes ``count`` images to ``out/<split>/`` and their COCO file ``out/<split>.json``."""
+    """Writes ``count`` images to ``out/<split>/`` and their COCO file ``out/<split>.json``; with
+    ``masks``, each annotation also has the object's visible pixels as ``segmentation`` polygons and
+    their count as ``area``."""
     names = pair_names()
     unknown = [p for p in settings.held_out if p not in names]
     if unknown:
@@ -313,18 +323,18 @@ def write_split(
             Image.fromarray(scene.image).save(out / file_name)
         height, width = scene.image.shape[:2]
         images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
-        for (x0, y0, x1, y1), pair in zip(scene.boxes.tolist(), scene.pairs):
+        shapes = _mask_fields(scene) if masks else [{} for _ in scene.pairs]
+        for (x0, y0, x1, y1), pair, shape in zip(scene.boxes.tolist(), scene.pairs, shapes):
             w, h = x1 - x0, y1 - y0
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": pair + 1,
-                    "bbox": [x0, y0, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+            annotation = {
+                "id": len(annotations) + 1,
+                "image_id": i + 1,
+                "category_id": pair + 1,
+                "bbox": [x0, y0, w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
+            annotations.append(annotation | shape)
     categories = [{"id": p + 1, "name": names[p], "supercategory": "shape"} for p in listed]
     info = {"description": f"gdino synthetic shapes, split {split}", "seed": seed, "held_out": list(settings.held_out)}
     path = out / f"{split}.json"
@@ -334,6 +344,15 @@ def write_split(
     return path
 
 
+def _mask_fields(scene: Scene) -> list[dict[str, Any]]:
+    """Each object's ``segmentation`` (COCO polygons of its visible pixels) and ``area`` (their count)."""
+    from gdino.inference.masks import Masks  # needs OpenCV (the gdino[masks] extra), only when asked
+
+    found = Masks.from_dense(scene.masks)
+    areas = found.areas()
+    return [{"segmentation": found.polygons(k), "area": int(areas[k])} for k in range(len(found))]
+
+
 def write_shapes_dataset(
     out: str | Path,
     counts: dict[str, int] | None = None,
@@ -341,6 +360,7 @@ def write_shapes_dataset(
     settings: ShapesSettings | None = None,
     photos: Sequence[str | Path] | None = None,
     image_format: str = "jpg",
+    masks: bool = False,
 ) -> dict[str, Path]:
     """Writes the splits (``train``, ``val``, ``held_out``) under ``out``; returns each COCO file.
 
@@ -351,6 +371,7 @@ def write_shapes_dataset(
         settings: what the images look like.
         photos: background photos (files or folders); :func:`find_photos` when ``None``.
         image_format: ``"jpg"`` (small files) or ``"png"`` (exact pixels).
+        masks: also write each object's ``segmentation`` polygons (and the mask's ``area``).
     """
     counts = counts if counts is not None else {"train": 2000, "val": 200, "held_out": 200}
     unknown = set(counts) - set(SPLITS)
@@ -361,4 +382,6 @@ def write_shapes_dataset(
     if not arrays and "photo" in settings.backgrounds:
         logger.warning("shapes: no background photos found; using flat, gradient and noise backgrounds only")
     root = Path(out)
-    return {split: write_split(root, split, n, seed, settings, arrays, image_format) for split, n in counts.items()}
+    return {
+        split: write_split(root, split, n, seed, settings, arrays, image_format, masks) for split, n in counts.items()
+    }

@@ -136,6 +136,26 @@ class Sam2Config:
         """sam2.1-hiera-large: 216.9M (224.4M published)."""
         return cls(hiera=_LARGE)
 
+    @classmethod
+    def shapes(cls) -> Sam2Config:
+        """gdino-shapes-sam, trained here on the synthetic shapes (256-384 px images): 2.2M parameters.
+
+        The same modules as the published sizes, narrower and shallower (six Hiera blocks, one
+        global), at a 256 px input, so the masks come out at 64 x 64. Single-mask output is what it
+        is trained for, so the multi-mask fallback is off.
+        """
+        hiera = HieraConfig(
+            embed_dims=(32, 64, 128, 256),
+            num_heads=(1, 1, 2, 4),
+            stages=(1, 1, 3, 1),
+            global_att_blocks=(4,),
+            window_spec=(8, 4, 8, 4),
+        )
+        decoder = MaskDecoderConfig(
+            num_heads=4, mlp_dim=512, iou_head_hidden_dim=128, dynamic_multimask_via_stability=False
+        )
+        return cls(hiera=hiera, decoder=decoder, image_size=256, d_model=128)
+
     @property
     def backbone_stride(self) -> int:
         """Input pixels per image-embedding cell: the patch stride times two query poolings."""
