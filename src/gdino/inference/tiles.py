@@ -101,6 +101,11 @@ class TileSettings:
             )
         object.__setattr__(self, "match_metric", metric)
 
+    def describe(self) -> str:
+        """The settings in one line, e.g. "640 overlap 0.2 greedynmm ios 0.5 full" (a run's journal, logs)."""
+        full = "full" if self.full_image else "tiles only"
+        return f"{self.size} overlap {self.overlap:g} {self.merge} {self.match_metric} {self.match_threshold:g} {full}"
+
     @property
     def overlap_pixels(self) -> int:
         """The pixels two neighbouring tiles share: ``overlap * size`` rounded up (at least the ratio asked)."""
