@@ -14,6 +14,13 @@ if [ -z "${MODEL:-}" ] && ! .venv/bin/python -c "from gdino.utils.hub import res
   .venv/bin/gdino detect examples/shapes.png --model gdino-shapes --annotate out/ \
       --nms 0.5 --prompt "red circle,green circle,yellow circle,orange circle,green square,red triangle,orange triangle,blue star"
   echo "annotated image written to out/shapes.png" >&2
+  if .venv/bin/python -c "import av, scipy" 2>/dev/null; then  # gdino[video]
+    .venv/bin/gdino track examples/shapes-video.mp4 --classes examples/shapes-video.txt --model gdino-shapes \
+        --out out/track --annotate
+    echo "tracks written to out/track/ (tracks.jsonl, mot/, annotations.xml, annotated.mp4)" >&2
+  else
+    echo "demo: pip install 'gdino[video]' to also track examples/shapes-video.mp4" >&2
+  fi
   exit 0
 fi
 .venv/bin/gdino detect examples/chelsea.png --prompt "a cat. a remote control." \
