@@ -13,4 +13,6 @@ fi
 python3 -m venv .venv-test
 .venv-test/bin/pip install -q --upgrade pip
 .venv-test/bin/pip install -q -c constraints.txt -e ".[test]"
+# FiftyOne pins opencv-python-headless < 5: its own venv for tests/integrations/test_fiftyone.py (slow tier only)
+if [ ${#select[@]} -eq 0 ]; then bash scripts/fiftyone_venv.sh; fi
 exec .venv-test/bin/python -m pytest ${select[@]+"${select[@]}"} "$@"
