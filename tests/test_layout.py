@@ -30,6 +30,9 @@ LAYERS = (
     "export",  # writing exported graphs
     "evaluation",  # the COCO protocol
     "training",  # data sets, captions, augmentation, the loop
+    # adapters for other frameworks' pipelines (SAHI): they use the inference layer, and only apps may
+    # use them, so they sit just under apps; nothing of gdino's own depends on a framework it wraps
+    "integrations",
     "apps",  # the command line, labelling, exports, drawing, the server
 )
 # The package itself (its lazy public names) and ``python -m gdino`` sit on top of every layer.

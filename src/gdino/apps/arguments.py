@@ -158,6 +158,89 @@ def _number(text: str, kind: Callable[[str], N]) -> N:
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
 
 
+# --------------------------------------------------------------------------- tiled detection
+
+
+def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tile SIZE [--tile-overlap 0.2] [--tile-merge greedynmm|nms] [--no-full-image]``: tiled detection."""
+    parser.add_argument(
+        "--tile",
+        type=tile_size,
+        default=None,
+        metavar="SIZE",
+        help="detect on overlapping SIZE x SIZE tiles (at least 32 pixels), merged, for small objects in large images",
+    )
+    parser.add_argument(
+        "--tile-overlap", type=overlap_ratio, default=None, help="share of a tile its neighbours overlap (default 0.2)"
+    )
+    parser.add_argument(
+        "--tile-merge",
+        choices=("greedynmm", "nms"),
+        default=None,
+        help="greedynmm: merge an object's boxes from several tiles into one (default); nms: keep the best",
+    )
+    parser.add_argument(
+        "--no-full-image", action="store_true", help="with --tile: detect on the tiles only, not also the whole image"
+    )
+
+
+def tile_size(text: str) -> int:
+    """A tile side in pixels: a whole number of at least 32 (``gdino.inference.tiles.MIN_TILE_SIZE``)."""
+    value = _number(text, int)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 32 pixels, got {text!r}")
+    return value
+
+
+def overlap_ratio(text: str) -> float:
+    """A tile overlap: a number in [0, 0.9)."""
+    value = _number(text, float)
+    if not 0.0 <= value < 0.9:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 0.9, got {text!r}")
+    return value
+
+
+def tile_settings(args: argparse.Namespace) -> Any:
+    """The ``TileSettings`` the tile options give, None without ``--tile``.
+
+    Raises:
+        UsageError: a tile option given without ``--tile``.
+    """
+    size = getattr(args, "tile", None)
+    others = [
+        name
+        for name, given in (
+            ("--tile-overlap", args.tile_overlap is not None),
+            ("--tile-merge", args.tile_merge is not None),
+            ("--no-full-image", args.no_full_image),
+        )
+        if given
+    ]
+    if size is None:
+        if others:
+            raise UsageError(f"{others[0]} sets how tiles are detected: give it with --tile SIZE")
+        return None
+    from gdino.inference.tiles import TileSettings
+
+    overlap = 0.2 if args.tile_overlap is None else args.tile_overlap
+    return TileSettings(size, overlap, not args.no_full_image, args.tile_merge or "greedynmm")
+
+
+def tile_options(model: Any, tiles: Any, batch_size: int) -> dict[str, Any]:
+    """``detect``'s keyword arguments for ``tiles`` ({} without): tiles with ``batch_size`` tiles a pass.
+
+    Raises:
+        UsageError: tiles asked of a model that cannot tile (an ONNX export).
+    """
+    if tiles is None:
+        return {}
+    import inspect
+
+    if "tiles" not in inspect.signature(model.detect).parameters:
+        raise UsageError("--tile runs with the PyTorch model; an ONNX export (--model DIR) does not tile")
+    return {"tiles": tiles, "batch_size": batch_size}
+
+
 # --------------------------------------------------------------------------- checks before the model
 
 

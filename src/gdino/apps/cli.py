@@ -24,6 +24,7 @@ from gdino.apps.arguments import (
     add_model_arguments,
     add_overwrite_argument,
     add_threads_argument,
+    add_tile_arguments,
     check_device,
     check_not_there,
     check_output_file,
@@ -32,12 +33,17 @@ from gdino.apps.arguments import (
     fraction,
     load_detector,
     positive_int,
+    tile_options,
+    tile_settings,
 )
 from gdino.apps.exports import FORMATS  # standard library only
+from gdino.apps.masking import add_masks_argument, load_export_segmenter, load_masks_segmenter
 from gdino.apps.server import (
     add_arguments as add_serve_arguments,  # standard library only; FastAPI is imported by serve
 )
+from gdino.apps.track import add_arguments as add_track_arguments
 from gdino.apps.train_command import add_arguments as add_train_arguments
+from gdino.apps.train_sam_command import add_arguments as add_train_sam_arguments
 
 if TYPE_CHECKING:
     from gdino.processing.prompts import TextInput
@@ -59,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="an HTTP API and a page to try prompts (gdino[serve])")
     add_serve_arguments(serve)
     add_train_arguments(commands)
+    add_track_arguments(commands)
+    add_train_sam_arguments(commands)
     _add_export_arguments(commands.add_parser("export", help="export the model for other runtimes (gdino[onnx])"))
     models = commands.add_parser("models", help="the published checkpoints of the family, to give as --model")
     models.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
@@ -81,9 +89,15 @@ def _add_detect(detect: argparse.ArgumentParser) -> None:
         metavar="IOU",
         help="drop a box overlapping a better box of its label by more than this IoU (0 to 1)",
     )
-    detect.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
+    detect.add_argument(
+        "--batch-size", type=positive_int, default=1, help="images (with --tile: tiles) per forward pass (default 1)"
+    )
+    add_tile_arguments(detect)
     detect.add_argument("--output", type=Path, help="write JSON Lines here instead of stdout")
-    detect.add_argument("--annotate", type=Path, metavar="DIR", help="write the images with boxes drawn here")
+    detect.add_argument(
+        "--annotate", type=Path, metavar="DIR", help="write the images with boxes (and masks) drawn here"
+    )
+    add_masks_argument(detect, "add each detection's mask, COCO RLE")
     add_overwrite_argument(detect, "--output and --annotate files")
     add_model_arguments(detect)
     add_threads_argument(detect)
@@ -107,7 +121,10 @@ def _add_label(label: argparse.ArgumentParser) -> None:
         metavar="IOU",
         help="drop a box overlapping a better box of its class by more than this IoU (0 to 1)",
     )
-    label.add_argument("--batch-size", type=positive_int, default=4, help="images per call (default 4)")
+    label.add_argument(
+        "--batch-size", type=positive_int, default=4, help="images (with --tile: tiles) per call (default 4)"
+    )
+    add_tile_arguments(label)
     add_overwrite_argument(label, "files in --out that an earlier gdino label did not write")
     label.add_argument(
         "--ray",
@@ -123,6 +140,13 @@ def _add_label(label: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help="with --ray: model actors (default: one per GPU, else one per two CPUs)",
+    )
+    add_masks_argument(label, "segment each detection, kept in every format")
+    label.add_argument(
+        "--mask-format",
+        choices=("polygon", "rle"),
+        default=None,
+        help="with --masks: COCO segmentation as polygons (default) or RLE",
     )
     add_model_arguments(label)
     add_threads_argument(label)
@@ -141,6 +165,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp16: Swin, BERT and the feature enhancer in half precision, for GPU providers",
     )
     onnx.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation of the weights")
+    add_masks_argument(onnx, "also export this segmenter's image-encoder and mask-decoder graphs, for detect --masks")
     add_overwrite_argument(onnx, "the files of a non-empty --out")
 
 
@@ -156,10 +181,16 @@ def export(args: argparse.Namespace) -> int:
         what = "is a file" if args.out.is_file() else "is not empty"
         return error(f"--out {args.out} {what}; an export goes into a new or empty folder (or give --overwrite)")
     try:
+        segmenter = load_export_segmenter(args.masks)  # loaded first: a bad name is refused before minutes of tracing
         model = GroundingDinoForObjectDetection.from_pretrained(args.model or DEFAULT_MODEL_ID, device="cpu")
-    except CheckpointError as e:
+    except (CheckpointError, UsageError) as e:
         return error(str(e))
     settings = export_onnx(model, args.out, opset=args.opset, dtype=args.dtype, quantize=args.quantize)
+    if segmenter is not None:
+        from gdino.export.onnx_masks import export_segmenter_onnx
+
+        settings["export_seconds"] += export_segmenter_onnx(segmenter, args.out, opset=args.opset)["export_seconds"]
+        settings["file_sizes"] = {p.name: p.stat().st_size for p in sorted(args.out.iterdir()) if p.is_file()}
     print(json.dumps({"out": str(args.out), "seconds": settings["export_seconds"], "files": settings["file_sizes"]}))
     return 0
 
@@ -202,7 +233,10 @@ def _add_eval_coco(coco: argparse.ArgumentParser) -> None:
     coco.add_argument("--detections", type=Path, default=None, help="write the detections here (COCO results)")
     coco.add_argument("--max-dets", type=positive_int, default=300, help="detections kept per image (default 300)")
     coco.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    coco.add_argument("--batch-size", type=positive_int, default=4, help="with --tile: tiles per pass (default 4)")
+    add_tile_arguments(coco)
     add_overwrite_argument(coco, "--out and --detections files")
+    add_masks_argument(coco, "segment the detections and also report the segm summary")
     add_model_arguments(coco)
     add_threads_argument(coco)
 
@@ -302,6 +336,7 @@ def detect(args: argparse.Namespace) -> int:
     """Runs ``gdino detect``; returns the exit status (2 when anything given could not be used)."""
     try:
         targets = check_outputs(args.images, args.output, args.annotate, args.overwrite)
+        args.tiles = tile_settings(args)
         args.device = check_device(args.device)
     except UsageError as e:
         return error(str(e))
@@ -313,13 +348,17 @@ def detect(args: argparse.Namespace) -> int:
     try:
         model = load_detector(args)
         model.phrases(prompt)  # validates the prompt (length, at least one phrase) before any image is read
-    except (CheckpointError, PromptError) as e:
+        tile_options(model, args.tiles, args.batch_size)  # an ONNX export cannot tile
+        segmenter = load_masks_segmenter(args, model)  # loaded once, None without --masks
+    except (CheckpointError, PromptError, UsageError) as e:
         return error(str(e))
     status = 0
     with _sink(args.output) as out:
         for batch in _batches(args.images, args.batch_size):
             for i, image, found in _detect_batch(model, batch, prompt, args):
                 path = args.images[i]
+                if segmenter is not None and not isinstance(found, str):
+                    found = _add_masks(segmenter, image, found, path)
                 if isinstance(found, str):
                     status = error(found)
                     continue
@@ -357,7 +396,12 @@ def _run_model(
         return []
     try:
         found = model.detect(
-            [image for _, image in loaded], prompt, args.box_threshold, args.text_threshold, nms_threshold=args.nms
+            [image for _, image in loaded],
+            prompt,
+            args.box_threshold,
+            args.text_threshold,
+            nms_threshold=args.nms,
+            **tile_options(model, args.tiles, args.batch_size),
         )
     except ValueError as e:  # ImageError and the like: this input cannot be used, the others can
         if len(loaded) > 1:
@@ -365,6 +409,14 @@ def _run_model(
         i, _ = loaded[0]
         return [(i, None, f"{args.images[i]}: {e}")]
     return [(i, image, f) for (i, image), f in zip(loaded, found)]
+
+
+def _add_masks(segmenter: Any, image: Any, found: Any, path: str) -> Any:
+    """``found`` with each detection's mask, or the error message for an image the segmenter refuses."""
+    try:
+        return segmenter.add_masks(image, found)
+    except ValueError as e:
+        return f"{path}: masks: {e}"
 
 
 def _annotate(image: Any, found: Any, target: Path) -> bool:
@@ -389,10 +441,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gdino.apps.commands import main as run_task
 
         return run_task(args)
+    if args.command == "track":
+        from gdino.apps.track import main as run_track
+
+        return run_track(args)
     if args.command in ("train", "shapes"):
         from gdino.apps.train_command import main as run_training
 
         return run_training(args)
+    if args.command == "train-sam":
+        from gdino.apps.train_sam_command import main as run_sam_training
+
+        return run_sam_training(args)
     if args.command == "export":
         return export(args)
     if args.command == "models":

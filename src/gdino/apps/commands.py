@@ -1,7 +1,7 @@
 """The runs of ``gdino label`` and ``gdino eval coco`` (their options are in ``gdino.apps.cli``).
 
-    gdino label DIR --classes "cat,dog" --format coco|yolo|voc|jsonl --out OUT
-    gdino eval coco --images DIR --annotations instances.json [--out results.json]
+    gdino label DIR --classes "cat,dog" --format coco|yolo|voc|jsonl --out OUT [--masks [MODEL]]
+    gdino eval coco --images DIR --annotations instances.json [--out results.json] [--masks MODEL]
 
 Bad input (no images, bad classes, a missing annotation file or model) gives a one-line error on
 stderr and exit status 2. Progress goes to stderr.
@@ -10,6 +10,7 @@ stderr and exit status 2. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Any
 
@@ -21,7 +22,10 @@ from gdino.apps.arguments import (
     error,
     load_detector,
     model_name,
+    tile_options,
+    tile_settings,
 )
+from gdino.apps.masking import load_masks_segmenter
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,16 +42,35 @@ def run_label(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.ray is None:
         return error("--workers is the number of Ray actors: give it with --ray")
+    if problem := _masks_problem(args):
+        return error(problem)
     try:
         classes = parse_classes(args.classes)
         if args.ray is None:  # with --ray the actors' machines have the device, not necessarily this one
             args.device = check_device(args.device)
-        settings = Settings(tuple(classes), model_name(args), args.box_threshold, args.nms)
+        tiles = tile_settings(args)
+        if tiles is not None and args.ray is not None:
+            raise UsageError("--tile runs here, not on Ray yet: leave out --ray or --tile")
+        settings = Settings(
+            tuple(classes),
+            model_name(args),
+            args.box_threshold,
+            args.nms,
+            masks=args.masks,
+            tiles=tiles and tiles.describe(),
+        )
 
         def make_detector() -> Any:
             model = load_detector(args)
             model.phrases(classes)  # checks the labels before any image is read
-            return lambda images: model.detect(images, classes, args.box_threshold, nms_threshold=args.nms)
+            tiled = tile_options(model, tiles, args.batch_size)
+            segmenter = load_masks_segmenter(args, model)  # None without --masks
+
+            def detect(images: list[Any]) -> list[Any]:
+                found = model.detect(images, classes, args.box_threshold, nms_threshold=args.nms, **tiled)
+                return found if segmenter is None else [segmenter.add_masks(i, f) for i, f in zip(images, found)]
+
+            return detect
 
         runner = _ray_runner(args, classes) if args.ray is not None else None
         summary = label_folder(
@@ -59,6 +82,7 @@ def run_label(args: argparse.Namespace) -> int:
             args.batch_size,
             runner=runner,
             overwrite=args.overwrite,
+            mask_format=args.mask_format or "polygon",
         )
     except (LabelError, CheckpointError, PromptError, UsageError) as e:
         return error(str(e))
@@ -71,6 +95,22 @@ def run_label(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def _masks_problem(args: argparse.Namespace) -> str | None:
+    """Why ``label``'s mask options cannot run, or None: checked before anything is read or written."""
+    if args.mask_format is not None and args.masks is None:
+        return "--mask-format says how to write masks: give it with --masks"
+    if args.masks is not None and args.ray is not None:
+        return "--masks does not run on Ray yet (the actors see resized images only); leave out --ray"
+    missing = [p for p, m in (("pycocotools", "pycocotools"), ("opencv-python-headless", "cv2")) if not _has(m)]
+    if args.masks is not None and missing:
+        return f"--masks needs {' and '.join(missing)}: pip install 'gdino[masks]'"
+    return None
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
@@ -104,21 +144,47 @@ def run_eval_coco(args: argparse.Namespace) -> int:
                 check_not_there(path, option, args.overwrite)
                 check_output_file(path, option)
         args.device = check_device(args.device)
+        tiles = tile_settings(args)
     except UsageError as e:
         return error(str(e))
+    if args.masks is not None and not _has("pycocotools"):
+        return error("--masks needs pycocotools: pip install 'gdino[masks]'")
     chunks = []
+    models: list[Any] = []
 
     def make_detector(names: list[str]) -> Any:
-        detector = model_detector(load_detector(args), names, args.max_dets)
+        model = load_detector(args)
+        models.append(model)
+        tile_options(model, tiles, args.batch_size)  # an ONNX export cannot tile
+        if tiles is not None:
+            from gdino.evaluation.tiled import TiledModelDetector
+
+            detector: Any = TiledModelDetector(model, names, tiles, args.max_dets, args.batch_size)
+        else:
+            detector = model_detector(model, names, args.max_dets)
         chunks.append(detector.chunks)
         print(f"eval: {len(names)} categories, {detector.chunks} prompt(s) per image", file=sys.stderr, flush=True)
         return detector
 
+    def make_segmenter() -> Any:
+        segmenter = load_masks_segmenter(args, models[-1])
+        return lambda image, boxes: segmenter.segment(image, boxes)[0].to_rle()
+
     try:
-        evaluation = evaluate_coco(args.images, args.annotations, make_detector, args.max_dets, args.limit)
-    except (EvalError, CheckpointError, PromptError) as e:
+        evaluation = evaluate_coco(
+            args.images,
+            args.annotations,
+            make_detector,
+            args.max_dets,
+            args.limit,
+            make_segmenter=make_segmenter if args.masks is not None else None,
+        )
+    except (EvalError, CheckpointError, PromptError, UsageError) as e:
         return error(str(e))
-    print(evaluation.table, end="", flush=True)
+    if evaluation.mask_metrics is not None:
+        print(f"bbox:\n{evaluation.table}segm:\n{evaluation.mask_table}", end="", flush=True)
+    else:
+        print(evaluation.table, end="", flush=True)
     if evaluation.failed:
         print(
             f"eval: {len(evaluation.failed)} images could not be read and count as found nothing",
@@ -133,6 +199,7 @@ def run_eval_coco(args: argparse.Namespace) -> int:
             annotations=str(args.annotations),
             max_dets=args.max_dets,
             prompts_per_image=chunks[0] if chunks else 0,
+            masks=args.masks,
         )
     if args.detections is not None:
         import json

@@ -6,7 +6,8 @@ records are appended to a journal (``OUT/.gdino-label.jsonl``, synced to disk) b
 one starts, so a run that is killed and started again skips the images already done; the export
 is written from the journal at the end, in folder order, so it is byte for byte what an
 uninterrupted run writes. An image that cannot be read or detected goes to ``OUT/errors.txt``
-(path, tab, reason) and is tried again by the next run; it never stops the run.
+(path, tab, reason) and is tried again by the next run; it never stops the run. With a segmenter
+(``--masks``) each detection's mask is journaled as COCO RLE (``gdino.apps.mask_exports``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 JOURNAL = ".gdino-label.jsonl"
 MANIFEST = ".gdino-label-files.txt"  # every file this OUT's exports have written, relative to OUT
 ERRORS = "errors.txt"
-EXPORT_FOLDERS = ("images", "labels", "Annotations")  # what exports write under OUT, besides files
+EXPORT_FOLDERS = ("images", "labels", "Annotations", "SegmentationObject", "SegmentationClass")  # what exports write
 
 Detect = Callable[[list[Image.Image]], list[Any]]  # images -> Detections, one per image
 
@@ -49,6 +50,8 @@ class Settings:
     model: str
     box_threshold: float | None  # None: the model's default
     nms_threshold: float | None
+    masks: str | None = None  # the segmenter (--masks), or None for boxes only
+    tiles: str | None = None  # the tile settings (--tile ...), or None for whole images
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,10 @@ class Journal:
         self.records: dict[str, Record] = {}
         self.errors: dict[str, str] = {}
         header = {"gdino_label": 1, **asdict(settings), "classes": list(settings.classes)}
+        if header["masks"] is None:  # a run without masks keeps the header earlier gdinos wrote
+            del header["masks"]
+        if header["tiles"] is None:  # so does a run without tiles
+            del header["tiles"]
         self._file = open(path, "a+b")  # noqa: SIM115 (closed in close())
         try:
             _lock(self._file, path)
@@ -319,6 +326,7 @@ def label_folder(
     log: IO[str] | None = None,
     runner: Runner | None = None,
     overwrite: bool = False,
+    mask_format: str = "polygon",
 ) -> Summary:
     """Detects ``settings.classes`` in every image under ``root`` and exports them to ``out``.
 
@@ -336,6 +344,7 @@ def label_folder(
             when None.
         overwrite: replace files in ``out`` that the export writes although no gdino label run
             wrote them (without it they are refused before any work: ``claim_outputs``).
+        mask_format: with ``settings.masks``, how the COCO export writes them: "polygon" or "rle".
     """
     log = log if log is not None else sys.stderr
     _check(fmt, settings)
@@ -344,7 +353,8 @@ def label_folder(
         raise LabelError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        claim_outputs(out, [*export_targets(names, fmt, out), out / ERRORS], overwrite)
+        targets = export_targets(names, fmt, out, masks=settings.masks is not None)
+        claim_outputs(out, [*targets, out / ERRORS], overwrite)
         journal = Journal(out / JOURNAL, settings)
     except OSError as e:
         raise LabelError(f"cannot write in the output folder {out}: {e.strerror or e}") from None
@@ -361,10 +371,15 @@ def label_folder(
         errors = [(n, journal.errors[n]) for n in names if n in journal.errors]
     finally:
         journal.close()
-    files = export(records, settings.classes, fmt, out, root, warn=lambda m: print(f"label: warning: {m}", file=log))
+    masks = settings.masks is not None
+    files = export(records, settings.classes, fmt, out, root, _warner(log), mask_format, masks)
     write_atomic(out / ERRORS, "".join(f"{n}\t{' '.join(reason.split())}\n" for n, reason in errors))
     boxes = sum(len(r["detections"]) for r in records)
     return Summary(len(names), resumed, len(errors), boxes, tuple(files))
+
+
+def _warner(log: IO[str]) -> Callable[[str], None]:
+    return lambda message: print(f"label: warning: {message}", file=log)
 
 
 def _check(fmt: str, settings: Settings) -> None:

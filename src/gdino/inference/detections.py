@@ -24,6 +24,8 @@ class Detections:
         masks: with a segmenter, each detection's mask at the original image's size (kept cropped
             to its bounds, see ``Masks``); None without one.
         mask_scores: (N,) float32, the segmenter's predicted IoU of each mask; None without masks.
+        track_ids: (N,) int64, each detection's track across a video's frames
+            (``gdino.inference.video_tracking``); None outside tracking.
     """
 
     boxes: np.ndarray
@@ -33,6 +35,7 @@ class Detections:
     image_size: tuple[int, int]
     masks: Masks | None = None
     mask_scores: np.ndarray | None = None
+    track_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if (self.masks is None) != (self.mask_scores is None):
@@ -53,10 +56,17 @@ class Detections:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to_supervision(self) -> Any:
+        """These detections as ``supervision.Detections`` (``gdino.inference.supervision_detections``),
+        masks kept cropped; needs supervision (``pip install supervision``)."""
+        from gdino.inference.supervision_detections import to_supervision
+
+        return to_supervision(self)
+
     def to_list(self, decimals: int = 2) -> list[dict[str, Any]]:
         """JSON-ready detections: ``[{"box": [x0, y0, x1, y1], "score", "label", "label_id"}]``;
         with masks also ``"mask"`` (COCO compressed RLE, ``{"size": [h, w], "counts": str}``) and
-        ``"mask_score"``."""
+        ``"mask_score"``; with track ids also ``"track_id"``."""
         records = [
             {
                 "box": [round(float(v), decimals) for v in box],
@@ -70,4 +80,7 @@ class Detections:
             for record, rle, mask_score in zip(records, self.masks.to_rle(), self.mask_scores):
                 record["mask"] = rle
                 record["mask_score"] = round(float(mask_score), 4)
+        if self.track_ids is not None:
+            for record, track_id in zip(records, self.track_ids):
+                record["track_id"] = int(track_id)
         return records

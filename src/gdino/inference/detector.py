@@ -35,6 +35,8 @@ from gdino.inference.pipeline import (
     resolve_queries,
 )
 from gdino.inference.postprocess import ChunkScores
+from gdino.inference.tiled import detect_tiled
+from gdino.inference.tiles import TileSettings
 from gdino.models.grounding_dino.model import (
     GroundingDino,
     GroundingDinoOutput,
@@ -49,6 +51,7 @@ from gdino.processing.prompts import TextInput
 from gdino.utils.hub import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
+    from gdino.inference.segmenter import Segmenter
     from gdino.loss.denoise import DenoiseSettings
     from gdino.models.grounding_dino.features import DenoisingQueries
 
@@ -232,6 +235,9 @@ class GroundingDinoForObjectDetection(GroundingDino):
         prompts: Sequence[str | Sequence[str]] | None = None,
         token_spans: TokenSpans | None = None,
         nms_threshold: float | None = None,
+        tiles: TileSettings | None = None,
+        batch_size: int = 1,
+        segmenter: Segmenter | None = None,
     ) -> Detections | list[Detections]:
         """Finds the prompt's phrases, or the labels of a label list, in one image or a list of images.
 
@@ -258,6 +264,11 @@ class GroundingDinoForObjectDetection(GroundingDino):
                 hat", ``[[(0, 7)], [(11, 20)]]`` gives the labels "the man" and "a red hat".
             nms_threshold: if given, drop a box overlapping a better box of the same label by an
                 IoU above this (a number in [0, 1]).
+            tiles: detect on overlapping tiles of each image (and the whole image), merged as SAHI
+                merges (``gdino.inference.tiled``), for small objects in large images.
+            batch_size: with ``tiles``, the tiles that go through the model together.
+            segmenter: a ``gdino.inference.segmenter.Segmenter``: each detection also gets a mask
+                (``masks``, ``mask_scores``), every box of an image decoded against one encoding.
 
         Returns:
             ``Detections`` for one image, a list of them for a list.
@@ -271,9 +282,20 @@ class GroundingDinoForObjectDetection(GroundingDino):
         thresholds = Thresholds.chosen(box_threshold, text_threshold, nms_threshold, self.config.detection_defaults())
         n_images = len(images.sizes) if isinstance(images, EncodedImages) else len(images_to_list(images))
         queries = self._queries(prompt, n_images, token_spans, labels, prompts)  # before any image work
+        if segmenter is not None and isinstance(images, EncodedImages):
+            raise ValueError("segmenter= needs the images themselves, not encode_image's features")
+        if tiles is not None:
+            if isinstance(images, EncodedImages):
+                raise ValueError("tiles need the images themselves, not encode_image's features")
+            pictures = [load_image(x) for x in images_to_list(images)]
+            tiled = detect_tiled(self, pictures, queries, thresholds, tiles, batch_size, self._chunk_callback(queries))
+            tiled = _add_masks(segmenter, pictures, tiled)
+            return tiled[0] if not isinstance(images, (list, tuple)) else tiled
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
         crops = (encoded.features.crop(i) for i in range(len(encoded.sizes)))
         results = detect_queries(self, crops, queries, encoded.sizes, thresholds, self._chunk_callback(queries))
+        if not isinstance(images, EncodedImages):
+            results = _add_masks(segmenter, images_to_list(images), results)
         return results[0] if encoded.single else results
 
     def score_label_chunks(self, features: ImageFeatures, prompts: Sequence[ClassPrompt]) -> list[ChunkScores]:
@@ -392,6 +414,13 @@ class GroundingDinoForObjectDetection(GroundingDino):
                 labels, or several prompts.
         """
         return query_names(self._queries(prompt, 1, None, labels)[0])
+
+
+def _add_masks(segmenter: Segmenter | None, images: Sequence[ImageLike], found: list[Detections]) -> list[Detections]:
+    """Each image's detections with their masks (unchanged without a segmenter)."""
+    if segmenter is None:
+        return found
+    return [segmenter.add_masks(image, detections) for image, detections in zip(images, found)]
 
 
 def _version(tensor: torch.Tensor) -> int:
