@@ -148,7 +148,7 @@ class GroundingDinoForObjectDetection(GroundingDino):
             ValueError: ``dtype`` and ``torch_dtype`` both given and different, or not a dtype.
             CheckpointError: the checkpoint cannot be found or does not fit the model.
         """
-        dtype = _dtype_argument(dtype, torch_dtype)
+        dtype = dtype_argument(dtype, torch_dtype)
         net, checkpoint = load_model(
             model,
             dtype=dtype,
@@ -451,7 +451,7 @@ def _pad_text(rows: list[TextFeatures], length: int) -> TextFeatures:
     return TextFeatures(features, padding, allowed, positions)
 
 
-def _dtype_argument(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+def dtype_argument(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``from_pretrained``'s ``dtype`` (or its transformers name ``torch_dtype``) as a ``torch.dtype``.
 
     ``None`` and ``"auto"`` mean the weights' own dtype; a string names a torch dtype ("bfloat16").

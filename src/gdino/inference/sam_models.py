@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from gdino.checkpoint.sam2_loading import load_sam2
 from gdino.checkpoint.sam_loading import load_sam
+from gdino.inference.detector import dtype_argument
 from gdino.models.sam.model import Sam, SamOutput
 from gdino.models.sam2.model import ImageEmbeddings, Sam2, Sam2Output
 from gdino.utils.hub import resolve
@@ -43,13 +44,6 @@ def _local(model: str | os.PathLike[str], hub: dict[str, Any]) -> Path:
         return path
     checkpoint = resolve(model, **hub)
     return checkpoint.directory or checkpoint.weights
-
-
-def _dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
-    chosen = dtype if dtype is not None else torch_dtype
-    if chosen is None or chosen == "auto":
-        return None
-    return getattr(torch, chosen) if isinstance(chosen, str) else chosen
 
 
 class Sam2Model(nn.Module):
@@ -74,7 +68,7 @@ class Sam2Model(nn.Module):
         Raises:
             CheckpointError: nothing under that name, or a file that does not fit (named).
         """
-        net = load_sam2(_local(model, hub), device=device, dtype=_dtype(dtype, torch_dtype))
+        net = load_sam2(_local(model, hub), device=device, dtype=dtype_argument(dtype, torch_dtype))
         return cls(net).eval()
 
     @torch.no_grad()
@@ -147,7 +141,7 @@ class SamModel(nn.Module):
         Raises:
             CheckpointError: nothing under that name, or a file that does not fit (named).
         """
-        net = load_sam(_local(model or cls.default_model, hub), device=device, dtype=_dtype(dtype, torch_dtype))
+        net = load_sam(_local(model or cls.default_model, hub), device=device, dtype=dtype_argument(dtype, torch_dtype))
         return cls(net).eval()
 
     @torch.no_grad()
