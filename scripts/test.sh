@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv-test (gdino plus the test-only reference, transformers) and runs the tests.
 #   bash scripts/test.sh           everything (what CI runs)
-#   bash scripts/test.sh --fast    without the tests marked slow (681 tests, about 70 s on 2 cores)
+#   bash scripts/test.sh --fast    without the tests marked slow (859 tests, about 100 s on 2 cores)
 # Other arguments go to pytest: bash scripts/test.sh --fast -k detect
 set -euo pipefail
 cd "$(dirname "$0")/.."
