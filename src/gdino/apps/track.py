@@ -9,6 +9,8 @@ Each frame's detections go to the journal ``OUT/.gdino-track.jsonl`` (flushed an
 frame at a time) before anything is drawn from them. Started again on the same video with the same
 detection settings, a run reads the journal's frames instead of detecting them, replays the
 tracker over them and writes every output fresh, so the outputs are those of an uninterrupted run.
+With ``--masks`` the journal also holds each detection's mask (COCO RLE), so the replay needs no
+frame images either.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from gdino.apps.arguments import (
     positive_int,
     same_file,
 )
+from gdino.apps.masking import add_masks_argument, load_masks_segmenter
 
 JOURNAL = ".gdino-track.jsonl"
 OUTPUTS = ("tracks.jsonl", "annotations.xml", "annotated.mp4", "mot")
@@ -68,6 +71,7 @@ def add_arguments(commands: Any) -> None:
     track.add_argument("--nms", type=fraction, default=0.5, metavar="IOU", help="per-label NMS of each frame (0.5)")
     track.add_argument("--annotate", action="store_true", help="also write OUT/annotated.mp4")
     track.add_argument("--input-format", default=None, help="FFmpeg's input format when it cannot be guessed (v4l2)")
+    add_masks_argument(track, "add each tracked box's mask on the frames it was detected on (COCO RLE)")
     add_overwrite_argument(track, "outputs in --out that no gdino track run wrote, or another run's")
     add_model_arguments(track)
     add_threads_argument(track)
@@ -76,6 +80,8 @@ def add_arguments(commands: Any) -> None:
 def _settings(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     """What the journal's detections depend on; a resumed run must match them."""
     source = args.video if args.video == "-" or "://" in args.video else str(Path(args.video).resolve())
+    name = getattr(args, "masks", None)
+    masks = {} if name is None else {"masks": str(name)}  # journals without masks stay as they were
     return {
         "gdino_track": 1,
         "video": source,
@@ -86,7 +92,7 @@ def _settings(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
         "low_threshold": args.low_threshold,
         "nms": args.nms,
         "stride": args.stride,
-    }
+    } | masks
 
 
 def check_out(args: argparse.Namespace) -> None:
@@ -144,7 +150,7 @@ class Journal:
             except json.JSONDecodeError:
                 return 0
             if theirs != settings:
-                changed = sorted(k for k in settings if theirs.get(k) != settings[k])
+                changed = sorted(k for k in settings.keys() | theirs.keys() if theirs.get(k) != settings.get(k))
                 raise UsageError(
                     f"--out {self.path.parent} holds a run with other {', '.join(changed)}; "
                     "give the same settings to resume, --overwrite to start again, or another --out"
@@ -211,19 +217,20 @@ def main(args: argparse.Namespace) -> int:
         try:
             model = load_detector(args)
             names = list(model.phrases(prompt, labels=labels))
+            segmenter = load_masks_segmenter(args, model)  # None without --masks; before any frame is decoded
             settings = _settings(args, names)
             journal = Journal(args.out / JOURNAL, settings, resume=not args.overwrite and not is_live(args.video))
         except (CheckpointError, PromptError, UsageError) as e:
             return error(str(e))
         try:
-            return _run(args, model, (prompt, labels), names, video, journal)
+            return _run(args, (model, segmenter), (prompt, labels), names, video, journal)
         finally:
             journal.close()
 
 
 def _run(
     args: argparse.Namespace,
-    model: Any,
+    models: tuple[Any, Any],
     query: tuple[str | None, list[str] | None],
     names: list[str],
     video: Any,
@@ -242,23 +249,24 @@ def _run(
         lost_frames=args.lost_frames,
         coast_frames=args.coast_frames,
     )
-    detect = detector_call(model, query[0], query[1], args.low_threshold, None, args.nms)
+    detect = detector_call(models[0], query[0], query[1], args.low_threshold, None, args.nms, models[1])
     found = detect_frames(video.frames(), detect, args.stride, args.batch_size, journal.known)
+    tracked = track_detections(_pair(found), names, tracker, args.stride, masks=models[1] is not None)
     outputs = StreamedOutputs(args.out, names)
     annotator = Annotator() if args.annotate else None
     writer: VideoWriter | None = None
     status, progress = 0, _Progress(video.info.frames, journal.count)
     try:
-        for (frame, _), tracked in _journaled(track_detections(_pair(found), names, tracker, args.stride), journal):
-            if tracked.error is not None:
-                status = error(tracked.error)
-            outputs.write(tracked)
+        for (frame, _), result in _journaled(tracked, journal):
+            if result.error is not None:
+                status = error(result.error)
+            outputs.write(result)
             if annotator is not None and frame.image is not None:
                 if writer is None:
                     height, width = frame.image.shape[:2]
                     writer = VideoWriter(args.out / ANNOTATED, width, height, video.info.fps or 25.0)
-                writer.write(annotator.draw(frame.image, tracked), frame.time)
-            progress.step(tracked.index, tracked.index < journal.count)
+                writer.write(annotator.draw(frame.image, result), frame.time)
+            progress.step(result.index, result.index < journal.count)
     finally:
         outputs.close()
         if writer is not None:

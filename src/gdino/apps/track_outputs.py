@@ -2,14 +2,17 @@
 
 * ``tracks.jsonl``: one record per frame, ``{"frame", "time", "width", "height", "detected",
   "detections": [{"box", "score", "label", "label_id", "track_id"}]}`` (and ``"error"`` for a
-  frame that could not be decoded), written as frames come.
+  frame that could not be decoded), written as frames come; with ``--masks`` each object also has
+  ``"mask"`` (COCO RLE ``{"size": [h, w], "counts"}``) and ``"mask_score"``, both null on frames
+  where its box is not a detection of the frame (between strides, coasting).
 * ``mot/<label>.txt``: one MOTChallenge file per label, ``frame,id,x,y,w,h,conf,-1,-1,-1`` with
   1-based frames and pixel coordinates, as trackers' results are submitted; written as frames come.
 * ``annotations.xml``: CVAT for video 1.1 (``<track>`` per object with a ``<box>`` per frame;
   ``keyframe="1"`` where the detector saw it, ``outside="1"`` on the frame after it was last seen
   and before it reappears), written at the end from ``tracks.jsonl``.
-* ``annotated.mp4`` (``--annotate``): each frame with its boxes, "label #id" and a trail of each
-  track's last centres, encoded as it comes.
+* ``annotated.mp4`` (``--annotate``): each frame with its boxes, "label #id", a trail of each
+  track's last centres and, with masks, each mask filled translucent in its track's colour,
+  encoded as it comes.
 
 Every file is written fresh by each run (a resumed run replays the journal), so a run's outputs
 do not depend on whether it was interrupted.
@@ -35,7 +38,8 @@ MOT_FOLDER = "mot"
 CVAT = "annotations.xml"
 ANNOTATED = "annotated.mp4"
 TRAIL = 20  # centres kept per track for the drawn trail
-_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+MASK_OPACITY = 0.45  # of a mask's fill in the annotated video
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
 def mot_names(names: Sequence[str]) -> list[str]:
@@ -154,14 +158,14 @@ class Annotator:
 
     def draw(self, image: np.ndarray, frame: TrackedFrame) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> the same with this frame's tracks drawn."""
-        picture = Image.fromarray(image)
+        picture = Image.fromarray(fill_masks(image, frame))
         draw = ImageDraw.Draw(picture)
         size = max(10, round(min(picture.size) / 28))
         font = ImageFont.load_default(size=size)
         found = frame.detections
         assert found.track_ids is not None
         for box, label, track_id in zip(found.boxes, found.labels, found.track_ids):
-            colour = _PALETTE[int(track_id) % len(_PALETTE)]
+            colour = PALETTE[int(track_id) % len(PALETTE)]
             x0, y0, x1, y1 = (float(v) for v in box)
             trail = self._trails.setdefault(int(track_id), deque(maxlen=TRAIL))
             trail.append(((x0 + x1) / 2, (y0 + y1) / 2))
@@ -170,3 +174,21 @@ class Annotator:
             draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
             draw.text((x0 + 2, max(0.0, y0 - size - 2)), f"{label} #{track_id}", fill=colour, font=font)
         return np.asarray(picture)
+
+
+def fill_masks(image: np.ndarray, frame: TrackedFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with each tracked object's mask (where it has one) blended in at
+    ``MASK_OPACITY`` in its track's colour; ``image`` itself when the frame has no masks."""
+    found = frame.detections
+    if found.masks is None or found.mask_scores is None or found.track_ids is None:
+        return image
+    filled = image.copy()
+    for crop, (x0, y0), mask_score, track_id in zip(
+        found.masks.crops, found.masks.offsets, found.mask_scores, found.track_ids
+    ):
+        if np.isnan(mask_score) or crop.size == 0:
+            continue
+        region = filled[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]  # (h, w, 3) view of the crop's box
+        colour = np.array(PALETTE[int(track_id) % len(PALETTE)], np.float32)
+        region[crop] = np.round((1 - MASK_OPACITY) * region[crop] + MASK_OPACITY * colour).astype(np.uint8)
+    return filled

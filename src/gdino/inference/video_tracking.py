@@ -12,6 +12,12 @@ Two pure stages, so a run can be journaled and replayed:
 
 ``FrameDetections.to_record`` / ``from_record`` are exact: Python floats written as JSON read back
 as the same numbers, so a replay from the records tracks exactly as the run that wrote them.
+
+With a segmenter, each detected frame's detections get their masks as they are detected, and the
+records hold them as COCO RLE (lossless), so a replay needs no frame images. A tracked object has
+a mask only on the frames where its box is a detection of that frame: on frames between strides
+and where a track coasts at its predicted box, its mask is empty and its mask score NaN
+(``"mask": null`` in ``TrackedFrame.to_record``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from gdino.inference.detections import Detections
+from gdino.inference.masks import Masks, crop_mask
 from gdino.inference.tracking import Assigned, Tracker, TrackerSettings
 from gdino.processing.video import VideoFrame, open_video
 
@@ -40,6 +47,8 @@ class FrameDetections:
         label_ids: (N,) int64 indices into the prompt's phrases or the label list.
         detected: whether the detector ran on this frame (a tracker step).
         error: why the frame could not be decoded or detected; None when it could.
+        masks: with a segmenter, the N detections' masks (None without one, and on frames not detected).
+        mask_scores: (N,) float64 the segmenter's predicted IoU of each mask; None with ``masks``.
     """
 
     index: int
@@ -50,6 +59,8 @@ class FrameDetections:
     label_ids: np.ndarray
     detected: bool
     error: str | None = None
+    masks: Masks | None = None
+    mask_scores: np.ndarray | None = None
 
     @classmethod
     def empty(cls, frame: VideoFrame, error: str | None = None) -> FrameDetections:
@@ -65,7 +76,20 @@ class FrameDetections:
         boxes = np.clip(boxes, 0.0, np.array([width, height, width, height], np.float64))
         scores = np.asarray(detections.scores, np.float64)
         labels = np.asarray(detections.label_ids, np.int64)
-        return cls(frame.index, frame.time, detections.image_size, boxes, scores, labels, True)
+        found = detections.mask_scores
+        mask_scores = None if found is None else np.asarray(found, np.float64)
+        return cls(
+            frame.index,
+            frame.time,
+            detections.image_size,
+            boxes,
+            scores,
+            labels,
+            True,
+            None,
+            detections.masks,
+            mask_scores,
+        )
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-ready dict that ``from_record`` turns back into these very numbers."""
@@ -78,11 +102,22 @@ class FrameDetections:
             "scores": self.scores.tolist(),
             "label_ids": self.label_ids.tolist(),
             "error": self.error,
-        }
+        } | self._mask_record()
+
+    def _mask_record(self) -> dict[str, Any]:
+        """``{"masks": [COCO RLE, ...], "mask_scores": [...]}`` with masks, else {} (records without
+        a segmenter stay as they were)."""
+        if self.masks is None or self.mask_scores is None:
+            return {}
+        return {"masks": self.masks.to_rle(), "mask_scores": self.mask_scores.tolist()}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> FrameDetections:
         size = record["size"]
+        masks, mask_scores = None, None
+        if record.get("masks") is not None:
+            masks = masks_from_rle(record["masks"], (int(size[0]), int(size[1])))
+            mask_scores = np.asarray(record["mask_scores"], np.float64)
         return cls(
             int(record["frame"]),
             float(record["time"]),
@@ -92,7 +127,24 @@ class FrameDetections:
             np.asarray(record["label_ids"], np.int64),
             bool(record["detected"]),
             record.get("error"),
+            masks,
+            mask_scores,
         )
+
+
+def masks_from_rle(rles: Sequence[dict[str, Any]], image_size: tuple[int, int]) -> Masks:
+    """COCO RLE (``Masks.to_rle``'s) of a (width, height) image -> ``Masks``, exactly the masks encoded.
+
+    Raises:
+        ImportError: pycocotools is missing (``pip install 'gdino[masks]'``).
+    """
+    from pycocotools import mask as mask_utils
+
+    crops = []
+    for rle in rles:
+        dense = mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")})  # (H, W)
+        crops.append(crop_mask(dense.astype(bool), (0, 0)))
+    return Masks.from_crops(crops, image_size)
 
 
 @dataclass(frozen=True)
@@ -103,7 +155,10 @@ class TrackedFrame:
         index: 0-based frame index.
         time: presentation time in seconds.
         detections: the tracked boxes, with ``track_ids``, ascending by id; on a frame between
-            detection steps the tracks' predicted boxes with their last scores.
+            detection steps the tracks' predicted boxes with their last scores. With a segmenter
+            also ``masks`` and ``mask_scores`` aligned with the ids: an object's mask where its box
+            is this frame's detection, an empty mask with mask score NaN where it is not (a
+            frame between strides, a coasting track).
         detected: whether the detector ran on this frame.
         error: why the frame could not be decoded or detected; None when it could.
     """
@@ -118,7 +173,12 @@ class TrackedFrame:
         """The JSON Lines record: frame, time, size, detected, error and the detections with track ids."""
         width, height = self.detections.image_size
         record: dict[str, Any] = {"frame": self.index, "time": round(self.time, 6), "width": width, "height": height}
-        record |= {"detected": self.detected, "detections": self.detections.to_list()}
+        objects = self.detections.to_list()
+        if self.detections.mask_scores is not None:
+            for obj, mask_score in zip(objects, self.detections.mask_scores):
+                if np.isnan(mask_score):  # not detected on this frame: no mask
+                    obj["mask"], obj["mask_score"] = None, None
+        record |= {"detected": self.detected, "detections": objects}
         if self.error is not None:
             record["error"] = self.error
         return record
@@ -186,6 +246,7 @@ def track_detections(
     names: Sequence[str],
     settings: TrackerSettings | None = None,
     stride: int = 1,
+    masks: bool = False,
 ) -> Iterator[tuple[Any, TrackedFrame]]:
     """Tracks a detection sequence: each item's first part (e.g. its frame) with its ``TrackedFrame``.
 
@@ -194,6 +255,8 @@ def track_detections(
         names: the label of each label id (``detector.phrases``).
         settings: the tracker's thresholds and lost-track buffer.
         stride: frames per detection step.
+        masks: give every frame's ``Detections`` masks (the detected frames' ``FrameDetections``
+            carry them): each tracked box its detection's mask, or an empty one where it has none.
     """
     tracker = Tracker(settings or TrackerSettings(), stride)
     last_step: int | None = None
@@ -206,10 +269,10 @@ def track_detections(
         else:
             fraction = 0.0 if last_step is None else (frame.index - last_step) / stride
             assigned = tracker.carried(fraction)
-        yield (
-            extra,
-            TrackedFrame(frame.index, frame.time, _as_detections(assigned, names, size), frame.detected, frame.error),
-        )
+        found = _as_detections(assigned, names, size)
+        if masks:
+            found = found.with_masks(*_tracked_masks(assigned, frame, size))
+        yield extra, TrackedFrame(frame.index, frame.time, found, frame.detected, frame.error)
 
 
 def _as_detections(assigned: Assigned, names: Sequence[str], size: tuple[int, int]) -> Detections:
@@ -223,6 +286,21 @@ def _as_detections(assigned: Assigned, names: Sequence[str], size: tuple[int, in
     )
 
 
+def _tracked_masks(assigned: Assigned, frame: FrameDetections, size: tuple[int, int]) -> tuple[Masks, np.ndarray]:
+    """Each tracked box's mask and (K,) float32 mask score: its detection's on this frame, else an
+    empty mask and NaN."""
+    crops: list[tuple[np.ndarray, tuple[int, int]]] = []
+    scores = np.full(len(assigned.detections), np.nan, np.float32)
+    for k, d in enumerate(assigned.detections):
+        if d < 0 or frame.masks is None or frame.mask_scores is None:
+            crops.append((np.zeros((0, 0), bool), (0, 0)))
+            continue
+        x0, y0 = (int(v) for v in frame.masks.offsets[d])
+        crops.append((frame.masks.crops[d], (x0, y0)))
+        scores[k] = frame.mask_scores[d]
+    return Masks.from_crops(crops, size), scores
+
+
 def detector_call(
     detector: Any,
     prompt: Any = None,
@@ -230,8 +308,10 @@ def detector_call(
     box_threshold: float | None = None,
     text_threshold: float | None = None,
     nms_threshold: float | None = None,
+    segmenter: Any = None,
 ) -> Detect:
-    """``detector.detect`` bound to one prompt (or label list) and thresholds, for a list of frames."""
+    """``detector.detect`` bound to one prompt (or label list) and thresholds, for a list of frames;
+    with a ``segmenter`` (``Segmenter`` or an ONNX export's), each frame's boxes also get masks."""
 
     def detect(images: list[np.ndarray]) -> list[Detections]:
         found = detector.detect(
@@ -242,7 +322,9 @@ def detector_call(
             labels=labels,
             nms_threshold=nms_threshold,
         )
-        return list(found)
+        if segmenter is None:
+            return list(found)
+        return [segmenter.add_masks(image, d) for image, d in zip(images, found)]
 
     return detect
 
@@ -257,6 +339,7 @@ def track_video(
     stride: int = 1,
     batch_size: int = 4,
     nms_threshold: float | None = 0.5,
+    segmenter: Any = None,
 ) -> Iterator[TrackedFrame]:
     """Detects and tracks objects through a video, a frame at a time (bounded memory).
 
@@ -269,14 +352,17 @@ def track_video(
         stride: detect every ``stride``-th frame and carry the tracks between.
         batch_size: frames per detector call.
         nms_threshold: per-label NMS of each frame's boxes (None for none).
+        segmenter: a ``Segmenter`` (``load_segmenter``): the detected boxes also get masks, and
+            each frame's ``Detections`` carry ``masks`` and ``mask_scores`` aligned with
+            ``track_ids`` (empty and NaN where an object's box is not a detection of that frame).
 
     Yields:
         ``TrackedFrame`` per frame, as soon as its batch is detected.
     """
     settings = settings or TrackerSettings()
     names = detector.phrases(prompt, labels=labels)
-    detect = detector_call(detector, prompt, labels, settings.low_threshold, None, nms_threshold)
+    detect = detector_call(detector, prompt, labels, settings.low_threshold, None, nms_threshold, segmenter)
     with open_video(source) as video:
         found = detect_frames(video.frames(), detect, stride, batch_size)
-        for _, tracked in track_detections(found, names, settings, stride):
+        for _, tracked in track_detections(found, names, settings, stride, masks=segmenter is not None):
             yield tracked
