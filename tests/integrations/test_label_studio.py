@@ -1,15 +1,24 @@
 """``gdino.integrations.label_studio``: the labelling config's labels (values, predicted_values, aliases), results
 in Label Studio's JSON (rectangles in percent with scores, brush masks in its RLE) and config errors. The brush
 RLE is decoded here by rle-pack's published decoding (the format Label Studio's brush tool reads), written out
-below; the HTTP routes and an end-to-end run against a real Label Studio are not built yet."""
+below. The HTTP routes: tests/apps/server/test_label_studio_routes.py; against a real Label Studio:
+tests/integrations/test_label_studio_e2e.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from brush_rle import decode_brush_rle
 from ellipse_segmenter import EllipseSegmenter
-from gdino.integrations.label_studio import LabelStudioError, encode_brush_rle, read_config, results
+from gdino.integrations.label_studio import (
+    LabelStudioError,
+    encode_brush_rle,
+    read_config,
+    read_prompt_field,
+    results,
+    values_for_phrases,
+)
 
 CONFIG = """
 <View>
@@ -22,28 +31,6 @@ CONFIG = """
     <Label value="Cat"/>
   </BrushLabels>
 </View>"""
-
-
-def decode_brush_rle(data: list[int]) -> np.ndarray:
-    """rle-pack's decode: a 32-bit count, the word size - 1 (5 bits), four run-length widths - 1 (4 bits
-    each), then runs: a repeat bit, a 2-bit width index, the run length - 1, and one word (repeat) or
-    that many words (literal)."""
-    bits = "".join(f"{b:08b}" for b in data)
-    pos = 0
-
-    def read(n: int) -> int:
-        nonlocal pos
-        pos += n
-        return int(bits[pos - n : pos], 2)
-
-    count, word = read(32), read(5) + 1
-    widths = [read(4) + 1 for _ in range(4)]
-    out: list[int] = []
-    while len(out) < count:
-        repeat = read(1)
-        n = read(widths[read(2)]) + 1
-        out.extend([read(word)] * n if repeat else [read(word) for _ in range(n)])
-    return np.asarray(out, np.uint8)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (40, 30), (300, 400)])
@@ -111,7 +98,7 @@ def test_results_are_percent_boxes_with_scores_and_brush_masks(fast_model, data_
     boxes = results(found, [rectangles])
     assert len(boxes) == len(found)
     for i, result in enumerate(boxes):
-        x0, y0, x1, y1 = (float(v) for v in found.boxes[i])
+        x0, y0, x1, y1 = np.clip(found.boxes[i], 0, [width, height, width, height]).tolist()  # clipped to the image
         assert result["type"] == "rectanglelabels" and result["from_name"] == "label" and result["to_name"] == "image"
         assert (result["original_width"], result["original_height"]) == (width, height)
         assert result["value"]["rectanglelabels"] == [rectangles.values[rectangles.prompts[int(found.label_ids[i])]]]
@@ -130,3 +117,25 @@ def test_results_are_percent_boxes_with_scores_and_brush_masks(fast_model, data_
         assert result["value"]["brushlabels"] == ["Cat"] and result["from_name"] == "brush"
         decoded = decode_brush_rle(result["value"]["rle"]).reshape(height, width, 4)
         np.testing.assert_array_equal(decoded[:, :, 0] == 255, masked.masks.mask(i))
+
+
+def test_an_alias_differing_only_in_case_adds_no_prompt() -> None:
+    config = CONFIG.replace('alias="remote control"', 'alias="remote" predicted_values="REMOTE, remote control"')
+    rectangles = read_config(config)[0]
+    assert rectangles.prompt_texts == ("Cat", "kitten", "tabby", "Remote", "remote control")
+    assert rectangles.prompts == (0, 0, 0, 1, 1)
+
+
+def test_a_textarea_on_the_image_is_the_prompt_field() -> None:
+    typed = CONFIG.replace(
+        "</View>", '<TextArea name="prompt" toName="image"/><TextArea name="note" toName="x"/></View>'
+    )
+    assert read_prompt_field(typed) == "prompt"
+    assert read_prompt_field(CONFIG) is None
+
+
+def test_phrases_of_a_typed_prompt_name_labels_case_insensitively() -> None:
+    rectangles = read_config(CONFIG)[0]
+    assert values_for_phrases(["kitten", "Remote Control", "dog", "cat"], rectangles) == ["Cat", "Remote", None, "Cat"]
+    single = read_config(CONFIG.replace('<Label value="Remote" alias="remote control"/>', ""))[0]
+    assert values_for_phrases(["dog", "a thing"], single) == ["Cat", "Cat"], "one label: every box gets it"

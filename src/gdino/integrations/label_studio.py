@@ -5,8 +5,10 @@ labels, and gdino's detections as Label Studio prediction results.
   ``BrushLabels`` tool with its ``name``, ``toName``, the image's data key and its labels; a
   label's ``predicted_values`` (comma-separated) and ``alias`` are other names the model may be
   prompted with, and its ``value`` is what Label Studio stores.
+* :func:`read_prompt_field` names the config's ``TextArea`` on the image, where a user may type a
+  prompt; :func:`values_for_phrases` gives the label each phrase of such a prompt names.
 * :func:`results` turns ``Detections`` into ``rectanglelabels`` results (x, y, width, height in
-  percent of the image) with scores, and ``brushlabels`` results in Label Studio's brush RLE when
+  percent of the image, clipped to it) with scores, and ``brushlabels`` results in Label Studio's brush RLE when
   the detections have masks and the config has a ``BrushLabels`` tool.
 * :func:`encode_brush_rle` writes that RLE (the rle-pack format Label Studio's brush tool reads:
   the mask as RGBA bytes, 255 inside, 0 outside).
@@ -85,9 +87,12 @@ def _tool(element: ET.Element, images: dict[str | None, str]) -> Tool:
             continue
         values.append(value)
         aliases = [a.strip() for a in (label.get("predicted_values") or "").split(",")] + [label.get("alias") or ""]
-        for text in [value, *(a for a in aliases if a and a != value)]:
-            texts.append(text)
-            index.append(len(values) - 1)
+        seen: set[str] = set()
+        for text in [value, *(a for a in aliases if a)]:
+            if text.lower() not in seen:  # an alias that differs only in case adds no prompt
+                seen.add(text.lower())
+                texts.append(text)
+                index.append(len(values) - 1)
     if not values:
         raise LabelStudioError(f"{element.tag} {name!r} has no labels (no <Label value=...>)")
     try:
@@ -97,19 +102,51 @@ def _tool(element: ET.Element, images: dict[str | None, str]) -> Tool:
     return Tool(element.tag, name, to_name, images[to_name], tuple(values), tuple(texts), tuple(index))
 
 
-def results(found: Detections, tools: Sequence[Tool]) -> list[dict[str, Any]]:
+def read_prompt_field(config: str) -> str | None:
+    """The ``name`` of the config's first ``TextArea`` on an ``Image`` (where a user types a prompt), or None.
+
+    Raises:
+        LabelStudioError: XML that does not parse.
+    """
+    try:
+        root = ET.fromstring(config)
+    except ET.ParseError as error:
+        raise LabelStudioError(f"the labelling config is not valid XML: {error}") from error
+    images = {e.get("name") for e in root.iter("Image")}
+    for element in root.iter("TextArea"):
+        if element.get("toName") in images and element.get("name"):
+            return element.get("name")
+    return None
+
+
+def values_for_phrases(phrases: Sequence[str], tool: Tool) -> list[str | None]:
+    """The label value each phrase of a typed prompt's detections stands for, None for none.
+
+    A phrase names a label when it is one of the tool's prompts (a value, predicted value or alias),
+    compared lower-cased; a tool with a single label gives it to every phrase.
+    """
+    if len(tool.values) == 1:
+        return [tool.values[0]] * len(phrases)
+    named = {text.strip().lower(): tool.values[index] for text, index in zip(tool.prompt_texts, tool.prompts)}
+    return [named.get(phrase.strip().lower()) for phrase in phrases]
+
+
+def results(
+    found: Detections, tools: Sequence[Tool], values: Sequence[str | None] | None = None
+) -> list[dict[str, Any]]:
     """Label Studio results for detections made with ``tools[0].prompt_texts`` as the label list.
 
-    Each box's label is the value its prompt stands for; every tool holding that value gets a result:
-    ``rectanglelabels`` per box for a RectangleLabels tool, ``brushlabels`` per mask for a BrushLabels
-    tool when ``found`` has masks.
+    Each box's label is the value its prompt stands for (or ``values[i]``, when given: a typed
+    prompt's, None to leave the box out); every tool holding that value gets a result:
+    ``rectanglelabels`` per box for a RectangleLabels tool, ``brushlabels`` per mask for a
+    BrushLabels tool when ``found`` has masks.
     """
     prompted = tools[0]
     out: list[dict[str, Any]] = []
     for i in range(len(found)):
-        value = prompted.values[prompted.prompts[int(found.label_ids[i])]]
+        value = prompted.values[prompted.prompts[int(found.label_ids[i])]] if values is None else values[i]
         for tool in tools:
-            if value in tool.values:
+            if value is not None and value in tool.values:
                 out.extend(_result(found, i, tool, value))
     return out
 
@@ -133,7 +170,9 @@ def _result(found: Detections, i: int, tool: Tool, value: str) -> list[dict[str,
 
 
 def _percent_box(box: np.ndarray, width: int, height: int, value: str) -> dict[str, Any]:
-    x0, y0, x1, y1 = (float(v) for v in box)
+    """The box in percent of the image, clipped to it (Label Studio edits regions inside the image only)."""
+    x0, x1 = (min(max(float(v), 0.0), float(width)) for v in (box[0], box[2]))
+    y0, y1 = (min(max(float(v), 0.0), float(height)) for v in (box[1], box[3]))
     return {
         "x": 100.0 * x0 / width,
         "y": 100.0 * y0 / height,

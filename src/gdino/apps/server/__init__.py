@@ -65,6 +65,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_model_arguments(parser)
     add_masks_argument(parser, "answer each detection's mask to requests with masks=true")
+    add_label_studio_arguments(parser)
+
+
+def add_label_studio_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the Label Studio ML backend routes."""
+    parser.add_argument(
+        "--label-studio-prefix",
+        type=_prefix,
+        default="/label-studio",
+        help="path of the Label Studio ML backend routes (default /label-studio)",
+    )
+    parser.add_argument(
+        "--label-studio-url",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="Label Studio's URL, to fetch the images stored there (default: $LABEL_STUDIO_URL)",
+    )
+    parser.add_argument(
+        "--label-studio-api-key",
+        default=os.environ.get("LABEL_STUDIO_API_KEY"),
+        help="Label Studio's personal access token or legacy token (default: $LABEL_STUDIO_API_KEY)",
+    )
+
+
+def _prefix(text: str) -> str:
+    """A URL path prefix such as /label-studio."""
+    if not text.startswith("/") or text.rstrip("/") == "" or any(c in text for c in "?#% "):
+        raise argparse.ArgumentTypeError(f"a path such as /label-studio, got {text!r}")
+    return text.rstrip("/")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,4 +107,7 @@ def main(args: argparse.Namespace) -> int:
         args.device = check_device(args.device)
     except UsageError as exc:
         return error(str(exc))
+    url = getattr(args, "label_studio_url", None)
+    if url and not url.startswith(("http://", "https://")):
+        return error(f"--label-studio-url must be an http(s) URL such as http://localhost:8080, got {url!r}")
     return serve(args)

@@ -36,6 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gdino import __version__
 from gdino.apps.server.batching import Abandoned, Batcher, Job, QueueFull, ShuttingDown
+from gdino.apps.server.label_studio_images import LabelStudioSettings
+from gdino.apps.server.label_studio_routes import add_label_studio_routes, model_version
 from gdino.apps.server.requests import body_limit, check_resizable, decode_image, limited, read_json, read_multipart
 from gdino.apps.server.schema import ERRORS, REQUEST_BODY, DetectResponse
 from gdino.apps.server.segmenting import Masked
@@ -142,11 +144,13 @@ def create_app(
     model_name: str = "model",
     segmenter: Any = None,
     segmenter_name: str = "segmenter",
+    label_studio: LabelStudioSettings | None = None,
 ) -> FastAPI:
     """The application around a loaded model (loaded once, used by the batcher's one thread).
 
     With ``segmenter`` (a ``gdino.inference.segmenter.Segmenter``, run by the same thread), a
     request with ``masks=true`` also gets each detection's mask; without one such a request is 422.
+    Label Studio's ML backend routes are under ``label_studio.prefix`` (``/label-studio``).
     """
     settings = settings or Settings()
     batcher = Batcher(
@@ -176,6 +180,9 @@ def create_app(
     _add_page(app)
     _add_health(app, model, batcher, settings, (model_name, segmenter_name if segmenter is not None else None))
     _add_detect(app, model, batcher, settings)
+    version = model_version(model_name, segmenter_name if segmenter is not None else None)
+    ls_settings = label_studio or LabelStudioSettings()
+    add_label_studio_routes(app, batcher, settings, ls_settings, _checks(model, settings), version)
     return app
 
 
@@ -487,7 +494,8 @@ def serve(args: argparse.Namespace) -> int:
             f"gdino: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
             file=sys.stderr,
         )
-    app = create_app(model, settings, name, segmenter, str(getattr(args, "masks", None)))
+    label_studio = LabelStudioSettings(args.label_studio_prefix, args.label_studio_url, args.label_studio_api_key)
+    app = create_app(model, settings, name, segmenter, str(getattr(args, "masks", None)), label_studio)
     config = uvicorn.Config(
         app,
         host=args.host,
