@@ -38,6 +38,7 @@ from gdino.apps.arguments import (
 )
 from gdino.apps.exports import FORMATS  # standard library only
 from gdino.apps.masking import add_masks_argument, load_export_segmenter, load_masks_segmenter
+from gdino.apps.merge_command import add_arguments as add_merge_arguments
 from gdino.apps.server import (
     add_arguments as add_serve_arguments,  # standard library only; FastAPI is imported by serve
 )
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     add_train_arguments(commands)
     add_track_arguments(commands)
     add_train_sam_arguments(commands)
+    add_merge_arguments(commands)
     _add_export_arguments(commands.add_parser("export", help="export the model for other runtimes (gdino[onnx])"))
     models = commands.add_parser("models", help="the published checkpoints of the family, to give as --model")
     models.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
@@ -449,6 +451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gdino.apps.train_command import main as run_training
 
         return run_training(args)
+    if args.command == "merge":
+        from gdino.apps.merge_command import main as run_merge
+
+        return run_merge(args)
     if args.command == "train-sam":
         from gdino.apps.train_sam_command import main as run_sam_training
 

@@ -79,11 +79,53 @@ def add_arguments(commands: Any) -> None:
         help="contrastive denoising queries per step (DINO: 100; default 0, off)",
     )
     train.add_argument(
+        "--keep-classes",
+        default=None,
+        metavar="FILE|LIST",
+        help="the base model's classes, not to forget (a file, one per line, or a comma list; default: the "
+        "base checkpoint's classes.txt, which gdino train writes); for --replay and --distill",
+    )
+    train.add_argument(
+        "--replay",
+        action="store_true",
+        help="pseudo-label replay: the base model labels the training images with --keep-classes and those "
+        "boxes join the targets, so the old classes stay in the captions",
+    )
+    train.add_argument(
+        "--replay-threshold", type=float, default=0.3, help="least score of a replayed box (default 0.3)"
+    )
+    train.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="distillation loss weight (default 0, off): the frozen base model's scores of --keep-classes "
+        "and its boxes, on the same inputs",
+    )
+    train.add_argument(
         "--aux-loss",
         choices=("on", "off"),
         default=None,
         help="losses on every decoder layer (default: the model config's auxiliary_loss; "
         "the published config has it off, the original recipe on)",
+    )
+    train.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train only low-rank adapters of rank R on --lora-targets (default 0, off); checkpoints hold "
+        "the merged weights, adapters.safetensors and lora_config.json beside them",
+    )
+    train.add_argument(
+        "--lora-alpha", type=float, default=None, metavar="A", help="adapter scale A/R (default A = R: scale 1)"
+    )
+    train.add_argument(
+        "--lora-targets",
+        default="",
+        metavar="PATTERNS",
+        help="comma list of linear-layer name patterns to adapt, e.g. transformer.decoder,*.linear1 "
+        "(default: the feature enhancer's and decoder's projections and feat_map; gdino.training.lora)",
     )
     train.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also write OUT/last every N steps")
     train.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps in all")
@@ -144,14 +186,29 @@ def settings_of(args: argparse.Namespace) -> Any:
         export_original=args.export_original,
         val_limit=args.val_limit,
         denoise=args.denoise,
+        keep_classes=_classes(args.keep_classes),
+        replay=args.replay,
+        replay_threshold=args.replay_threshold,
+        distill=args.distill,
         aux_loss=None if args.aux_loss is None else args.aux_loss == "on",
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(p.strip() for p in args.lora_targets.split(",") if p.strip()),
     )
+
+
+def _classes(value: str | None) -> tuple[str, ...]:
+    """``--keep-classes``: a file of one class per line, or a comma list; empty when not given."""
+    from gdino.apps.label import parse_classes
+
+    return tuple(parse_classes(value)) if value else ()
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs ``train`` or ``shapes``; a bad setting, unusable data or a refused ``--out`` (it holds a
     run, without ``--resume`` or ``--overwrite``; ``--resume`` with other settings; a file in the
     way) is a one-line error, status 2."""
+    from gdino.apps.label import LabelError
     from gdino.training.samples import DataError
     from gdino.training.settings import TrainError
     from gdino.training.trainer import train
@@ -168,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
         result = train(
             data, args.model, args.out, settings_of(args), val=args.val, resume=args.resume, overwrite=args.overwrite
         )
-    except (TrainError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (TrainError, DataError, CheckpointError, LabelError, FileNotFoundError) as e:
         print(f"gdino: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     print(f"train: last checkpoint {result.checkpoint}", file=sys.stderr, flush=True)

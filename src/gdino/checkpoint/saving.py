@@ -26,7 +26,13 @@ from gdino.processing.text import packaged_vocab_path
 
 STATE_FILE = "trainer_state.pt"
 ORIGINAL_FILE = "groundingdino.pth"
+# A LoRA run's adapters, beside its merged weights (``gdino.training.lora``). Not PEFT's
+# ``adapter_config.json``: transformers, with peft installed, would load that on top of the
+# already merged weights.
+ADAPTERS_FILE = "adapters.safetensors"
+ADAPTER_CONFIG_FILE = "lora_config.json"
 # Every file save_pretrained (with a resume state) and export_original write into a checkpoint folder.
+CLASSES_FILE = "classes.txt"  # the label list a gdino training run trained on, one per line
 CHECKPOINT_FILES = frozenset(
     {
         "config.json",
@@ -38,6 +44,9 @@ CHECKPOINT_FILES = frozenset(
         "tokenizer.json",
         STATE_FILE,
         ORIGINAL_FILE,
+        ADAPTERS_FILE,
+        ADAPTER_CONFIG_FILE,
+        CLASSES_FILE,
         Path(ORIGINAL_FILE).with_suffix(".tmp").name,
     }
 )
@@ -86,10 +95,12 @@ def save_pretrained(
     directory: str | Path,
     processor: GroundingDinoProcessor | None = None,
     state: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
     """Writes the model (and its processor) in the Hugging Face layout; replaces ``directory``.
 
-    ``state``: the trainer's resume state, written with it (``trainer_state.pt``)."""
+    ``state``: the trainer's resume state, written with it (``trainer_state.pt``); ``files``: other
+    files for the folder by name (a LoRA run's adapters), written with the rest."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -104,6 +115,8 @@ def save_pretrained(
         (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     shutil.copyfile(packaged_vocab_path(), tmp / "vocab.txt")
     processor.tokenizer._tok.save(str(tmp / "tokenizer.json"))
+    for name, content in (files or {}).items():
+        (tmp / name).write_bytes(content)
     if state is not None:
         torch.save(state, tmp / STATE_FILE)
     return _replace(tmp, directory)

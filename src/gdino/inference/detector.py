@@ -52,7 +52,7 @@ from gdino.utils.hub import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
     from gdino.inference.segmenter import Segmenter
-    from gdino.loss.denoise import DenoiseSettings
+    from gdino.loss.denoise import DenoiseSettings, Denoising
     from gdino.models.grounding_dino.features import DenoisingQueries
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,18 @@ class GroundingDinoForObjectDetection(GroundingDino):
         )
         if labels is None:
             return outputs
+        return self.with_loss(outputs, input_ids, attention_mask, labels, dn)
+
+    def with_loss(
+        self,
+        outputs: GroundingDinoOutput,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: Sequence[dict[str, torch.Tensor]],
+        dn: Denoising | None = None,
+    ) -> GroundingDinoOutput:
+        """``outputs`` (with every layer's predictions) with ``loss`` and ``loss_dict`` set: the
+        grounding loss of ``labels``, and with ``dn`` (``make_denoising``'s) its denoising terms."""
         from gdino.loss.criterion import grounding_loss  # training code is loaded only to train
 
         outputs.loss, outputs.loss_dict = grounding_loss(outputs, input_ids, attention_mask, labels, self.config)

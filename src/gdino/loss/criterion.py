@@ -201,7 +201,9 @@ def grounding_loss(
         outputs: needs ``decoder_logits`` (L, B, Q, W), ``decoder_pred_boxes`` (L, B, Q, 4),
             ``encoder_logits`` (B, Q, W) and ``encoder_pred_boxes`` (B, Q, 4).
         input_ids: (B, T) the prompts; attention_mask: (B, T) 1 on real tokens, or None.
-        labels: per image ``{"class_labels": (N,) phrase indices, "boxes": (N, 4) cx cy w h}``.
+        labels: per image ``{"class_labels": (N,) phrase indices, "boxes": (N, 4) cx cy w h}``,
+            optionally ``"ignored_tokens"``: (W,) bool, tokens the classification loss leaves out
+            (phrases nobody annotated, which distillation supervises instead: ``gdino.training.distill``).
 
     Returns:
         ``loss`` (a scalar) and ``loss_dict`` with transformers' keys.
@@ -212,7 +214,7 @@ def grounding_loss(
         raise ValueError("the loss needs the model's outputs with intermediate=True")
     width = outputs.logits.shape[-1]
     targets = make_targets(labels, phrase_token_maps(input_ids, config.special_token_ids, width), outputs.logits.device)
-    text_mask = prompt_mask(input_ids, attention_mask, width)
+    text_mask = prompt_mask(input_ids, attention_mask, width) & ~ignored_tokens(labels, width, input_ids.device)
     loss_dict, _ = set_losses(outputs.decoder_logits[-1], outputs.decoder_pred_boxes[-1], targets, text_mask, config)
     if config.auxiliary_loss:
         for i in range(outputs.decoder_logits.shape[0] - 1):
@@ -224,6 +226,18 @@ def grounding_loss(
     loss = sum(v * weights[k] for k, v in loss_dict.items() if k in weights)  # transformers' order
     assert isinstance(loss, Tensor)
     return loss, loss_dict
+
+
+def ignored_tokens(labels: Sequence[Mapping[str, Tensor]], width: int, device: torch.device) -> Tensor:
+    """(B, width) True on each image's ``"ignored_tokens"`` (False where it has none)."""
+    out = torch.zeros(len(labels), width, dtype=torch.bool, device=device)
+    for i, label in enumerate(labels):
+        if "ignored_tokens" in label:
+            row = torch.as_tensor(label["ignored_tokens"], device=device).bool().reshape(-1)
+            if row.shape[0] != width:
+                raise ValueError(f"labels[{i}]: ignored_tokens must have {width} entries, not {row.shape[0]}")
+            out[i] = row
+    return out
 
 
 def prompt_mask(input_ids: Tensor, attention_mask: Tensor | None, width: int) -> Tensor:

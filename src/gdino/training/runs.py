@@ -50,7 +50,14 @@ TRAINED = (
     "max_labels",
     "max_steps",
     "denoise",
+    "keep_classes",
+    "replay",
+    "replay_threshold",
+    "distill",
     "aux_loss",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
 )
 # ``gdino train``'s flag of each setting, for messages; the rest are ``--`` and the name with hyphens.
 FLAGS = {"warmup_steps": "--warmup", "clip_max_norm": "--clip", "augment": "--no-augment"}

@@ -48,9 +48,23 @@ class TrainSettings:
         denoise: DINO's contrastive denoising queries per step (0: none; DINO uses 100): noised
             copies of the targets that the decoder learns to refine or reject
             (``gdino.loss.denoise``); speeds up convergence, most of all from scratch.
+        keep_classes: the base model's classes, which fine-tuning should not forget (``replay``
+            and ``distill`` use them; empty: the base checkpoint's ``classes.txt``, if it has one).
+        replay: pseudo-label replay: the base model labels the training images with
+            ``keep_classes`` (boxes scoring ``replay_threshold`` or more), and those boxes join the
+            targets (``gdino.training.replay``).
+        replay_threshold: the least score of a replayed box.
+        distill: weight of the distillation loss (0: off): the frozen base model's scores of
+            ``keep_classes`` and boxes, on the same inputs (``gdino.training.distill``).
         aux_loss: also a loss on every decoder layer but the last (the original recipe does);
             ``None`` keeps the model config's ``auxiliary_loss`` (the published config has it off,
             transformers' default). The saved checkpoints' configs record the choice.
+        lora_rank: train low-rank adapters of this rank on ``lora_targets`` and nothing else
+            (0: off; ``gdino.training.lora``). Checkpoints hold the merged weights, the adapters
+            beside them.
+        lora_alpha: the adapters' scale is ``lora_alpha / lora_rank``; ``None``: the rank (scale 1).
+        lora_targets: patterns of the linear layers to adapt (``gdino.training.lora.matching``);
+            empty: ``gdino.training.lora.DEFAULT_TARGETS``.
     """
 
     epochs: int = 12
@@ -76,7 +90,14 @@ class TrainSettings:
     export_original: bool = False
     val_limit: int | None = None
     denoise: int = 0
+    keep_classes: tuple[str, ...] = ()
+    replay: bool = False
+    replay_threshold: float = 0.3
+    distill: float = 0.0
     aux_loss: bool | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Raises ``TrainError`` for a setting that cannot work."""
@@ -89,5 +110,15 @@ class TrainSettings:
             raise TrainError(f"dtype must be bf16, fp16 or fp32, not {self.dtype!r}")
         if self.denoise < 0:
             raise TrainError(f"denoise must be 0 (off) or a number of queries, not {self.denoise}")
+        if not 0.0 < self.replay_threshold < 1.0:
+            raise TrainError(f"replay threshold must be between 0 and 1, not {self.replay_threshold}")
+        if self.distill < 0:
+            raise TrainError(f"distill is a loss weight (0: off), not {self.distill}")
+        if self.lora_rank < 0:
+            raise TrainError(f"the LoRA rank must be 0 (off) or a positive rank, not {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise TrainError(f"the LoRA alpha must be positive, not {self.lora_alpha}")
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets):
+            raise TrainError("--lora-alpha and --lora-targets need --lora-rank")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise TrainError("epochs and batch size must be at least 1 and lr positive")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 HELD_OUT: tuple[str, ...] = ("green triangle", "orange star", "purple circle")
+# Concepts ``gdino-shapes`` never saw, for the forgetting benchmark (``gdino.training.forgetting_data``):
+# a new colour on the old shapes and a new shape in every colour.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (245, 120, 195)}
+NEW_SHAPES: tuple[str, ...] = ("hexagon",)
+ALL_COLOURS: dict[str, tuple[int, int, int]] = COLOURS | NEW_COLOURS
 BACKGROUNDS: tuple[str, ...] = ("flat", "gradient", "noise", "photo")
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "held_out": 2}
 
@@ -187,8 +192,10 @@ def outline(shape: str, cx: float, cy: float, radius: float, angle: float) -> li
         corners, radii, start = 3, [radius], -math.pi / 2
     elif shape == "star":
         corners, radii, start = 10, [radius, 0.45 * radius], -math.pi / 2
+    elif shape == "hexagon":
+        corners, radii, start = 6, [radius], 0.0
     else:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES + NEW_SHAPES)}")
     points = []
     for k in range(corners):
         a = start + turn + 2 * math.pi * k / corners
@@ -230,8 +237,9 @@ def render(
     settings: ShapesSettings,
     photos: Sequence[np.ndarray] = (),
     first: Sequence[int] = (),
+    names: Sequence[str] | None = None,
 ) -> Scene:
-    """One image of objects whose pairs are drawn from ``pairs`` (indices into :func:`pair_names`).
+    """One image of objects whose pairs are drawn from ``pairs`` (indices into ``names``).
 
     Args:
         rng: all randomness.
@@ -239,8 +247,10 @@ def render(
         settings: sizes, counts and backgrounds.
         photos: photos for "photo" backgrounds.
         first: the first object's pair is drawn from these instead (e.g. the held-out pairs).
+        names: the "colour shape" pairs the indices refer to (:func:`pair_names` when None); colours
+            and shapes from :data:`ALL_COLOURS` and :func:`outline`.
     """
-    names = pair_names()
+    names = pair_names() if names is None else names
     width, height = (int(rng.integers(settings.image_size[0], settings.image_size[1] + 1)) for _ in range(2))
     kinds = [k for k in settings.backgrounds if k != "photo" or photos] or ["flat"]
     kind = kinds[int(rng.integers(len(kinds)))]
@@ -256,7 +266,7 @@ def render(
             continue
         colour_name, shape = names[pair].split(" ")
         jitter = rng.integers(-settings.colour_jitter, settings.colour_jitter + 1, 3)
-        colour = np.clip(np.array(COLOURS[colour_name]) + jitter, 0, 255)
+        colour = np.clip(np.array(ALL_COLOURS[colour_name]) + jitter, 0, 255)
         angle = 0.0 if shape == "circle" else rng.uniform(-settings.max_rotation, settings.max_rotation)
         mask = Image.new("L", (width, height), 0)
         ImageDraw.Draw(mask).polygon(outline(shape, *spot, angle), fill=1)
@@ -311,11 +321,42 @@ def write_split(
     if split == "held_out" and not held:
         raise ValueError("the held_out split needs held-out pairs")
     pairs, first, listed = _split_pairs(split, held, len(names))
+    scenes = (
+        render(np.random.default_rng([seed, SPLITS[split], i]), pairs, settings, photos, first) for i in range(count)
+    )
+    info = {"description": f"gdino synthetic shapes, split {split}", "seed": seed, "held_out": list(settings.held_out)}
+    return write_scenes(out, split, scenes, names, listed, info, image_format=image_format, masks=masks)
+
+
+def write_scenes(
+    out: Path,
+    split: str,
+    scenes: Iterable[Scene],
+    names: Sequence[str],
+    listed: Sequence[int],
+    info: dict[str, Any],
+    annotated: Collection[int] | None = None,
+    image_format: str = "jpg",
+    masks: bool = False,
+) -> Path:
+    """Writes the scenes' images to ``out/<split>/`` and their COCO file ``out/<split>.json``.
+
+    Args:
+        out: the data set folder.
+        split: the split's name (its image folder and file).
+        scenes: the images, written as ``<split>/00000.jpg`` ... in order.
+        names: the pair names the scenes' indices refer to (category id = index + 1).
+        listed: the pairs listed as categories.
+        info: the COCO file's ``info``.
+        annotated: only objects of these pairs get annotations (all when None): the others are
+            in the images but not in the file, as in a user's data set labelled for a few classes.
+        image_format: ``"jpg"`` or ``"png"``.
+        masks: also each annotation's ``segmentation`` polygons and the mask's ``area``.
+    """
     (out / split).mkdir(parents=True, exist_ok=True)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for i in range(count):
-        scene = render(np.random.default_rng([seed, SPLITS[split], i]), pairs, settings, photos, first)
+    for i, scene in enumerate(scenes):
         file_name = f"{split}/{i:05d}.{image_format}"
         if image_format == "jpg":
             Image.fromarray(scene.image).save(out / file_name, quality=92)
@@ -325,6 +366,8 @@ def write_split(
         images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
         shapes = _mask_fields(scene) if masks else [{} for _ in scene.pairs]
         for (x0, y0, x1, y1), pair, shape in zip(scene.boxes.tolist(), scene.pairs, shapes):
+            if annotated is not None and pair not in annotated:
+                continue
             w, h = x1 - x0, y1 - y0
             annotation = {
                 "id": len(annotations) + 1,
@@ -336,7 +379,6 @@ def write_split(
             }
             annotations.append(annotation | shape)
     categories = [{"id": p + 1, "name": names[p], "supercategory": "shape"} for p in listed]
-    info = {"description": f"gdino synthetic shapes, split {split}", "seed": seed, "held_out": list(settings.held_out)}
     path = out / f"{split}.json"
     path.write_text(
         json.dumps({"info": info, "images": images, "annotations": annotations, "categories": categories}) + "\n"

@@ -43,10 +43,13 @@ from torch import nn
 from gdino.inference.detector import GroundingDinoForObjectDetection
 from gdino.models.grounding_dino.config import GroundingDinoConfig
 from gdino.processing.processor import GroundingDinoProcessor
+from gdino.training import lora
 from gdino.training.augment import Augment, AugmentSettings
 from gdino.training.captions import CaptionBuilder
+from gdino.training.distill import Distiller, distilled_outputs
 from gdino.training.loader import Example, collate, epoch_order, examples
 from gdino.training.optimizer import freeze, make_optimizer, make_scheduler
+from gdino.training.replay import with_classes
 from gdino.training.runs import (
     HISTORY_FILE,
     RUN_FILE,
@@ -147,6 +150,23 @@ def build_model(spec: str | Path, seed: int = 0) -> GroundingDinoForObjectDetect
     return GroundingDinoForObjectDetection.from_pretrained(text)
 
 
+def skeleton(spec: str | Path | GroundingDinoForObjectDetection) -> nn.Module:
+    """The model ``build_model`` would build, as modules without weights (meta device): its
+    architecture read from the preset or the checkpoint's config, no weights loaded."""
+    if isinstance(spec, nn.Module):
+        return spec
+    from gdino.checkpoint.loading import read_config
+    from gdino.utils.hub import resolve
+
+    text = str(spec)
+    name = text.removeprefix("config:")
+    if text.startswith("config:") and name not in PRESETS:
+        raise TrainError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    config = PRESETS[name]() if text.startswith("config:") else read_config(resolve(text))
+    with torch.device("meta"):
+        return GroundingDinoForObjectDetection(config, init_weights=False)
+
+
 def from_config(config: GroundingDinoConfig, seed: int = 0) -> GroundingDinoForObjectDetection:
     """A randomly initialised model of ``config`` with the packaged processor."""
     torch.manual_seed(seed)
@@ -195,8 +215,10 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     settings: TrainSettings,
     scaler: torch.amp.GradScaler | None = None,
+    distiller: Distiller | None = None,
 ) -> dict[str, float]:
-    """Forward with labels, backward, clip, step; returns the loss terms as floats."""
+    """Forward with labels (and with a ``distiller``, its loss too), backward, clip, step; returns
+    the loss terms as floats."""
     device = model.device
     # Augmented images are already sized; without augmentation the processor resizes them to --image-size.
     inputs, labels = collate(batch, model.processor, resize=not settings.augment)
@@ -208,8 +230,13 @@ def train_step(
 
         denoising = DenoiseSettings(queries=settings.denoise)
     with autocast(device, settings.dtype):
-        outputs = model(**inputs, labels=labels, denoising=denoising)
-    loss = outputs.loss
+        if distiller is not None:
+            captions = [ex.caption for ex in batch]
+            outputs = distilled_outputs(model, distiller, inputs, labels, captions, denoising)
+        else:
+            outputs = model(**inputs, labels=labels, denoising=denoising)
+    loss, loss_dict = outputs.loss, outputs.loss_dict
+    assert loss is not None and loss_dict is not None
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {float(loss)}; lower --lr or use fp32")
     optimizer.zero_grad(set_to_none=True)
@@ -227,7 +254,7 @@ def train_step(
     else:
         optimizer.step()
     scheduler.step()
-    terms = {k: float(v.detach()) for k, v in outputs.loss_dict.items()}
+    terms = {k: float(v.detach()) for k, v in loss_dict.items()}
     return {"loss": float(loss.detach()), **terms}
 
 
@@ -255,6 +282,7 @@ class Run:
     sums: dict[str, float] = field(default_factory=dict)  # the current epoch's loss terms, summed
     epoch_steps: int = 0  # the steps the sums are over
     seconds_before: float = 0.0  # training time of the sessions before this one
+    distiller: Distiller | None = None  # the frozen base model, with ``distill``
 
     def out_of_time(self) -> bool:
         s = self.settings
@@ -322,14 +350,20 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 def checkpoint(run: Run, name: str) -> Path:
     """Writes ``OUT/name/`` (model, processor, resume state) and, if asked, the original layout;
     the first one of a run also writes ``OUT/train_settings.json``."""
-    from gdino.checkpoint.saving import ORIGINAL_FILE, export_original, save_pretrained
+    from gdino.checkpoint.saving import CLASSES_FILE, ORIGINAL_FILE, export_original, save_pretrained
     from gdino.utils.files import write_atomic
 
     if run.record and not (run.out / RUN_FILE).is_file():
         write_atomic(run.out / RUN_FILE, json.dumps(run.record, indent=2) + "\n")
-    directory = save_pretrained(run.model, run.out / name, run.model.processor, state_of(run))
-    if run.settings.export_original:
-        export_original(run.model, directory / ORIGINAL_FILE)
+    files = {CLASSES_FILE: "".join(f"{n}\n" for n in run.dataset.names).encode()}  # the next fine-tune's default
+    state = state_of(run)
+    if lora.adapters(run.model):  # the weights are saved merged; the adapters beside them and, unmerged, in the state
+        state["lora"] = lora.resume_state(run.model)
+        files.update(lora.adapter_files(run.model, run.settings, str(run.record.get("model", ""))))
+    with lora.merged(run.model):
+        directory = save_pretrained(run.model, run.out / name, run.model.processor, state, files)
+        if run.settings.export_original:
+            export_original(run.model, directory / ORIGINAL_FILE)
     return directory
 
 
@@ -364,7 +398,7 @@ def run_epoch(run: Run) -> tuple[dict[str, float], bool]:
     left = len(run.dataset) - pos.offset
     with Progress(left, f"epoch {pos.epoch + 1}/{s.epochs}", stream=run.log) as progress:
         for batch in epoch_batches(run):
-            terms = train_step(run.model, batch, run.optimizer, run.scheduler, s, run.scaler)
+            terms = train_step(run.model, batch, run.optimizer, run.scheduler, s, run.scaler, run.distiller)
             pos.step += 1
             run.epoch_steps += 1
             for k, v in terms.items():
@@ -453,6 +487,9 @@ def build_run(
         model.config = replace(model.config, auxiliary_loss=settings.aux_loss)  # what the loss reads
     model.to(settings.device).train()
     freeze(model, settings.freeze)
+    adapted = lora.adapt(model, settings, state)  # with --lora-rank: only the adapters train from here
+    if adapted:
+        print(f"train: {lora.describe(model, adapted, settings)}", file=log, flush=True)
     optimizer = make_optimizer(model, settings, from_scratch=str(spec).startswith("config:"))
     steps_per_epoch = math.ceil(len(dataset) / settings.batch_size)
     scheduler = make_scheduler(optimizer, settings.epochs * steps_per_epoch, settings)
@@ -502,6 +539,9 @@ def train(
     if resume and overwrite:
         raise TrainError("give --resume or --overwrite, not both")
     settings.check()
+    settings = keep_classes_of(settings, model)
+    if settings.lora_rank:  # a LoRA target that selects nothing: refused before any work
+        lora.check_targets(skeleton(model), settings)
     dataset = load_data(data, log)
     record = run_record(model, dataset, settings)
     found, state = claim(out, record, settings, resume, overwrite, log)
@@ -512,11 +552,82 @@ def train(
         return TrainResult(found, position, list(state.get("history", [])), already_finished=True)
     if resume:
         refuse_foreign(checkpoint_folders(out, position.epoch, settings))
+    user_names = dataset.names
+    if settings.replay:
+        dataset = replayed(dataset, model, out, settings, log)
+    elif settings.distill:
+        dataset = with_classes(dataset, settings.keep_classes)
     run = build_run(dataset, model, out, settings, found, state, log)
+    if settings.distill:
+        kept_only = frozenset(settings.keep_classes) - frozenset(user_names)
+        teacher = base_model(model, settings)
+        run.distiller = Distiller(teacher, dataset.names, kept_only, settings.distill, ignore=not settings.replay)
     run.record = record
     if state is None or "history" in state:  # a state of an earlier gdino: its history.jsonl is kept
         write_history(out, run.history)
     return _loop(run, val)
+
+
+def keep_classes_of(settings: TrainSettings, model: str | Path | GroundingDinoForObjectDetection) -> TrainSettings:
+    """``settings`` with ``keep_classes`` filled from the base checkpoint's ``classes.txt`` when
+    replay or distillation needs them and none were given.
+
+    Raises:
+        TrainError: replay or distillation from random weights, or with no classes to keep.
+    """
+    from gdino.training.replay import read_classes
+
+    if not (settings.replay or settings.distill):
+        return settings
+    if str(model).startswith("config:"):
+        raise TrainError("replay and distillation keep what a trained base model knows; a config: preset knows nothing")
+    classes = settings.keep_classes or read_classes(model)
+    if not classes:
+        raise TrainError(
+            "replay and distillation need the base model's classes: give --keep-classes (a file, one per line, "
+            "or a comma list); this checkpoint has no classes.txt"
+        )
+    return replace(settings, keep_classes=tuple(classes))
+
+
+def base_model(
+    model: str | Path | GroundingDinoForObjectDetection, settings: TrainSettings
+) -> GroundingDinoForObjectDetection:
+    """The model before fine-tuning, frozen, at the training image size: what replay and distillation ask."""
+    import copy
+
+    if isinstance(model, GroundingDinoForObjectDetection):
+        base = copy.deepcopy(model)
+    else:
+        base = GroundingDinoForObjectDetection.from_pretrained(model)
+    base.processor = set_image_size(base.processor, settings.image_size)
+    base.to(settings.device).eval().requires_grad_(False)
+    return base
+
+
+def replayed(
+    dataset: Dataset,
+    model: str | Path | GroundingDinoForObjectDetection,
+    out: Path,
+    settings: TrainSettings,
+    log: IO[str],
+) -> Dataset:
+    """The data set with the base model's pseudo-labels of ``keep_classes`` (cached in OUT)."""
+    from gdino.training.replay import REPLAY_FILE, pseudo_label
+    from gdino.training.runs import model_identity
+
+    wider = pseudo_label(
+        dataset,
+        lambda: base_model(model, settings),
+        settings.keep_classes,
+        settings.replay_threshold,
+        cache=out / REPLAY_FILE,
+        log=log,
+        base_name=model_identity(model),
+    )
+    added = sum(len(s.labels) for s in wider.samples) - sum(len(s.labels) for s in dataset.samples)
+    print(f"train: replay: {added} boxes of {len(settings.keep_classes)} kept classes added", file=log, flush=True)
+    return wider
 
 
 def _loop(run: Run, val: str | Path | None) -> TrainResult:

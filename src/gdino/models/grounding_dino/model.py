@@ -276,7 +276,10 @@ class GroundingDino(nn.Module):
         if not intermediate and denoise is None:
             logits, boxes, index = self.detect_features(image, text, query_index)
             return GroundingDinoOutput(logits=logits, pred_boxes=boxes, input_ids=input_ids, query_index=index)
-        decoded = self.decode(image, text, query_index, denoise)
+        return self.training_outputs(self.decode(image, text, query_index, denoise), text, input_ids)
+
+    def training_outputs(self, decoded: Decoded, text: TextFeatures, input_ids: Tensor) -> GroundingDinoOutput:
+        """``forward``'s outputs with every layer's predictions, from a ``decode`` of ``text``'s prompt."""
         extra = self.intermediate_outputs(decoded, text.padding_mask)
         return GroundingDinoOutput(
             logits=extra["decoder_logits"][-1],
