@@ -15,4 +15,6 @@ python3 -m venv .venv-test
 .venv-test/bin/pip install -q -c constraints.txt -e ".[test]"
 # FiftyOne pins opencv-python-headless < 5: its own venv for tests/integrations/test_fiftyone.py (slow tier only)
 if [ ${#select[@]} -eq 0 ]; then bash scripts/fiftyone_venv.sh; fi
+# The real Label Studio for tests/integrations/test_label_studio_e2e.py (slow tier only): its own venv too
+if [ ${#select[@]} -eq 0 ]; then bash scripts/label_studio_venv.sh; fi
 exec .venv-test/bin/python -m pytest ${select[@]+"${select[@]}"} "$@"
