@@ -31,26 +31,14 @@ import torch
 
 from gdino.checkpoint.convert import StateDict
 from gdino.checkpoint.loading import load_strict, read_config, read_state_dict
-from gdino.checkpoint.saving import CLASSES_FILE, save_pretrained
-from gdino.models.grounding_dino.config import GroundingDinoConfig
+from gdino.checkpoint.saving import CLASSES_FILE, classes_file, read_classes_file, save_pretrained
+from gdino.models.grounding_dino.config import TRAINING_FIELDS, GroundingDinoConfig
 from gdino.models.grounding_dino.model import GroundingDino
 from gdino.processing.processor import GroundingDinoProcessor
 from gdino.utils.hub import Checkpoint, resolve
 
 # config.json keys that do not change what the weights mean: they may differ between the two.
-NON_ARCHITECTURAL = frozenset(
-    {
-        "gdino_defaults",
-        "auxiliary_loss",
-        "class_cost",
-        "bbox_cost",
-        "giou_cost",
-        "class_loss_coefficient",
-        "bbox_loss_coefficient",
-        "giou_loss_coefficient",
-        "focal_alpha",
-    }
-)
+NON_ARCHITECTURAL = frozenset({"gdino_defaults", *TRAINING_FIELDS})
 # The tokenizer and processor files the result takes from TUNED, where it has them.
 PROCESSOR_FILES = (
     "preprocessor_config.json",
@@ -185,10 +173,10 @@ def merge_checkpoints(
     with torch.device("meta"):  # no memory and no random init: the merged tensors are assigned
         model = GroundingDino(tuned_config, init_weights=False)
     load_strict(model, merged, "the merged weights")
-    classes = "".join(f"{name}\n" for name in _classes(base_ckpt, tuned_ckpt))
+    classes = _classes(base_ckpt, tuned_ckpt)
     with _staging(out) as staging:
         folder = save_pretrained(
-            model, staging / "merged", tuned_proc, files={CLASSES_FILE: classes.encode()} if classes else None
+            model, staging / "merged", tuned_proc, files={CLASSES_FILE: classes_file(classes)} if classes else None
         )
         for name in PROCESSOR_FILES:
             if tuned_ckpt.directory is not None and (tuned_ckpt.directory / name).is_file():
@@ -204,11 +192,7 @@ def _classes(*checkpoints: Checkpoint) -> list[str]:
     """The label lists the checkpoints' training runs recorded (``classes.txt``), joined in order."""
     names: dict[str, None] = {}
     for checkpoint in checkpoints:
-        path = checkpoint.directory / CLASSES_FILE if checkpoint.directory is not None else None
-        if path is not None and path.is_file():
-            names.update(
-                dict.fromkeys(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-            )
+        names.update(dict.fromkeys(read_classes_file(checkpoint.directory)))
     return list(names)
 
 

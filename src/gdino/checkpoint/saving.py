@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,19 @@ def processor_files(processor: GroundingDinoProcessor, max_text_len: int) -> dic
         "mask_token": "[MASK]",
     }
     return {"preprocessor_config.json": image, "tokenizer_config.json": tokenizer, "special_tokens_map.json": special}
+
+
+def classes_file(names: Sequence[str]) -> bytes:
+    """``classes.txt``'s content: one label a line."""
+    return "".join(f"{name}\n" for name in names).encode()
+
+
+def read_classes_file(directory: Path | None) -> tuple[str, ...]:
+    """The label list in ``directory/classes.txt`` (blank lines skipped); empty without one."""
+    path = directory / CLASSES_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return ()
+    return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def save_pretrained(

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gdino.inference.detector import GroundingDinoForObjectDetection
+from gdino.inference.postprocess import box_iou
 from gdino.loss.criterion import paired_box_losses
 from gdino.models.grounding_dino.model import GroundingDinoOutput
 from gdino.training.captions import Caption
@@ -158,19 +159,11 @@ def distillation_terms(
 
 def _near_user_boxes(teacher_boxes: Tensor, labels: Sequence[Mapping[str, Tensor]]) -> Tensor:
     """(B, Q) True where a teacher box overlaps one of the image's user boxes by ``OVERLAP_IOU``."""
-    out = torch.zeros(teacher_boxes.shape[:2], dtype=torch.bool, device=teacher_boxes.device)
+    out = torch.zeros(teacher_boxes.shape[:2], dtype=torch.bool)
     for b, label in enumerate(labels):
-        truth = torch.as_tensor(label["boxes"], device=teacher_boxes.device, dtype=teacher_boxes.dtype)
+        truth = torch.as_tensor(label["boxes"], dtype=torch.float32).reshape(-1, 4)
         if len(truth):
-            out[b] = _iou(cxcywh_to_xyxy(teacher_boxes[b]), cxcywh_to_xyxy(truth)).amax(-1) >= OVERLAP_IOU
-    return out
-
-
-def _iou(a: Tensor, b: Tensor) -> Tensor:
-    """(N, M) IoU of (N, 4) and (M, 4) xyxy boxes."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)  # (N, M)
-    area_a, area_b = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1), (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return inter / union.clamp(min=1e-9)
+            found = cxcywh_to_xyxy(teacher_boxes[b].detach().float().cpu()).numpy()
+            overlap = box_iou(found, cxcywh_to_xyxy(truth.cpu()).numpy()).max(axis=1)  # (Q,)
+            out[b] = torch.from_numpy(overlap >= OVERLAP_IOU)
+    return out.to(teacher_boxes.device)

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from gdino.checkpoint.saving import CLASSES_FILE
+from gdino.checkpoint.saving import read_classes_file
 from gdino.inference.detections import Detections
 from gdino.inference.detector import GroundingDinoForObjectDetection
 from gdino.inference.postprocess import box_iou
@@ -87,8 +87,6 @@ def pseudo_label(
         if cache is not None:
             _write_cache(cache, key, found)
     samples = tuple(_with_pseudo(s, found.get(str(s.image), []), classes, names, overlap) for s in dataset.samples)
-    added = sum(len(s.labels) for s in samples) - sum(len(s.labels) for s in dataset.samples)
-    logger.info("replay: %d pseudo boxes of %d classes on %d images", added, len(classes), len(samples))
     return replace(wider, samples=samples)
 
 
@@ -165,10 +163,7 @@ def read_classes(model: str | Path | GroundingDinoForObjectDetection) -> tuple[s
         directory = resolve(model, local_files_only=True).directory
     except CheckpointError:
         return ()
-    path = directory / CLASSES_FILE if directory is not None else None
-    if path is None or not path.is_file():
-        return ()
-    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    return read_classes_file(directory)
 
 
 def _read_cache(path: Path, key: dict[str, Any]) -> Found | None:

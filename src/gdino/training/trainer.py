@@ -25,6 +25,7 @@ training run wrote), is ``gdino.training.runs``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -350,12 +351,12 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 def checkpoint(run: Run, name: str) -> Path:
     """Writes ``OUT/name/`` (model, processor, resume state) and, if asked, the original layout;
     the first one of a run also writes ``OUT/train_settings.json``."""
-    from gdino.checkpoint.saving import CLASSES_FILE, ORIGINAL_FILE, export_original, save_pretrained
+    from gdino.checkpoint.saving import CLASSES_FILE, ORIGINAL_FILE, classes_file, export_original, save_pretrained
     from gdino.utils.files import write_atomic
 
     if run.record and not (run.out / RUN_FILE).is_file():
         write_atomic(run.out / RUN_FILE, json.dumps(run.record, indent=2) + "\n")
-    files = {CLASSES_FILE: "".join(f"{n}\n" for n in run.dataset.names).encode()}  # the next fine-tune's default
+    files = {CLASSES_FILE: classes_file(run.dataset.names)}  # the next fine-tune's default
     state = state_of(run)
     if lora.adapters(run.model):  # the weights are saved merged; the adapters beside them and, unmerged, in the state
         state["lora"] = lora.resume_state(run.model)
@@ -553,14 +554,15 @@ def train(
     if resume:
         refuse_foreign(checkpoint_folders(out, position.epoch, settings))
     user_names = dataset.names
+    base = functools.cache(lambda: base_model(model, settings))  # loaded once, if replay or distill asks
     if settings.replay:
-        dataset = replayed(dataset, model, out, settings, log)
+        dataset = replayed(dataset, base, out, model, settings, log)
     elif settings.distill:
         dataset = with_classes(dataset, settings.keep_classes)
     run = build_run(dataset, model, out, settings, found, state, log)
     if settings.distill:
         kept_only = frozenset(settings.keep_classes) - frozenset(user_names)
-        teacher = base_model(model, settings)
+        teacher = base()
         run.distiller = Distiller(teacher, dataset.names, kept_only, settings.distill, ignore=not settings.replay)
     run.record = record
     if state is None or "history" in state:  # a state of an earlier gdino: its history.jsonl is kept
@@ -607,18 +609,20 @@ def base_model(
 
 def replayed(
     dataset: Dataset,
-    model: str | Path | GroundingDinoForObjectDetection,
+    base: Callable[[], GroundingDinoForObjectDetection],
     out: Path,
+    model: str | Path | GroundingDinoForObjectDetection,
     settings: TrainSettings,
     log: IO[str],
 ) -> Dataset:
-    """The data set with the base model's pseudo-labels of ``keep_classes`` (cached in OUT)."""
+    """The data set with ``base()``'s pseudo-labels of ``keep_classes`` (cached in OUT: then ``base``
+    is not called); ``model`` is the run's model as given, its identity recorded with the cache."""
     from gdino.training.replay import REPLAY_FILE, pseudo_label
     from gdino.training.runs import model_identity
 
     wider = pseudo_label(
         dataset,
-        lambda: base_model(model, settings),
+        base,
         settings.keep_classes,
         settings.replay_threshold,
         cache=out / REPLAY_FILE,

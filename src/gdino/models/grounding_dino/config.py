@@ -373,20 +373,23 @@ class GroundingDinoConfig:
         return {"box_threshold": self.box_threshold, "text_threshold": self.text_threshold}
 
 
+# The training settings (matching costs, loss weights): they change how weights are trained, not what they mean.
+TRAINING_FIELDS = (
+    "auxiliary_loss",
+    "class_cost",
+    "bbox_cost",
+    "giou_cost",
+    "class_loss_coefficient",
+    "bbox_loss_coefficient",
+    "giou_loss_coefficient",
+    "focal_alpha",
+)
+
+
 def _training_defaults() -> dict[str, Any]:
-    """The training settings (matching costs, loss weights) with their defaults."""
-    names = (
-        "auxiliary_loss",
-        "class_cost",
-        "bbox_cost",
-        "giou_cost",
-        "class_loss_coefficient",
-        "bbox_loss_coefficient",
-        "giou_loss_coefficient",
-        "focal_alpha",
-    )
+    """The training settings with their defaults."""
     defaults = GroundingDinoConfig()
-    return {name: getattr(defaults, name) for name in names}
+    return {name: getattr(defaults, name) for name in TRAINING_FIELDS}
 
 
 _PUBLISHED_DEFAULTS = {"box_threshold": 0.35, "text_threshold": 0.25}
