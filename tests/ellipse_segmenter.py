@@ -28,11 +28,13 @@ class EllipseSegmenter:
 
     def __init__(self) -> None:
         self.calls: list[int] = []  # boxes per segment() call
+        self.sizes: list[tuple[int, int]] = []  # (width, height) of each call's image
 
     def segment(self, image: Any, boxes: np.ndarray) -> tuple[Masks, np.ndarray]:
         width, height = image.size if isinstance(image, Image.Image) else Image.open(image).size
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         self.calls.append(len(boxes))
+        self.sizes.append((width, height))
         crops = [crop_mask(ellipse(box, width, height), (0, 0)) for box in boxes]
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         scores = (0.5 + areas / (2 * width * height)).astype(np.float32)

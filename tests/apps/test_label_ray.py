@@ -166,3 +166,21 @@ def test_actor_killed_is_retried(cluster, photos, fast_dir, reference, tmp_path)
     assert run.returncode == 0, stderr
     assert len(_journaled(out)) == 31  # 30 records and the broken image, each once
     _check_complete(out, reference)
+
+
+@pytest.mark.slow
+def test_tiles_on_ray_give_the_single_process_export(cluster, photos, fast_dir, tmp_path):
+    """``--tile`` on Ray: the actors get each image at its own size and tile it as the single-process run
+    does; an image smaller than a tile is the same error record in both."""
+    tiles = ["--tile", "96", "--batch-size", "1", "--format", "jsonl"]
+    single = gdino(photos, *tiles, "--out", tmp_path / "single", *_common(fast_dir), threads="2")
+    assert single.returncode == 0, single.stderr
+    ray = gdino(photos, *tiles, "--ray", cluster, "--workers", "2", "--out", tmp_path / "ray", *_common(fast_dir))
+    assert ray.returncode == 0, ray.stderr
+    assert "label: Ray, 2 model actor(s)" in ray.stderr
+    ours, theirs = _journaled(tmp_path / "ray"), _journaled(tmp_path / "single")
+    by_name = {r["image"]: r for r in theirs}
+    assert len(ours) == len(theirs) == 31 and all(by_name[r["image"]] == r for r in ours)
+    too_small = [r for r in theirs if "tile size 96 is over" in r.get("error", "")]
+    assert 0 < len(too_small) < 30  # some of the 40-140 px images are under a tile
+    assert _tree(tmp_path / "ray") == _tree(tmp_path / "single")

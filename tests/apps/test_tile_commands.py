@@ -107,9 +107,6 @@ def test_label_with_tiles(capsys, fast_dir, fast_model, photo, tmp_path) -> None
     assert [d["label"] for d in found] == list(expected.labels)
     status, _, err = run(capsys, *common, "--box-threshold", "0.2", "--tile", "200")
     assert status == 2 and "other settings" in err  # a run is resumed only with its own tiles
-    status, _, err = run(capsys, "label", photo.parent, "--classes", "cat", "--out", tmp_path / "ray",
-                         "--tile", "160", "--ray")  # fmt: skip
-    assert status == 2 and "--tile runs here, not on Ray yet" in err
 
 
 @pytest.mark.slow  # the command loads the model and pycocotools
@@ -204,3 +201,68 @@ def test_bad_json_tile_types(client, photo) -> None:
     for bad in ({"tile": 160.5}, {"tile": True}, {"tile": 160, "tile_overlap": "lots"}, {"tile": 160, "full_image": 2}):
         answer = client.post("/v1/detect", json={"image": image, "prompt": PROMPT, **bad})
         assert answer.status_code == 422 and answer.json()["error"] == "invalid_tiles", (bad, answer.text)
+
+
+# --------------------------------------------------------------------------- masks of tiled detections
+
+
+@pytest.fixture
+def ellipses(monkeypatch) -> list:
+    """Makes ``--masks`` load an ``EllipseSegmenter`` (tests/ellipse_segmenter.py); the list holds it."""
+    from ellipse_segmenter import EllipseSegmenter
+    from gdino.apps import masking
+
+    loaded: list = []
+    monkeypatch.setattr(masking, "_load", lambda name, device, dtype: loaded.append(EllipseSegmenter()) or loaded[-1])
+    return loaded
+
+
+def _assert_ellipse_masks(detections: list[dict], width: int, height: int) -> None:
+    from pycocotools import mask as mask_utils
+
+    from ellipse_segmenter import ellipse
+
+    assert detections and all("mask" in d for d in detections)
+    for d in detections:
+        decoded = mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()}).astype(bool)
+        want = ellipse(np.array(d["box"]), width, height)  # the box is rounded to 2 decimals: a pixel may differ
+        assert np.logical_xor(decoded, want).sum() <= max(4, 0.05 * want.sum())
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_detect_and_label_segment_tiled_boxes_on_their_tiles(capsys, fast_dir, photo, tmp_path, ellipses) -> None:
+    pytest.importorskip("pycocotools")
+    common = ["--model", fast_dir, "--box-threshold", "0.2", "--tile", "160", "--masks"]
+    status, out, err = run(capsys, "detect", photo, "--prompt", PROMPT, *common)
+    assert status == 0, err
+    record = json.loads(out)
+    _assert_ellipse_masks(record["detections"], 400, 300)
+    segmenter = ellipses[-1]
+    assert sum(segmenter.calls) == len(record["detections"])
+    assert (160, 160) in segmenter.sizes and len(segmenter.sizes) > 1  # on tile crops, not the 400x300 image
+
+    out_dir = tmp_path / "labelled"
+    status, _, err = run(capsys, "label", photo.parent, "--classes", "cat,sofa", "--format", "jsonl", "--out", out_dir,
+                         *common)  # fmt: skip
+    assert status == 0, err
+    lines = [json.loads(line) for line in (out_dir / ".gdino-label.jsonl").read_text().splitlines()]
+    _assert_ellipse_masks(lines[1]["detections"], 400, 300)
+    assert (160, 160) in ellipses[-1].sizes
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_serve_segments_tiled_boxes_on_their_tiles(fast_model, photo) -> None:
+    pytest.importorskip("pycocotools")
+    from fastapi.testclient import TestClient
+
+    from ellipse_segmenter import EllipseSegmenter
+    from gdino.apps.server.app import Settings, create_app
+
+    segmenter = EllipseSegmenter()
+    app = create_app(fast_model, Settings(max_chunks=12, max_masks=1000), segmenter=segmenter)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        fields = {"prompt": PROMPT, "tile": "160", "masks": "true", "box_threshold": "0.2"}
+        answer = client.post("/v1/detect", files={"image": ("cat.png", photo.read_bytes())}, data=fields)
+    assert answer.status_code == 200, answer.text
+    _assert_ellipse_masks(answer.json()["detections"], 400, 300)
+    assert (160, 160) in segmenter.sizes and (400, 300) not in segmenter.sizes[:1]

@@ -135,3 +135,19 @@ def test_bad_tiles_are_refused_before_any_work(fast_model, picture) -> None:
         TileSettings(160, 0.9)
     with pytest.raises(ValueError, match="at least 32"):
         TileSettings(16)
+
+
+def test_images_of_one_size_batched_without_tiles(fast_model, picture) -> None:
+    """``batch_size`` without tiles: images of one size (SAHI's slices) through the whole model together."""
+    slices = [picture.crop((x, 0, x + 200, 200)) for x in (0, 100, 200)] + [picture.resize((300, 200))]
+    with counted(fast_model) as calls:
+        batched = fast_model.detect(slices, PROMPT, box_threshold=0.2, batch_size=4)
+    assert calls["swin"] == [3, 1] and calls["transformer"] == [3, 1]  # grouped by size
+    assert isinstance(batched, list) and [f.image_size for f in batched] == [(200, 200)] * 3 + [(300, 200)]
+    for one, alone in zip(batched, fast_model.detect(slices, PROMPT, box_threshold=0.2)):
+        assert_close(one, alone)
+    labels = fast_model.detect(slices[:2], ["cat", "sofa"], box_threshold=0.2, batch_size=2)
+    for one, alone in zip(labels, fast_model.detect(slices[:2], ["cat", "sofa"], box_threshold=0.2)):
+        assert_close(one, alone)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        fast_model.detect(slices, PROMPT, batch_size=0)

@@ -360,7 +360,7 @@ def detect(args: argparse.Namespace) -> int:
             for i, image, found in _detect_batch(model, batch, prompt, args):
                 path = args.images[i]
                 if segmenter is not None and not isinstance(found, str):
-                    found = _add_masks(segmenter, image, found, path)
+                    found = _add_masks(segmenter, image, found, path, args.tiles)
                 if isinstance(found, str):
                     status = error(found)
                     continue
@@ -413,10 +413,13 @@ def _run_model(
     return [(i, image, f) for (i, image), f in zip(loaded, found)]
 
 
-def _add_masks(segmenter: Any, image: Any, found: Any, path: str) -> Any:
-    """``found`` with each detection's mask, or the error message for an image the segmenter refuses."""
+def _add_masks(segmenter: Any, image: Any, found: Any, path: str, tiles: Any) -> Any:
+    """``found`` with each detection's mask (with ``tiles``, on the tile crops that hold the boxes), or the
+    error message for an image the segmenter refuses."""
+    from gdino.inference.tiled_masks import add_region_masks
+
     try:
-        return segmenter.add_masks(image, found)
+        return add_region_masks(segmenter, image, found, tiles)
     except ValueError as e:
         return f"{path}: masks: {e}"
 

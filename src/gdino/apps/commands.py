@@ -26,6 +26,8 @@ from gdino.apps.arguments import (
     tile_settings,
 )
 from gdino.apps.masking import load_masks_segmenter
+from gdino.inference.tiled_masks import add_region_masks
+from gdino.inference.tiles import TileSettings
 
 
 def main(args: argparse.Namespace) -> int:
@@ -49,8 +51,6 @@ def run_label(args: argparse.Namespace) -> int:
         if args.ray is None:  # with --ray the actors' machines have the device, not necessarily this one
             args.device = check_device(args.device)
         tiles = tile_settings(args)
-        if tiles is not None and args.ray is not None:
-            raise UsageError("--tile runs here, not on Ray yet: leave out --ray or --tile")
         settings = Settings(
             tuple(classes),
             model_name(args),
@@ -68,11 +68,13 @@ def run_label(args: argparse.Namespace) -> int:
 
             def detect(images: list[Any]) -> list[Any]:
                 found = model.detect(images, classes, args.box_threshold, nms_threshold=args.nms, **tiled)
-                return found if segmenter is None else [segmenter.add_masks(i, f) for i, f in zip(images, found)]
+                if segmenter is None:
+                    return found
+                return [add_region_masks(segmenter, i, f, tiles) for i, f in zip(images, found)]
 
             return detect
 
-        runner = _ray_runner(args, classes) if args.ray is not None else None
+        runner = _ray_runner(args, classes, tiles) if args.ray is not None else None
         summary = label_folder(
             args.folder,
             args.out,
@@ -113,7 +115,7 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
+def _ray_runner(args: argparse.Namespace, classes: list[str], tiles: TileSettings | None) -> Any:
     """``--ray``: detection on Ray, journal and exports here (``gdino.label_ray``)."""
     from gdino.apps.label_ray import RayOptions, image_settings, import_ray, ray_runner
 
@@ -129,6 +131,7 @@ def _ray_runner(args: argparse.Namespace, classes: list[str]) -> Any:
         args.device,
         args.dtype,
         args.threads,
+        tiles,
     )
     return ray_runner(options, image_settings(options.model))
 

@@ -40,6 +40,7 @@ from typing import IO, Any
 import numpy as np
 
 from gdino.apps.label import Journal, LabelError, Runner, detect_batch, read_entry
+from gdino.inference.tiles import TileSettings
 from gdino.processing.image import ImageError, ImageSettings, preprocess_image
 from gdino.utils.progress import Progress
 
@@ -68,6 +69,8 @@ class RayOptions:
         dtype: "fp32", "bf16" or "fp16".
         threads: torch CPU threads in each actor (``--threads``); None: one. An actor reserves half
             a CPU whatever the count, so that reading tasks fit beside it on a one-CPU node.
+        tiles: tiled detection (``--tile``): the reading tasks then send each image at its own size
+            (RGB), ``batch_size`` images a block, and the actors tile them as ``gdino label`` does.
     """
 
     address: str | None
@@ -80,6 +83,7 @@ class RayOptions:
     device: str | None = None
     dtype: str = "fp32"
     threads: int | None = None
+    tiles: TileSettings | None = None
 
 
 def import_ray() -> Any:
@@ -199,11 +203,12 @@ def _pipeline(
         file=log if log is not None else sys.stderr,
         flush=True,
     )
-    block = max(READ_BLOCK, options.batch_size)
+    # whole images are large (a 6000x4000 photo is 72 MB of RGB): a block of one batch, not READ_BLOCK
+    block = max(1, options.batch_size) if options.tiles is not None else max(READ_BLOCK, options.batch_size)
     dataset = ray.data.from_items([{"image": n} for n in names], override_num_blocks=max(1, -(-len(names) // block)))
     dataset = dataset.map_batches(
         _read_batch,
-        fn_kwargs={"root": str(root), "settings": image_settings},
+        fn_kwargs={"root": str(root), "settings": None if options.tiles is not None else image_settings},
         batch_size=None,
         batch_format="numpy",
         num_cpus=read_cpus,
@@ -222,8 +227,9 @@ def _pipeline(
     )
 
 
-def _read_batch(batch: dict[str, np.ndarray], root: str, settings: ImageSettings) -> dict[str, Any]:
-    """A Ray CPU task: image names -> the images resized to the model's input size, or an error.
+def _read_batch(batch: dict[str, np.ndarray], root: str, settings: ImageSettings | None) -> dict[str, Any]:
+    """A Ray CPU task: image names -> the images resized to the model's input size (at their own
+    size, RGB, when ``settings`` is None: for tiles), or an error.
 
     Columns out: image, pixels (uint8 bytes, H*W*3), height, width (resized), original_width,
     original_height, error ("" when read).
@@ -231,14 +237,18 @@ def _read_batch(batch: dict[str, np.ndarray], root: str, settings: ImageSettings
     out: dict[str, list[Any]] = {
         k: [] for k in ("image", "pixels", "height", "width", "original_width", "original_height", "error")
     }
-    resize_only = replace(settings, do_rescale=False, do_normalize=False)
+    resize_only = None if settings is None else replace(settings, do_rescale=False, do_normalize=False)
     for name in batch["image"]:
         name = str(name)
         _, image, error = read_entry(Path(root), name)
         pixels = np.zeros((0, 0, 3), np.uint8)
         if image is not None:
             try:  # preprocess_image's own resize (float32 of whole numbers, exact as uint8)
-                pixels = preprocess_image(image, resize_only).transpose(1, 2, 0).astype(np.uint8)
+                pixels = (
+                    np.asarray(image)  # (H, W, 3) RGB: read_entry's load_image, as detect reads it
+                    if resize_only is None
+                    else preprocess_image(image, resize_only).transpose(1, 2, 0).astype(np.uint8)
+                )
             except ImageError as e:  # what the single-process run records for it
                 error = f"detection failed: {e!r}"
         out["image"].append(name)
@@ -296,9 +306,18 @@ class _Detector:
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
     def _detect(self, images: list[_Resized]) -> list[Any]:
-        """``model.detect`` on resized images: what ``encode_image`` does after its resize."""
+        """``model.detect`` on resized images: what ``encode_image`` does after its resize; with tiles,
+        ``model.detect`` on the whole images, tiled as ``gdino label --tile`` tiles them."""
         import torch
         from PIL import Image
+
+        o = self.options
+        if o.tiles is not None:
+            pictures = [Image.fromarray(image.pixels) for image in images]
+            return self.model.detect(  # type: ignore[return-value]
+                pictures, list(o.classes), o.box_threshold, nms_threshold=o.nms_threshold,
+                tiles=o.tiles, batch_size=max(1, o.batch_size),
+            )  # fmt: skip
 
         from gdino.inference.detector import EncodedImages
         from gdino.models.grounding_dino.model import stack_images
@@ -310,7 +329,6 @@ class _Detector:
                 pixels = torch.from_numpy(normalised)[None].to(self.model.device, self.model.dtype)  # (1, 3, H, W)
                 features.append(self.model.image_features(pixels))
             encoded = EncodedImages(stack_images(features), [(i.width, i.height) for i in images], False)
-        o = self.options
         found = self.model.detect(encoded, list(o.classes), o.box_threshold, nms_threshold=o.nms_threshold)
         return found if isinstance(found, list) else [found]  # a list: ``encoded`` is a batch
 

@@ -35,7 +35,8 @@ from gdino.inference.pipeline import (
     resolve_queries,
 )
 from gdino.inference.postprocess import ChunkScores
-from gdino.inference.tiled import detect_tiled
+from gdino.inference.tiled import detect_batched, detect_tiled
+from gdino.inference.tiled_masks import add_region_masks
 from gdino.inference.tiles import TileSettings
 from gdino.models.grounding_dino.model import (
     GroundingDino,
@@ -278,9 +279,12 @@ class GroundingDinoForObjectDetection(GroundingDino):
                 IoU above this (a number in [0, 1]).
             tiles: detect on overlapping tiles of each image (and the whole image), merged as SAHI
                 merges (``gdino.inference.tiled``), for small objects in large images.
-            batch_size: with ``tiles``, the tiles that go through the model together.
+            batch_size: with ``tiles``, the tiles that go through the model together; without, the
+                images of one size that do (``gdino.inference.tiled.detect_batched``). 1, the default,
+                runs each image alone: its detections then never depend on the rest of the batch.
             segmenter: a ``gdino.inference.segmenter.Segmenter``: each detection also gets a mask
-                (``masks``, ``mask_scores``), every box of an image decoded against one encoding.
+                (``masks``, ``mask_scores``), every box of an image decoded against one encoding;
+                with ``tiles``, each box on the tile that holds it (``gdino.inference.tiled_masks``).
 
         Returns:
             ``Detections`` for one image, a list of them for a list.
@@ -301,13 +305,18 @@ class GroundingDinoForObjectDetection(GroundingDino):
                 raise ValueError("tiles need the images themselves, not encode_image's features")
             pictures = [load_image(x) for x in images_to_list(images)]
             tiled = detect_tiled(self, pictures, queries, thresholds, tiles, batch_size, self._chunk_callback(queries))
-            tiled = _add_masks(segmenter, pictures, tiled)
+            tiled = _add_masks(segmenter, pictures, tiled, tiles)
             return tiled[0] if not isinstance(images, (list, tuple)) else tiled
+        if batch_size != 1 and not isinstance(images, EncodedImages):
+            pictures = [load_image(x) for x in images_to_list(images)]
+            batched = detect_batched(self, pictures, queries, thresholds, batch_size, self._chunk_callback(queries))
+            batched = _add_masks(segmenter, pictures, batched, None)
+            return batched[0] if not isinstance(images, (list, tuple)) else batched
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
         crops = (encoded.features.crop(i) for i in range(len(encoded.sizes)))
         results = detect_queries(self, crops, queries, encoded.sizes, thresholds, self._chunk_callback(queries))
         if not isinstance(images, EncodedImages):
-            results = _add_masks(segmenter, images_to_list(images), results)
+            results = _add_masks(segmenter, images_to_list(images), results, None)
         return results[0] if encoded.single else results
 
     def score_label_chunks(self, features: ImageFeatures, prompts: Sequence[ClassPrompt]) -> list[ChunkScores]:
@@ -428,11 +437,14 @@ class GroundingDinoForObjectDetection(GroundingDino):
         return query_names(self._queries(prompt, 1, None, labels)[0])
 
 
-def _add_masks(segmenter: Segmenter | None, images: Sequence[ImageLike], found: list[Detections]) -> list[Detections]:
-    """Each image's detections with their masks (unchanged without a segmenter)."""
+def _add_masks(
+    segmenter: Segmenter | None, images: Sequence[ImageLike], found: list[Detections], tiles: TileSettings | None
+) -> list[Detections]:
+    """Each image's detections with their masks (unchanged without a segmenter); with ``tiles``, each
+    box segmented on a crop around it (``gdino.inference.tiled_masks``)."""
     if segmenter is None:
         return found
-    return [segmenter.add_masks(image, detections) for image, detections in zip(images, found)]
+    return [add_region_masks(segmenter, image, detections, tiles) for image, detections in zip(images, found)]
 
 
 def _version(tensor: torch.Tensor) -> int:

@@ -138,13 +138,53 @@ def detect_tiled(
     Raises:
         ValueError: a tile larger than a picture, or a batch size under 1, before any model work.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
+    _check_batch_size(batch_size)
     sizes = [p.size for p in pictures]
     grids = check_tiles(sizes, settings)
     if settings.merge == "greedynmm" and thresholds.box < LOW_CONFIDENCE:
         _warn_low_confidence(thresholds.box)
-    planned = list(batches(plan_passes(grids, sizes, settings), queries, batch_size))
+    found = run_passes(model, pictures, plan_passes(grids, sizes, settings), queries, thresholds, batch_size, callback)
+    return [
+        merge_tiles([found[(i, t)] for t in tiles], tiles, sizes[i], settings, _clipped(found.get((i, None))))
+        for i, tiles in enumerate(grids)
+    ]
+
+
+def detect_batched(
+    model: TiledModel,
+    pictures: Sequence[Image.Image],
+    queries: Sequence[Query],
+    thresholds: Thresholds,
+    batch_size: int,
+    callback: ChunkCallback | None = None,
+) -> list[Detections]:
+    """Each picture's detections for its query, pictures of one size and query through the whole
+    model ``batch_size`` at a time (SAHI's slices, a folder of one camera's frames), no tiling.
+
+    Faster than one at a time, but a picture's detections may then depend on its batch: batched
+    matrix products round differently (1e-7), which can swap two near-tied proposals in the query
+    selection (``gdino.inference.pipeline.detect_queries`` runs images alone for that reason).
+
+    Raises:
+        ValueError: a batch size under 1.
+    """
+    _check_batch_size(batch_size)
+    passes = [Pass(i, None, p.size) for i, p in enumerate(pictures)]
+    found = run_passes(model, pictures, passes, queries, thresholds, batch_size, callback)
+    return [found[(i, None)] for i in range(len(pictures))]
+
+
+def run_passes(
+    model: TiledModel,
+    pictures: Sequence[Image.Image],
+    passes: Sequence[Pass],
+    queries: Sequence[Query],
+    thresholds: Thresholds,
+    batch_size: int,
+    callback: ChunkCallback | None,
+) -> dict[tuple[int, Tile | None], Detections]:
+    """Every pass's detections in the pass's own pixels, by (image, region); batched by ``batches``."""
+    planned = list(batches(passes, queries, batch_size))
     steps = _Steps(callback, sum(_passes_per_batch(queries[b[0].image]) for b in planned))
     found: dict[tuple[int, Tile | None], Detections] = {}
     for batch in planned:
@@ -152,10 +192,12 @@ def detect_tiled(
         for p, detections in zip(batch, _detect_batch(model, crops, queries[batch[0].image], thresholds, steps)):
             found[(p.image, p.region)] = detections
     steps.finish()
-    return [
-        merge_tiles([found[(i, t)] for t in tiles], tiles, sizes[i], settings, _clipped(found.get((i, None))))
-        for i, tiles in enumerate(grids)
-    ]
+    return found
+
+
+def _check_batch_size(batch_size: object) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
 
 
 def _clipped(full: Detections | None) -> Detections | None:

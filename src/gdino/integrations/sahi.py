@@ -8,10 +8,11 @@ For pipelines already built on SAHI (``pip install 'gdino[sahi]'``)::
     model = GdinoDetectionModel("gdino-shapes", labels=["red circle", "blue star"], confidence_threshold=0.25)
     result = get_sliced_prediction("canvas.png", model, slice_height=192, slice_width=192)
 
-SAHI then slices, runs this class once per slice (or per batch of ``batch_size`` slices) and merges.
-gdino's own tiling (``model.detect(image, labels, tiles=TileSettings(...))``) gives the same merged
-boxes from the same per-tile detections, and is faster: it batches tiles through Swin and the
-encoder, runs each label chunk on features it already has, and skips SAHI's per-box objects.
+SAHI then slices, runs this class once per slice (or per batch of ``batch_size`` slices, which go
+through the whole model together) and merges. gdino's own tiling (``model.detect(image, labels,
+tiles=TileSettings(...))``) gives the same merged boxes from the same per-tile detections, and is
+faster still: it skips SAHI's per-box Python objects and its merge, and with ``segmenter=`` it also
+gives masks.
 
 The detections of one slice are ``detect``'s: a box is kept when its score is above
 ``confidence_threshold`` (``detect``'s ``box_threshold``). Note that SAHI switches its merge to NMS
@@ -106,7 +107,8 @@ class GdinoDetectionModel(DetectionModel):
         self._original_predictions = [self._detect([image])[0]]
 
     def perform_batch_inference(self, images: list[np.ndarray]) -> None:
-        """Detects in a batch of slices in one ``detect`` call (the prompt encoded once)."""
+        """Detects in a batch of slices in one ``detect`` call: the prompt encoded once, the slices (of one
+        size) through Swin, the encoder and the decoder together (``gdino.inference.tiled.detect_batched``)."""
         self._original_predictions = self._detect(images)
         self._original_shapes = [image.shape for image in images]
 
@@ -119,6 +121,7 @@ class GdinoDetectionModel(DetectionModel):
             prompt=self.text if isinstance(self.text, str) else None,
             box_threshold=self.confidence_threshold,
             text_threshold=self.text_threshold,
+            batch_size=len(images),  # SAHI's slices are of one size: one pass through the whole model
         )
         assert isinstance(found, list)
         return found

@@ -141,7 +141,7 @@ def run_group(
             job.future.set_exception(exc)
         else:
             if job.masks and segmenter is not None and isinstance(found, Detections):  # one image: one Detections
-                to_segment.setdefault(job.key, []).append((job, found))
+                to_segment.setdefault((job.key, job.tiles), []).append((job, found))
             else:
                 job.future.set_result(found)
     for found_here in to_segment.values():

@@ -18,12 +18,16 @@ import numpy as np
 from PIL import Image
 
 from gdino.inference.detections import Detections
+from gdino.inference.tiled_masks import segment_regions
+from gdino.inference.tiles import TileSettings
 
 
 class MaskJob(Protocol):
-    """What segmenting needs of a batching job: its image, and the future its answer goes to."""
+    """What segmenting needs of a batching job: its image, its tiles (None: whole), and the future its
+    answer goes to."""
 
     image: Image.Image
+    tiles: TileSettings | None
     future: Future
 
 
@@ -69,7 +73,8 @@ def segment_image(
     segmenter: Any, jobs: Sequence[tuple[J, Detections]], check: Callable[[J], None] | None, max_masks: int
 ) -> None:
     """Sets each job's future to ``Masked``: masks for its best ``max_masks`` detections, all the
-    jobs of one image (``jobs``: each with the ``Detections`` found) in one ``segment`` call; or to
+    jobs of one image and tiling (``jobs``: each with the ``Detections`` found) in one ``segment`` call
+    (with tiles, one per tile crop that holds boxes: ``gdino.inference.tiled_masks``); or to
     the exception ``check(job)`` raises, or that segmenting raised."""
     live = []
     for job, found in jobs:
@@ -84,7 +89,7 @@ def segment_image(
         return
     try:
         boxes = np.concatenate([head.boxes.reshape(-1, 4) for _, head, _ in live])  # (sum of N_i, 4)
-        masks, scores = segmenter.segment(live[0][0].image, boxes)
+        masks, scores = segment_regions(segmenter, live[0][0].image, boxes, live[0][0].tiles)
     except Exception as exc:  # noqa: BLE001 (reported to this image's requests; the worker goes on)
         for job, _, _ in live:
             job.future.set_exception(exc)
