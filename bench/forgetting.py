@@ -55,8 +55,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--methods", default="plain,replay,distill,lora,wise", help="comma list of " + ",".join([*METHODS, "wise"])
     )
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=7)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument(
+        "--lr-text",
+        type=float,
+        default=None,
+        help="BERT's learning rate (default: --lr; the new words' embeddings must move, lr/10 learns them slowly)",
+    )
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA methods (adapters only)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=240)
@@ -122,7 +128,8 @@ def train_command(args: argparse.Namespace, method: str, data: Path) -> list[str
     lora = "--lora-rank" in METHODS[method]
     command = [sys.executable, "-m", "gdino", "train", "--data", str(data / "train.json"), "--model", args.model]
     command += ["--out", str(args.out / method), "--overwrite", "--epochs", "1" if args.quick else str(args.epochs)]
-    command += ["--batch-size", str(args.batch_size), "--lr", str(args.lora_lr if lora else args.lr)]
+    lr = args.lora_lr if lora else args.lr
+    command += ["--batch-size", str(args.batch_size), "--lr", str(lr), "--lr-text", str(args.lr_text or lr)]
     command += ["--schedule", "cosine", "--image-size", str(args.image_size), "--no-augment"]
     command += ["--max-labels", "24", "--denoise", "100", "--max-minutes", str(args.max_minutes)]
     return command + METHODS[method]

@@ -2,6 +2,7 @@
 
     python bench/train_step.py --threads 2 --steps 3 --rounds 2    # full tiny model at 800x1333, batch 1
     python bench/train_step.py --preset small --size 320 --steps 2  # smoke test of the script
+    python bench/train_step.py --threads 2 --steps 1 --variants plain,frozen,lora,distill --no-reference
 
 A step is the forward pass with ``labels`` (the loss), the backward pass and an AdamW step. Both
 implementations load the same checkpoint (the random-weight grounding-dino-tiny that
@@ -10,6 +11,14 @@ targets. Each runs in its own process, one after the other, so that each peak RS
 with ``--rounds 2`` each runs twice, in alternating order (the step times of a shared machine
 drift by tens of percent over minutes), and the medians are over all timed steps.
 Both run in eval mode (no dropout: ours has none, and it changes no amount of work).
+
+``--variants`` also times our step the way the forgetting options of ``gdino train`` train
+(each in its own process, against our plain step): ``frozen`` (``--freeze backbone,text``: Swin
+and BERT without gradients), ``lora`` (``--lora-rank 16`` on the default targets, everything else
+frozen, AdamW over the adapters only) and ``distill`` (``--distill``: the frozen base model's
+forward on the same inputs, under ``inference_mode``, before each step; the distillation loss
+itself is a few small tensor ops and is left out). ``--replay`` adds nothing to a step: its
+pseudo-labels are computed once, before training.
 """
 
 from __future__ import annotations
@@ -76,10 +85,14 @@ def worker(args: argparse.Namespace) -> None:
     data = torch.load(args.inputs)
     inputs = {k: data[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")}
     labels = [{k: v.to(device) for k, v in t.items()} for t in data["labels"]]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    teacher = prepare_variant(model, args.variant)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> tuple[float, float]:
         t0 = time.perf_counter()
+        if teacher is not None:
+            with torch.inference_mode():
+                teacher(**inputs)
         out = model(**inputs, labels=labels)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -96,7 +109,26 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"times_s": times, "losses": losses, "peak_rss_mb": peak, "peak_gpu_mb": gpu}))
 
 
-def run_worker(impl: str, args: argparse.Namespace, model: Path, inputs: Path) -> dict[str, Any]:
+def prepare_variant(model: Any, variant: str) -> Any:
+    """Freezes or adapts ``model`` as the variant trains it; returns the frozen teacher for ``distill``."""
+    import copy
+
+    if variant == "frozen":
+        from gdino.training.optimizer import freeze
+
+        freeze(model, ["backbone", "text"])
+    elif variant == "lora":
+        from gdino.training.lora import DEFAULT_TARGETS, apply_lora
+
+        apply_lora(model, DEFAULT_TARGETS, 16, 16.0)
+    elif variant == "distill":
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    return None
+
+
+def run_worker(
+    impl: str, args: argparse.Namespace, model: Path, inputs: Path, variant: str = "plain"
+) -> dict[str, Any]:
     cmd = [
         sys.executable,
         __file__,
@@ -114,6 +146,8 @@ def run_worker(impl: str, args: argparse.Namespace, model: Path, inputs: Path) -
         str(args.warmup),
         "--device",
         args.device,
+        "--variant",
+        variant,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -141,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
+    p.add_argument("--variant", default="plain", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--variants", default="plain", help=f"our steps to time, a comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--no-reference", action="store_true", help="leave out transformers' step")
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -156,17 +193,50 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.pt"
         make_inputs(args.size, width, args.batch, inputs)
-        runs: dict[str, list[dict[str, Any]]] = {"hf": [], "gdino": []}
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise SystemExit(f"bench/train_step.py: unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+        impls = ([] if args.no_reference else ["hf"]) + [variant_key(v) for v in variants]
+        runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
         for round_ in range(args.rounds):
             # Rounds alternate which goes first, so that a slow spell of a shared machine is shared.
-            for impl in ("hf", "gdino") if round_ % 2 == 0 else ("gdino", "hf"):
-                runs[impl].append(run_worker(impl, args, model, inputs))
+            for impl in impls if round_ % 2 == 0 else impls[::-1]:
+                name, _, variant = impl.partition(":")
+                runs[impl].append(run_worker(name, args, model, inputs, variant or "plain"))
         for impl, worker_runs in runs.items():
             report[impl] = merge_runs(worker_runs)
-    print_report(report)
+    if "hf" in report and "gdino" in report:
+        print_report(report)
+    print_variants(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
+
+
+VARIANTS = ("plain", "frozen", "lora", "distill")
+
+
+def variant_key(variant: str) -> str:
+    """The report's key of our step in ``variant``: "gdino" for the plain one (as before variants)."""
+    return "gdino" if variant == "plain" else f"gdino:{variant}"
+
+
+def print_variants(report: dict[str, Any]) -> None:
+    """Our steps of each variant, against our plain step when it was timed."""
+    ours = {k: v for k, v in report.items() if k.startswith("gdino")}
+    if len(ours) < 2 and "hf" in report:
+        return
+    plain = ours.get("gdino")
+    print("our training step by gdino train option (median step time, peak memory of the process):")
+    for key, r in ours.items():
+        time_s, memory = statistics.median(r["times_s"]), r["peak_gpu_mb"] or r["peak_rss_mb"]
+        against = ""
+        if plain is not None and key != "gdino":
+            base_t, base_m = statistics.median(plain["times_s"]), plain["peak_gpu_mb"] or plain["peak_rss_mb"]
+            against = f"   {time_s / base_t:.2f}x the plain step's time, {memory / base_m:.2f}x its memory"
+        name = key.partition(":")[2] or "plain"
+        print(f"  {name:8s} step {time_s:8.2f} s   peak memory {memory:8.0f} MB{against}")
 
 
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
