@@ -91,16 +91,13 @@ def main() -> None:
     if not (data / "held_out.json").is_file():
         write_forgetting_dataset(data, QUICK_COUNTS if args.quick else DEFAULT_COUNTS)
     results = Results(args.out / "results.json")
-    limit = None
-    base = results.get("base") or results.put("base", {"scores": score(args.model, data, limit), "seconds": 0.0})
+    base = results.get("base") or results.put("base", {"scores": score(args.model, data), "seconds": 0.0})
     for method in methods:
         if method == "wise":
             wise(args, results, data, base)
         elif results.get(method) is None:
             seconds = train(args, method, data)
-            results.put(
-                method, {"scores": score(str(last_checkpoint(args.out / method)), data, limit), "seconds": seconds}
-            )
+            results.put(method, {"scores": score(str(last_checkpoint(args.out / method)), data), "seconds": seconds})
     print_table(results.all(), base)
 
 
@@ -158,10 +155,10 @@ def last_checkpoint(run: Path) -> Path:
     return epochs[-1]
 
 
-def score(model: str, data: Path, limit: int | None) -> dict[str, float]:
+def score(model: str, data: Path) -> dict[str, float]:
     with contextlib.redirect_stdout(io.StringIO()):
         loaded = GroundingDinoForObjectDetection.from_pretrained(model)
-        scores: ForgettingScores = score_forgetting(loaded, data, limit=limit, log=io.StringIO())
+        scores: ForgettingScores = score_forgetting(loaded, data, log=io.StringIO())
     return scores.as_dict()
 
 
@@ -190,7 +187,7 @@ def wise(args: argparse.Namespace, results: Results, data: Path, base: dict[str,
             str(out),
         ]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        results.put(name, {"scores": score(str(out), data, None), "seconds": seconds, "alpha": alpha})
+        results.put(name, {"scores": score(str(out), data), "seconds": seconds, "alpha": alpha})
     candidates = {k: v for k, v in results.all().items() if k.startswith("wise-")}
     best = max(candidates, key=lambda k: rank(candidates[k]["scores"], base["scores"]))
     results.put("wise", candidates[best] | {"chosen": best})

@@ -300,18 +300,18 @@ class GroundingDinoForObjectDetection(GroundingDino):
         queries = self._queries(prompt, n_images, token_spans, labels, prompts)  # before any image work
         if segmenter is not None and isinstance(images, EncodedImages):
             raise ValueError("segmenter= needs the images themselves, not encode_image's features")
+        if not isinstance(images, EncodedImages) and (tiles is not None or batch_size != 1):
+            pictures = [load_image(x) for x in images_to_list(images)]
+            callback = self._chunk_callback(queries)
+            found = (
+                detect_tiled(self, pictures, queries, thresholds, tiles, batch_size, callback)
+                if tiles is not None
+                else detect_batched(self, pictures, queries, thresholds, batch_size, callback)
+            )
+            found = _add_masks(segmenter, pictures, found, tiles)
+            return found[0] if not isinstance(images, (list, tuple)) else found
         if tiles is not None:
-            if isinstance(images, EncodedImages):
-                raise ValueError("tiles need the images themselves, not encode_image's features")
-            pictures = [load_image(x) for x in images_to_list(images)]
-            tiled = detect_tiled(self, pictures, queries, thresholds, tiles, batch_size, self._chunk_callback(queries))
-            tiled = _add_masks(segmenter, pictures, tiled, tiles)
-            return tiled[0] if not isinstance(images, (list, tuple)) else tiled
-        if batch_size != 1 and not isinstance(images, EncodedImages):
-            pictures = [load_image(x) for x in images_to_list(images)]
-            batched = detect_batched(self, pictures, queries, thresholds, batch_size, self._chunk_callback(queries))
-            batched = _add_masks(segmenter, pictures, batched, None)
-            return batched[0] if not isinstance(images, (list, tuple)) else batched
+            raise ValueError("tiles need the images themselves, not encode_image's features")
         encoded = images if isinstance(images, EncodedImages) else self.encode_image(images)
         crops = (encoded.features.crop(i) for i in range(len(encoded.sizes)))
         results = detect_queries(self, crops, queries, encoded.sizes, thresholds, self._chunk_callback(queries))

@@ -10,9 +10,9 @@ For pipelines already built on SAHI (``pip install 'gdino[sahi]'``)::
 
 SAHI then slices, runs this class once per slice (or per batch of ``batch_size`` slices, which go
 through the whole model together) and merges. gdino's own tiling (``model.detect(image, labels,
-tiles=TileSettings(...))``) gives the same merged boxes from the same per-tile detections, and is
-faster still: it skips SAHI's per-box Python objects and its merge, and with ``segmenter=`` it also
-gives masks.
+tiles=TileSettings(...))``) gives the same merged boxes from the same per-tile detections at about
+the same cost (the same batched passes; ``bench/tiles.py``), and with ``segmenter=`` it also gives
+masks, each box segmented on its tile.
 
 The detections of one slice are ``detect``'s: a box is kept when its score is above
 ``confidence_threshold`` (``detect``'s ``box_threshold``). Note that SAHI switches its merge to NMS
